@@ -1,0 +1,77 @@
+"""Child processes that cannot outlive us.
+
+QEMU and GDB are started in their own session (a Ctrl-C typed at pytest's terminal
+reaches pytest only, which then shuts them down in order) and with
+PR_SET_PDEATHSIG=SIGKILL, so they die with their parent even when the parent is
+SIGKILLed or leaves through os._exit (pytest-timeout's thread method).
+An atexit hook is the last line of defence for an ordinary interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_live: weakref.WeakSet[subprocess.Popen[Any]] = weakref.WeakSet()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # Runs in the child between fork and exec: only async-signal-safe work here.
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(127)
+    # The parent may have died before prctl took effect: then nobody will tell us.
+    if os.getppid() != parent_pid:
+        os._exit(127)
+
+
+def spawn(command: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """Start *command* as a child bound to this process's lifetime.
+
+    Takes the keyword arguments of subprocess.Popen, except start_new_session and
+    preexec_fn, which it sets.
+    """
+    parent = os.getpid()
+    proc: subprocess.Popen[Any] = subprocess.Popen(
+        list(command),
+        start_new_session=True,
+        preexec_fn=lambda: _die_with_parent(parent),
+        **kwargs,
+    )
+    _live.add(proc)
+    log.debug("started pid %d: %s", proc.pid, " ".join(command))
+    return proc
+
+
+def stop(proc: subprocess.Popen[Any], grace: float = 3.0) -> int:
+    """Terminate *proc* (SIGTERM, then SIGKILL after *grace* seconds) and reap it.
+
+    Idempotent; returns the exit status.
+    """
+    if proc.poll() is None:
+        try:
+            proc.terminate()
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _live.discard(proc)
+    return proc.returncode
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_live):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
