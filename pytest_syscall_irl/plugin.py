@@ -1,1 +1,300 @@
-"""pytest plugin (being written)."""
+"""The pytest layer: options, report header, fixtures. Thin by design: the work is in the
+domain modules (qemu, console, gdbmi, kernel, image, guest), which import no pytest.
+
+Fixtures: `kernel`, `guest` (shared per xdist worker), `fresh_guest` (the test's own),
+`gdb` (attached to the test's guest), `make_guest` (boot more guests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .errors import ConfigError, SyscallIrlError, tail
+from .gdbmi import GdbSession
+from .guest import Guest, Lab, LabSettings, decide_accel
+from .kernel import Kernel, cache_dir, reference_kernel
+
+log = logging.getLogger(__name__)
+
+SETTINGS_KEY = pytest.StashKey["LabSettings | None"]()
+USED_KEY = pytest.StashKey[list[Any]]()
+KERNEL_FIXTURES = {"kernel", "guest", "fresh_guest", "gdb", "make_guest", "syscall_irl_lab"}
+NO_KERNEL = ("no kernel to test: pass --kernel=path/to/arch/x86/boot/bzImage, or build the reference "
+             "kernel once with `syscall-irl kernel build` (it is then used by default)")
+
+OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("kernel", "bzImage to boot and test (default: the cached reference kernel).", {}),
+    ("vmlinux", "vmlinux with the kernel's symbols (default: beside the kernel build tree or bzImage).", {}),
+    ("qemu", "QEMU system emulator (default: qemu-system-x86_64).", {}),
+    ("gdb", "GDB executable (default: gdb).", {}),
+    ("accel", "accelerator: auto (KVM where a KVM guest really boots, else TCG), kvm or tcg "
+              "(default: auto).", {"choices": ("auto", "kvm", "tcg")}),
+    ("boot_args", "extra kernel command line arguments, appended to the defaults.", {}),
+]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("syscall-irl", "x86_64 syscall path conformance (QEMU + GDB)")
+    for name, text, extra in OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        group.addoption(flag, dest=f"syscall_irl_{name}", metavar=name.upper(), help=text, **extra)
+        parser.addini(f"syscall_irl_{name}", f"default for {flag}: {text}")
+
+
+def _setting(config: pytest.Config, name: str) -> tuple[str | None, Path]:
+    """(value, base directory for relative paths): command line first, then ini."""
+    value = config.getoption(f"syscall_irl_{name}")
+    if value:
+        return str(value), config.invocation_params.dir
+    ini = config.getini(f"syscall_irl_{name}")
+    base = config.inipath.parent if config.inipath else config.rootpath
+    return (str(ini) if ini else None), base
+
+
+def _path(config: pytest.Config, name: str) -> Path | None:
+    value, base = _setting(config, name)
+    return (base / os.path.expanduser(value)).resolve() if value else None
+
+
+def _program(config: pytest.Config, name: str, default: str, package: str) -> str:
+    value = _setting(config, name)[0] or default
+    found = shutil.which(value)
+    if found is None:
+        raise ConfigError(f"{name} executable {value!r} not found: install it with "
+                          f"`apt-get install {package}` or pass --{name}=PATH")
+    return found
+
+
+def resolve_settings(config: pytest.Config) -> LabSettings:
+    """Turn the options into validated settings; ConfigError names the problem and the fix."""
+    bzimage = _path(config, "kernel") or reference_kernel()
+    if bzimage is None:
+        raise ConfigError(NO_KERNEL)
+    kernel = Kernel.load(bzimage, _path(config, "vmlinux"))
+    accel = _setting(config, "accel")[0] or "auto"
+    if accel not in ("auto", "kvm", "tcg"):
+        raise ConfigError(f"syscall_irl_accel = {accel!r} in the ini file: use auto, kvm or tcg")
+    if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise ConfigError("--accel=kvm but /dev/kvm is missing or not accessible: use --accel=auto or tcg")
+    boot_args = _setting(config, "boot_args")[0] or ""
+    if "kaslr" in boot_args.replace("nokaslr", "").split():
+        raise ConfigError("--boot-args: kaslr moves the kernel away from its vmlinux addresses, "
+                          "so breakpoints would miss: drop it (guests boot with nokaslr)")
+    return LabSettings(kernel=kernel, qemu=_program(config, "qemu", "qemu-system-x86_64", "qemu-system-x86"),
+                       gdb=_program(config, "gdb", "gdb", "gdb"), accel=accel, boot_args=boot_args,
+                       cache=cache_dir())
+
+
+def _explicit(config: pytest.Config) -> bool:
+    return any(_setting(config, name)[0] for name, _, _ in OPTIONS)
+
+
+def _settings(config: pytest.Config) -> LabSettings:
+    """The settings of this process, resolved on first need; a bad one is a usage error."""
+    settings = config.stash.get(SETTINGS_KEY, None)
+    if settings is None:
+        try:
+            settings = resolve_settings(config)
+        except ConfigError as exc:
+            raise pytest.UsageError(str(exc)) from exc
+        config.stash[SETTINGS_KEY] = settings
+    return settings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[SETTINGS_KEY] = None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Options given explicitly are checked before anything runs, in every process.
+    if _explicit(session.config):
+        _settings(session.config)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Without explicit options, the default kernel is needed only if a test asks for one.
+    if any(KERNEL_FIXTURES.intersection(getattr(item, "fixturenames", ())) for item in items):
+        _settings(config)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    if not _explicit(config) and reference_kernel() is None:
+        return None
+    settings = _settings(config)
+    kernel = settings.kernel
+    accel, why = decide_accel(settings)
+    return [
+        f"syscall-irl: kernel {kernel.release} ({kernel.bzimage.path})",
+        f"syscall-irl: vmlinux {kernel.vmlinux.path} ({'DWARF' if kernel.dwarf else 'no DWARF'})",
+        f"syscall-irl: {_version_line(settings.qemu)}; {_version_line(settings.gdb)}",
+        f"syscall-irl: accelerator {accel} ({why}); payloads via "
+        f"{'ISO9660 image' if kernel.payloads_on_iso else 'initramfs (kernel cannot mount the ISO)'}",
+    ]
+
+
+def _version_line(program: str) -> str:
+    out = subprocess.run([program, "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0] if out else program
+
+
+# --- failure artifacts ---------------------------------------------------------------
+
+def _used(item: pytest.Item) -> list[Any]:
+    return item.stash.setdefault(USED_KEY, [])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    if report.failed:
+        for thing in _used(item):
+            if isinstance(thing, Guest):
+                report.sections.append((f"guest {thing.name} console (tail)", tail(_read(thing.machine.console_log), 60)))
+            elif isinstance(thing, GdbSession):
+                report.sections.append(("gdb/mi transcript (tail)", thing.transcript_tail(40)))
+    return report
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+# --- fixtures ------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def syscall_irl_lab(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    """The resolved settings and guest maker of this run (one per xdist worker)."""
+    return Lab(_settings(pytestconfig), tmp_path_factory.getbasetemp() / "syscall-irl")
+
+
+@pytest.fixture(scope="session")
+def kernel(syscall_irl_lab: Lab) -> Kernel:
+    """The kernel under test: its bzImage, vmlinux symbols and version.
+
+        def test_entry_symbol(kernel):
+            assert kernel.vmlinux.symbol("entry_SYSCALL_64") > 0xffffffff80000000
+    """
+    return syscall_irl_lab.kernel
+
+
+@pytest.fixture(scope="session")
+def make_guest(syscall_irl_lab: Lab) -> Iterator[Callable[[], Guest]]:
+    """Boot extra guests of the kernel under test; all are shut down at the end of the session.
+
+        def test_two(make_guest):
+            a, b = make_guest(), make_guest()
+    """
+    guests: list[Guest] = []
+
+    def boot() -> Guest:
+        guests.append(syscall_irl_lab.boot())
+        return guests[-1]
+
+    yield boot
+    for guest in guests:
+        guest.shutdown()
+
+
+class _SharedGuest:
+    """The worker's shared guest, booted again if a test killed it."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.guest: Guest | None = None
+
+    def get(self) -> Guest:
+        if self.guest is None or not self.guest.is_alive():
+            if self.guest is not None:
+                self.guest.shutdown()
+            self.guest = self.lab.boot(name=f"shared-{os.getpid()}-{id(self) % 1000}")
+        return self.guest
+
+    def close(self) -> None:
+        if self.guest is not None:
+            self.guest.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _shared_guest(syscall_irl_lab: Lab) -> Iterator[_SharedGuest]:
+    shared = _SharedGuest(syscall_irl_lab)
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def guest(request: pytest.FixtureRequest, _shared_guest: _SharedGuest) -> Guest:
+    """A booted guest shared by the tests of this xdist worker (booted again if one kills it).
+
+        def test_echo(guest):
+            assert guest.run("echo syscall_irl").output == "syscall_irl\\n"
+    """
+    shared = _shared_guest.get()
+    _used(request.node).append(shared)
+    return shared
+
+
+@pytest.fixture
+def fresh_guest(request: pytest.FixtureRequest, syscall_irl_lab: Lab) -> Iterator[Guest]:
+    """A guest of this test's own, for tests that change guest state; shut down afterwards.
+
+        def test_sysctl(fresh_guest):
+            fresh_guest.run("echo 1 > /proc/sys/kernel/panic_on_oops").check()
+    """
+    own = syscall_irl_lab.boot()
+    _used(request.node).append(own)
+    yield own
+    own.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _gdb_session(syscall_irl_lab: Lab) -> Iterator[list[GdbSession]]:
+    holder: list[GdbSession] = []
+    yield holder
+    for session in holder:
+        session.close()
+
+
+def _gdb_for(lab: Lab, holder: list[GdbSession]) -> GdbSession:
+    # One GDB per worker: the vmlinux symbols load once. A dead one is replaced.
+    if holder and not holder[0].is_alive():
+        holder.pop().close()
+    if not holder:
+        transcript = lab.log_root / f"gdb-{os.getpid()}.mi.log"
+        holder.append(GdbSession(lab.kernel.vmlinux.path, gdb=lab.settings.gdb, transcript_path=transcript,
+                                 index_cache_dir=lab.settings.cache / "gdb-index-cache"))
+    return holder[0]
+
+
+@pytest.fixture
+def gdb(request: pytest.FixtureRequest, syscall_irl_lab: Lab, _gdb_session: list[GdbSession]) -> Iterator[GdbSession]:
+    """GDB attached to this test's guest (`fresh_guest` if the test uses it, else `guest`),
+    stopped. Afterwards its breakpoints are deleted and the guest runs on.
+
+        def test_ksys_write(guest, gdb):
+            gdb.break_insert("ksys_write", condition="fd == 1")
+            pending = guest.console.start("echo syscall_irl")
+            stop = gdb.continue_until_stop(timeout=30)
+            assert gdb.registers()["rdx"] == 12
+    """
+    target: Guest = request.getfixturevalue("fresh_guest" if "fresh_guest" in request.fixturenames else "guest")
+    session = _gdb_for(syscall_irl_lab, _gdb_session)
+    _used(request.node).append(session)
+    session.connect(target.gdb_socket)
+    yield session
+    try:
+        session.delete_breakpoints()
+        session.detach()
+    except SyscallIrlError:
+        # A broken session must not leave the guest stopped for the next test.
+        _gdb_session.remove(session)
+        session.close()
+        target.shutdown()

@@ -1,0 +1,117 @@
+"""The `syscall-irl` command: `syscall-irl kernel build`, `syscall-irl kernel path`.
+
+Each command group registers itself with a function that takes argparse's subparsers
+(see add_kernel_commands); add a group by appending its function to COMMAND_GROUPS.
+Progress goes to stderr and results to stdout, so `$(syscall-irl kernel path)` works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from . import kernel
+from .errors import SyscallIrlError
+
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _kernel_build(args: argparse.Namespace) -> int:
+    quiet = bool(args.quiet)
+    build = kernel.KernelBuild(
+        args.tree,
+        args.config,
+        jobs=args.jobs,
+        on_stage=None if quiet else (lambda message: _progress(f"==> {message}")),
+        on_output=None if quiet else _progress,
+    )
+    print(build.build())
+    return 0
+
+
+def _kernel_path(args: argparse.Namespace) -> int:
+    path = kernel.reference_kernel()
+    if path is None:
+        print(
+            f"syscall-irl: no reference kernel in {kernel.cache_dir() / 'kernels'}: "
+            "build it with `syscall-irl kernel build` (about 3 minutes on 2 cores)",
+            file=sys.stderr,
+        )
+        return 1
+    print(path)
+    return 0
+
+
+def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `kernel build` and `kernel path`."""
+    group = subparsers.add_parser("kernel", help="build or locate the reference kernel")
+    commands = group.add_subparsers(dest="kernel_command", required=True, metavar="COMMAND")
+    build = commands.add_parser(
+        "build",
+        help="build a kernel into the cache (tinyconfig + fragment); prints the bzImage path",
+    )
+    build.add_argument("--tree", metavar="DIR",
+                       help="kernel source tree (default: Debian's /usr/src/linux-source-6.1.tar.xz)")
+    build.add_argument("--config", metavar="FRAGMENT",
+                       help="config fragment merged over tinyconfig (default: guest/kernel.config)")
+    build.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
+                       help="parallel make jobs (default: the number of CPUs)")
+    build.add_argument("--quiet", "-q", action="store_true",
+                       help="print only the bzImage path, not the stages and make output")
+    build.set_defaults(func=_kernel_build)
+    path = commands.add_parser("path", help="print the cached reference bzImage (exit 1 if none)")
+    path.set_defaults(func=_kernel_path)
+
+
+COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    add_kernel_commands,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered command group."""
+    parser = argparse.ArgumentParser(
+        prog="syscall-irl", description="pytest-syscall-irl helper commands"
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log library debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_group in COMMAND_GROUPS:
+        add_group(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `syscall-irl`; returns the exit status (2 for errors of ours)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        status: int = args.func(args)
+    except SyscallIrlError as exc:
+        print(f"syscall-irl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("syscall-irl: interrupted", file=sys.stderr)
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

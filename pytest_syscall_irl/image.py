@@ -1,0 +1,220 @@
+"""The guest image: a busybox initramfs, guest payloads compiled with musl-gcc, and an
+ISO9660 image carrying the payloads (built with pycdlib).
+
+Everything is cached by content hash under the cache directory and built under a
+file lock, so several xdist workers (or several runs) asking for the same image
+build it once; files appear by atomic rename, never half-written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pycdlib
+from filelock import FileLock
+
+from .errors import ImageError
+
+log = logging.getLogger(__name__)
+
+GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
+BUSYBOX = "/bin/busybox"
+MUSL_GCC = "musl-gcc"
+ISO_VOLUME = "SIRL_PAYLOADS"
+AGENT = "sirl-agent"
+LOCK_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built guest image: what QEMU gets as -initrd and, with delivery "iso", -drive."""
+
+    initramfs: Path
+    iso: Path | None
+    payloads: dict[str, Path]
+
+    @property
+    def delivery(self) -> str:
+        """Where the guest finds its payloads: "iso" or "initramfs"."""
+        return "iso" if self.iso is not None else "initramfs"
+
+
+# --- cpio (newc) -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CpioEntry:
+    """One member of a newc cpio archive; mode includes the file type bits."""
+
+    name: str
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def _cpio_header(ino: int, entry: CpioEntry) -> bytes:
+    name = entry.name.encode() + b"\0"
+    fields = [ino, entry.mode, 0, 0, 1, 0, len(entry.data), 0, 0, *entry.rdev, len(name), 0]
+    header = b"070701" + b"".join(b"%08X" % value for value in fields) + name
+    return header + b"\0" * (-len(header) % 4)
+
+
+def cpio_newc(entries: Iterable[CpioEntry]) -> bytes:
+    """A newc cpio archive (the initramfs format) with uid/gid 0 and mtime 0."""
+    out = io.BytesIO()
+    for ino, entry in enumerate([*entries, CpioEntry("TRAILER!!!", 0)], start=1):
+        out.write(_cpio_header(ino, entry))
+        out.write(entry.data + b"\0" * (-len(entry.data) % 4))
+    return out.getvalue()
+
+
+def _directory(name: str) -> CpioEntry:
+    return CpioEntry(name, 0o040755)
+
+
+def _file(name: str, data: bytes, mode: int = 0o755) -> CpioEntry:
+    return CpioEntry(name, 0o100000 | mode, data)
+
+
+def _symlink(name: str, target: str) -> CpioEntry:
+    return CpioEntry(name, 0o120777, target.encode())
+
+
+def _busybox_applets(busybox: str) -> list[str]:
+    result = subprocess.run([busybox, "--list-full"], capture_output=True, text=True, check=True)
+    return sorted(line for line in result.stdout.split() if line)
+
+
+def initramfs_entries(busybox: str, init: bytes, agent: bytes, payloads: dict[str, Path] | None) -> list[CpioEntry]:
+    """Initramfs members: busybox with its applet links, /init, the agent, /dev/console,
+    and the payloads if they are embedded."""
+    entries = [_directory(d) for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc",
+                                        "sys", "tmp", "root", "payloads")]
+    # The kernel opens /dev/console for init before devtmpfs is mounted.
+    entries.append(CpioEntry("dev/console", 0o020600, rdev=(5, 1)))
+    entries.append(_file("bin/busybox", Path(busybox).read_bytes()))
+    for applet in _busybox_applets(busybox):
+        if applet != "bin/busybox":
+            entries.append(_symlink(applet, "/bin/busybox"))
+    entries.append(_file("init", init))
+    entries.append(_file(f"bin/{AGENT}", agent))
+    if payloads is not None:
+        entries.append(_file("payloads/.embedded", b""))
+        entries += [_file(f"payloads/{name}", path.read_bytes()) for name, path in sorted(payloads.items())]
+    return entries
+
+
+# --- payloads and ISO --------------------------------------------------------------
+
+def payload_sources(guest_dir: Path = GUEST_DIR) -> dict[str, Path]:
+    """The C sources of the guest payloads, by program name."""
+    return {src.stem: src for src in sorted((guest_dir / "payloads").glob("*.c"))}
+
+
+def _compile(musl_gcc: str, source: Path, out: Path) -> None:
+    command = [musl_gcc, "-static", "-O2", "-g", "-Wall", "-Werror", "-o", str(out), str(source)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ImageError(f"cannot compile guest payload {source.name}", command=command,
+                         exit_code=result.returncode, log_tail=result.stderr)
+
+
+def build_iso(payloads: dict[str, Path], out: Path) -> None:
+    """An ISO9660 (Rock Ridge) image with each payload executable at its top level."""
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, rock_ridge="1.09", vol_ident=ISO_VOLUME)
+    try:
+        for name, path in sorted(payloads.items()):
+            data = path.read_bytes()
+            iso_name = "/" + name.upper().replace("-", "_")[:30] + ".;1"
+            # Without file_mode the guest gets "Permission denied" (exit 126).
+            iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name, file_mode=0o100555)
+        iso.write(str(out))
+    finally:
+        iso.close()
+
+
+# --- cache -------------------------------------------------------------------------
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()[:16]
+
+
+def _tool_identity(command: list[str]) -> bytes:
+    try:
+        return subprocess.run(command, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise ImageError(f"{command[0]} is not usable: install it (apt-get install musl-tools "
+                         f"busybox-static)", command=command) from exc
+
+
+@contextmanager
+def cached(directory: Path) -> Iterator[Path | None]:
+    """Build-once protocol: yields None when *directory* is complete, else a staging dir
+    whose contents become *directory* (atomically) when the block ends without error."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock", timeout=LOCK_TIMEOUT):
+        if directory.is_dir():
+            yield None
+            return
+        staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+        try:
+            yield staging
+            os.rename(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def build_programs(cache: Path, guest_dir: Path = GUEST_DIR, musl_gcc: str = MUSL_GCC) -> dict[str, Path]:
+    """Compile the guest agent and every payload (static, musl); cached by sources and
+    compiler. Returns the payloads by name, and the agent as AGENT."""
+    sources = {**payload_sources(guest_dir), AGENT: guest_dir / "agent.c"}
+    if shutil.which(musl_gcc) is None:
+        raise ImageError(f"{musl_gcc} not found: install it with `apt-get install musl-tools`")
+    # Every file of the payload directory counts: the programs share headers.
+    inputs = sorted(p for p in (guest_dir / "payloads").iterdir() if p.is_file()) + [sources[AGENT]]
+    key = _digest(_tool_identity([musl_gcc, "--version"]), *(p.name.encode() + p.read_bytes() for p in inputs))
+    directory = cache / "programs" / key
+    with cached(directory) as staging:
+        if staging is not None:
+            for name, src in sources.items():
+                log.info("compiling guest program %s", name)
+                _compile(musl_gcc, src, staging / name)
+    return {name: directory / name for name in sources}
+
+
+def build_guest_image(cache: Path, *, payloads_on_iso: bool, guest_dir: Path = GUEST_DIR,
+                      busybox: str = BUSYBOX, musl_gcc: str = MUSL_GCC) -> GuestImage:
+    """Build (or reuse) the guest image for a kernel that can (or cannot) mount the ISO."""
+    if not os.access(busybox, os.X_OK):
+        raise ImageError(f"{busybox} not found: install it with `apt-get install busybox-static`")
+    programs = build_programs(cache, guest_dir, musl_gcc)
+    agent = programs.pop(AGENT).read_bytes()
+    payloads = programs
+    init = (guest_dir / "init").read_bytes()
+    key = _digest(b"iso" if payloads_on_iso else b"initramfs", init, agent, Path(busybox).read_bytes(),
+                  *(p.read_bytes() for p in payloads.values()))
+    directory = cache / "images" / key
+    with cached(directory) as staging:
+        if staging is not None:
+            embedded = None if payloads_on_iso else payloads
+            archive = cpio_newc(initramfs_entries(busybox, init, agent, embedded))
+            (staging / "initramfs.cpio.gz").write_bytes(gzip.compress(archive, compresslevel=6, mtime=0))
+            if payloads_on_iso:
+                build_iso(payloads, staging / "payloads.iso")
+    iso = directory / "payloads.iso"
+    return GuestImage(directory / "initramfs.cpio.gz", iso if iso.exists() else None, payloads)

@@ -1,0 +1,283 @@
+"""A QEMU x86_64 machine with its serial console, gdbstub and QMP monitor on unix sockets.
+
+Nothing listens on TCP: the three sockets live in a private 0700 directory with a
+short path (unix socket paths are limited to ~108 bytes, pytest's tmp paths can
+exceed that). QEMU starts paused (-S) so the console is connected before the guest
+prints anything; `resume()` starts it. QEMU's stdout/stderr go to a log file, never
+to a pipe nobody reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from . import procs
+from .errors import QemuError, tail
+
+log = logging.getLogger(__name__)
+
+DEFAULT_APPEND = "console=ttyS0 nokaslr panic=-1 printk.time=1"
+SOCKET_WAIT = 10.0
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything that determines a guest: the same config gives the same machine."""
+
+    kernel: Path
+    initrd: Path
+    append: str = DEFAULT_APPEND
+    iso: Path | None = None
+    accel: str = "tcg"
+    qemu: str = "qemu-system-x86_64"
+    memory_mb: int = 256
+    cpus: int = 1
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sockets:
+    """The unix sockets of one machine, all in one private directory."""
+
+    directory: Path
+
+    @property
+    def console(self) -> Path:
+        return self.directory / "console.sock"
+
+    @property
+    def gdb(self) -> Path:
+        return self.directory / "gdb.sock"
+
+    @property
+    def qmp(self) -> Path:
+        return self.directory / "qmp.sock"
+
+
+def _chardev(name: str, path: Path, *extra: str) -> str:
+    return ",".join([f"socket,id={name},path={path},server=on,wait=off", *extra])
+
+
+def _machine_args(config: MachineConfig) -> list[str]:
+    accel = config.accel if config.accel == "kvm" else "tcg"
+    return [
+        "-accel", accel,
+        "-m", f"{config.memory_mb}M",
+        "-smp", str(config.cpus),
+        "-nodefaults", "-display", "none", "-nic", "none",
+        "-no-reboot",
+    ]
+
+
+def _boot_args(config: MachineConfig) -> list[str]:
+    return ["-kernel", str(config.kernel), "-initrd", str(config.initrd), "-append", config.append]
+
+
+def _disk_args(config: MachineConfig) -> list[str]:
+    if config.iso is None:
+        return []
+    return ["-drive", f"file={config.iso},if=virtio,format=raw,readonly=on,media=disk"]
+
+
+def _socket_args(sockets: Sockets, console_log: Path) -> list[str]:
+    return [
+        "-chardev", _chardev("con", sockets.console, f"logfile={console_log}"),
+        "-serial", "chardev:con",
+        "-chardev", _chardev("gdb", sockets.gdb),
+        "-gdb", "chardev:gdb",
+        "-chardev", _chardev("qmp", sockets.qmp),
+        "-mon", "chardev=qmp,mode=control",
+    ]
+
+
+def qemu_command(config: MachineConfig, sockets: Sockets, console_log: Path) -> list[str]:
+    """The full QEMU command line for *config*, started paused (-S)."""
+    return [
+        config.qemu,
+        *_machine_args(config),
+        *_boot_args(config),
+        *_disk_args(config),
+        *_socket_args(sockets, console_log),
+        "-S",
+        *config.extra_args,
+    ]
+
+
+def private_socket_dir() -> Path:
+    """A fresh 0700 directory with a path short enough for unix sockets."""
+    base = "/tmp" if os.path.isdir("/tmp") else None
+    return Path(tempfile.mkdtemp(prefix="sirl-", dir=base))
+
+
+@dataclass
+class QemuMachine:
+    """One QEMU process. `launch()`, then `resume()`; `shutdown()` is idempotent.
+
+    Logs (qemu.log: QEMU's own output; console.log: everything the guest printed)
+    go to *log_dir*, which outlives the machine for failure artifacts.
+    """
+
+    config: MachineConfig
+    log_dir: Path
+    sockets: Sockets = field(init=False)
+    command: list[str] = field(init=False, default_factory=list)
+    _proc: subprocess.Popen[Any] | None = field(init=False, default=None)
+    _qmp: QEMUMonitorProtocol | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.sockets = Sockets(private_socket_dir())
+
+    @property
+    def console_log(self) -> Path:
+        return self.log_dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.log_dir / "qemu.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def launch(self) -> None:
+        """Start QEMU paused and connect QMP; on any failure nothing is left running."""
+        self.command = qemu_command(self.config, self.sockets, self.console_log)
+        log.info("launching QEMU: %s", " ".join(self.command))
+        try:
+            with open(self.qemu_log, "wb") as out:
+                self._proc = procs.spawn(self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self._wait_for_socket(self.sockets.qmp)
+            self._qmp = QEMUMonitorProtocol(str(self.sockets.qmp))
+            self._qmp.connect()
+            self._qmp.settimeout(SOCKET_WAIT)
+        except QemuError:
+            self.shutdown()
+            raise
+        except Exception as exc:
+            failure = self._failure(f"QEMU failed to start: {exc}")
+            self.shutdown()
+            raise failure from exc
+
+    def _wait_for_socket(self, path: Path) -> None:
+        deadline = time.monotonic() + SOCKET_WAIT
+        while not path.exists():
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise self._failure("QEMU exited at once")
+            if time.monotonic() > deadline:
+                raise self._failure(f"QEMU did not create {path} within {SOCKET_WAIT:.0f} s")
+            time.sleep(0.005)
+
+    def _failure(self, message: str) -> QemuError:
+        code = self._proc.poll() if self._proc else None
+        return QemuError(message, command=self.command, exit_code=code, log_tail=self.log_tail())
+
+    def log_tail(self) -> str:
+        """The tail of QEMU's own output and of the guest console."""
+        parts = []
+        for path in (self.qemu_log, self.console_log):
+            if path.exists() and path.stat().st_size:
+                parts.append(f"--- {path.name} ---\n" + tail(path.read_text(errors="replace")))
+        return "\n".join(parts)
+
+    def qmp(self, command: str, **arguments: object) -> Any:
+        """Run a QMP command and return its result."""
+        if self._qmp is None:
+            raise QemuError(f"QMP {command}: machine is not running", command=self.command)
+        try:
+            return self._qmp.cmd(command, **arguments)
+        except Exception as exc:
+            raise self._failure(f"QMP command {command} failed: {exc}") from exc
+
+    def resume(self) -> None:
+        """Let the vCPUs run (QEMU starts paused)."""
+        self.qmp("cont")
+
+    def wait(self, timeout: float) -> int | None:
+        """Wait up to *timeout* s for QEMU to exit by itself; its exit code, or None."""
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def shutdown(self, grace: float = 3.0) -> None:
+        """Stop QEMU: QMP quit, then SIGTERM, then SIGKILL; always reap and clean up."""
+        try:
+            if self._qmp is not None and self.is_running():
+                try:
+                    self._qmp.settimeout(1.0)
+                    self._qmp.cmd("quit")
+                except Exception:  # QEMU may die before answering; that is what we asked for
+                    pass
+            if self._proc is not None:
+                if self.wait(grace) is None:
+                    procs.stop(self._proc, grace)
+                procs.stop(self._proc)
+        finally:
+            self._post_shutdown()
+
+    def _post_shutdown(self) -> None:
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except Exception:
+                pass
+            self._qmp = None
+        shutil.rmtree(self.sockets.directory, ignore_errors=True)
+
+    def __enter__(self) -> QemuMachine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+# --- accelerator ---------------------------------------------------------------------
+
+KVM_PROBE_DEADLINE = 10.0
+
+
+def kvm_probe(qemu: str, kernel: Path, deadline: float = KVM_PROBE_DEADLINE) -> tuple[bool, str]:
+    """Does a KVM guest really run here? Returns (usable, reason).
+
+    /dev/kvm existing proves nothing: with broken nested virtualisation a KVM guest
+    hangs before the kernel prints a line. The probe boots *kernel* under KVM with no
+    root file system; a working KVM reaches the kernel's "VFS: Unable to mount root"
+    panic, and QEMU exits on it (panic=-1, -no-reboot), in about a second.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is missing or not accessible"
+    with tempfile.TemporaryDirectory(prefix="sirl-kvm-") as tmp:
+        serial = Path(tmp) / "serial.log"
+        command = [qemu, "-accel", "kvm", "-m", "128M", "-nodefaults", "-display", "none", "-no-reboot",
+                   "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1", "-serial", f"file:{serial}"]
+        with open(Path(tmp) / "qemu.log", "wb") as out:
+            proc = procs.spawn(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            procs.stop(proc)
+        text = serial.read_text(errors="replace") if serial.exists() else ""
+    if "Kernel panic" in text:
+        return True, "a KVM guest booted in the probe"
+    if "Linux version" in text:
+        return False, f"a KVM guest started but did not finish booting within {deadline:.0f} s"
+    return False, f"a KVM guest printed nothing within {deadline:.0f} s (broken nested virtualisation?)"

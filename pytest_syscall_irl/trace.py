@@ -1,0 +1,305 @@
+"""SyscallTrace: the register state of one syscall at every stage of the x86_64 path.
+
+    user `syscall` -> entry_SYSCALL_64 -> (swapgs) -> do_syscall_64(regs, nr)
+        -> __x64_sys_<name>(regs) [-> ksys_<name>] -> return -> (swapgs) -> sysretq -> user
+
+The tracer arms breakpoints qualified so that only the selected syscall of the
+selected process stops (busybox and the payloads are both non-PIE at 0x400000+, so a
+user address alone is not enough), runs the guest command, and records each stage.
+Stages the kernel does not take (an IRET exit instead of SYSRET) are recorded as such.
+Addresses come from the vmlinux symbol table and from disassembly of the entry code,
+never from fixed offsets. No pytest here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from . import x86
+from .console import GuestConsole, PendingCommand
+from .errors import GdbError, SyscallIrlError
+from .gdbmi import GdbSession, Instruction, StopEvent
+from .kernel import Kernel
+
+log = logging.getLogger(__name__)
+
+STAGES = ("user", "entry", "after_swapgs", "do_syscall_64", "handler", "ksys", "handler_return",
+          "exit_swapgs", "sysretq", "user_return")
+# Registers recorded at every stage (one MI round trip).
+TRACE_REGISTERS = ("rip", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+                   "eflags", "cs", "ss", "fs_base", "gs_base", "k_gs_base", "cr3")
+MAX_SWAPGS_STEPS = 16
+
+
+class TraceError(SyscallIrlError):
+    """The trace could not be taken (not: an invariant failed)."""
+
+
+@dataclass(frozen=True)
+class SyscallSelector:
+    """Which syscall to trace: its number and any argument values (by index 0..5)."""
+
+    nr: int
+    args: Mapping[int, int] = field(default_factory=dict)
+
+    def condition(self) -> str:
+        """A GDB condition true only in user mode at the selected syscall's registers."""
+        terms = [f"$rax == {self.nr:#x}"]
+        terms += [f"${x86.SYSCALL_ARG_REGISTERS[i]} == {v & (2**64 - 1):#x}" for i, v in sorted(self.args.items())]
+        return " && ".join(terms)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the path: where the CPU was and what it held, or why it was not seen."""
+
+    name: str
+    taken: bool
+    registers: Mapping[str, int] = field(default_factory=dict)
+    pt_regs: Mapping[str, int] | None = None
+    note: str = ""
+
+    def __getitem__(self, register: str) -> int:
+        if not self.taken:
+            raise KeyError(f"stage {self.name} was not taken: {self.note}")
+        return self.registers[register]
+
+    def line(self) -> str:
+        if not self.taken:
+            return f"{self.name:<15} not taken: {self.note}"
+        r = self.registers
+        text = (f"{self.name:<15} rip={r['rip']:#018x} cs={r['cs']:#04x} ss={r['ss']:#04x} "
+                f"rflags={r['eflags']:#08x} rax={r['rax']:#x} rcx={r['rcx']:#x} r11={r['r11']:#x} "
+                f"rsp={r['rsp']:#x} gs_base={r['gs_base']:#x} k_gs_base={r['k_gs_base']:#x}")
+        return text + (f"  [{self.note}]" if self.note else "")
+
+
+@dataclass
+class SyscallTrace:
+    """Every stage of one syscall, printable as a whole so a failure shows the path."""
+
+    command: str
+    selector: SyscallSelector
+    handler: str
+    stages: dict[str, Stage] = field(default_factory=dict)
+    output: str | None = None
+
+    def __getitem__(self, name: str) -> Stage:
+        return self.stages[name]
+
+    def __str__(self) -> str:
+        head = f"syscall trace of nr={self.selector.nr} ({self.handler}) in `{self.command}`"
+        body = [self.stages[name].line() for name in STAGES if name in self.stages]
+        regs = self.stages.get("do_syscall_64")
+        if regs is not None and regs.pt_regs:
+            body.append("pt_regs at do_syscall_64: " + " ".join(f"{k}={v:#x}" for k, v in regs.pt_regs.items()))
+        return "\n".join([head, *("  " + line for line in body)])
+
+
+@dataclass(frozen=True)
+class EntryCode:
+    """Addresses in entry_SYSCALL_64, found by disassembly (6.1 puts verw between the
+    exit swapgs and sysretq, so no fixed label or offset is trusted)."""
+
+    entry: int
+    entry_swapgs: int
+    exit_swapgs: int | None
+    sysretq: int | None
+
+    @classmethod
+    def find(cls, entry: int, instructions: list[Instruction]) -> EntryCode:
+        texts = [(insn.address, insn.text.split()[0] if insn.text.split() else "") for insn in instructions]
+        swapgs = [address for address, op in texts if op == "swapgs"]
+        sysret = [address for address, op in texts if op in ("sysretq", "sysret", "sysretl")]
+        if not swapgs:
+            raise TraceError("no swapgs in entry_SYSCALL_64: is this an x86_64 kernel without FRED?")
+        exit_swapgs = max((a for a in swapgs if sysret and a < sysret[0]), default=None)
+        return cls(entry, swapgs[0], exit_swapgs, sysret[0] if sysret else None)
+
+
+class SyscallTracer:
+    """Takes SyscallTraces with a stopped, attached GDB session and the guest's console."""
+
+    def __init__(self, gdb: GdbSession, kernel: Kernel, console: GuestConsole, timeout: float = 60.0) -> None:
+        self.gdb = gdb
+        self.kernel = kernel
+        self.console = console
+        self.timeout = timeout
+        self._entry: EntryCode | None = None
+
+    @property
+    def entry_code(self) -> EntryCode:
+        if self._entry is None:
+            entry = self.kernel.vmlinux.symbol("entry_SYSCALL_64")
+            self._entry = EntryCode.find(entry, self.gdb.disassemble("entry_SYSCALL_64"))
+        return self._entry
+
+    def handler_for(self, nr: int) -> str:
+        """The handler symbol sys_call_table[nr] points at in the vmlinux image, or "" if none."""
+        table = self.kernel.vmlinux.symbol("sys_call_table")
+        pointer = int.from_bytes(self.kernel.vmlinux.read(table + 8 * nr, 8), "little") if nr < 1024 else 0
+        names = [n for n, a in self.kernel.vmlinux.symbols.items() if a == pointer and n.startswith("__x64_sys_")]
+        return sorted(names)[0] if names else ""
+
+    def trace(self, command: str, selector: SyscallSelector, user_address: int | None = None,
+              timeout: float | None = None) -> SyscallTrace:
+        """Run *command* in the guest and trace the syscall *selector* picks.
+
+        *user_address* is the user `syscall` instruction (a payload's `sirl_syscall_insn`);
+        without it the trace starts at entry_SYSCALL_64 and the user stage is not taken.
+        """
+        deadline = time.monotonic() + (timeout or self.timeout)
+        result = SyscallTrace(command, selector, self.handler_for(selector.nr) or "no handler")
+        pending: PendingCommand | None = None
+        try:
+            self._arm_first(selector, user_address)
+            pending = self.console.start(command)
+            _Run(self, result, deadline).walk(user_address is not None)
+        finally:
+            self.gdb.delete_breakpoints()
+        if pending is not None:
+            self.gdb.resume()
+            result.output = pending.wait(max(1.0, deadline - time.monotonic())).output
+            self.gdb.interrupt()
+        return result
+
+    def _arm_first(self, selector: SyscallSelector, user_address: int | None) -> None:
+        self.gdb.delete_breakpoints()
+        if user_address is not None:
+            # Hardware: under KVM a software breakpoint would patch whichever process is mapped.
+            self.gdb.break_insert(f"*{user_address:#x}", condition=selector.condition(), hardware=True)
+        else:
+            self.gdb.break_insert(f"*{self.entry_code.entry:#x}", condition=selector.condition())
+
+
+class _Run:
+    """One walk down the path; each method takes one stage."""
+
+    def __init__(self, tracer: SyscallTracer, trace: SyscallTrace, deadline: float) -> None:
+        self.t = tracer
+        self.gdb = tracer.gdb
+        self.trace = trace
+        self.deadline = deadline
+
+    def left(self) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TraceError(f"trace did not finish in time; so far:\n{self.trace}")
+        return remaining
+
+    def record(self, name: str, note: str = "", **extra: object) -> Stage:
+        regs = self.gdb.registers(TRACE_REGISTERS)
+        stage = Stage(name, True, regs, note=note, **extra)  # type: ignore[arg-type]
+        self.trace.stages[name] = stage
+        return stage
+
+    def skip(self, name: str, note: str) -> None:
+        self.trace.stages[name] = Stage(name, False, note=note)
+
+    def stop(self) -> StopEvent:
+        return self.gdb.continue_until_stop(timeout=self.left())
+
+    def walk(self, from_user: bool) -> None:
+        code = self.t.entry_code
+        self.stop()
+        if from_user:
+            self.record("user")
+            self.gdb.stepi(timeout=self.left())
+        else:
+            self.skip("user", "no user address given (trace started at entry_SYSCALL_64)")
+        user = self.trace.stages.get("user")
+        self.record("entry")
+        self.step_past(code.entry_swapgs, "after_swapgs")
+        self.gdb.delete_breakpoints()
+        regs_ptr = self.kernel_stages()
+        self.exit_stages(regs_ptr, user)
+
+    def step_past(self, address: int, name: str) -> None:
+        for _ in range(MAX_SWAPGS_STEPS):
+            rip = self.gdb.registers(["rip"])["rip"]
+            self.gdb.stepi(timeout=self.left())
+            if rip == address:
+                self.record(name)
+                return
+        self.skip(name, f"swapgs at {address:#x} not reached in {MAX_SWAPGS_STEPS} steps")
+
+    def kernel_stages(self) -> int:
+        regs_reg, nr_reg = x86.do_syscall_64_args(self.t.kernel.version_tuple)
+        self.gdb.break_insert("do_syscall_64", condition=f"${nr_reg} == {self.trace.selector.nr:#x}")
+        self.stop()
+        regs_ptr = self.gdb.registers([regs_reg])[regs_reg]
+        pt_regs = x86.decode_pt_regs(self.gdb.read_memory(regs_ptr, x86.PT_REGS_SIZE))
+        self.record("do_syscall_64", note=f"regs={regs_ptr:#x}", pt_regs=pt_regs)
+        self.gdb.delete_breakpoints()
+        handler = self.trace.handler
+        if handler == "no handler":
+            for name in ("handler", "ksys", "handler_return"):
+                self.skip(name, f"sys_call_table has no handler for nr {self.trace.selector.nr}")
+            return regs_ptr
+        self.gdb.break_insert(handler, condition=f"$rdi == {regs_ptr:#x}")
+        self.stop()
+        self.record("handler")
+        self.gdb.delete_breakpoints()
+        self.handler_tail(handler, regs_ptr)
+        return regs_ptr
+
+    def handler_tail(self, handler: str, regs_ptr: int) -> None:
+        """ksys_<name> (if the handler calls it) and the handler's return."""
+        sp = self.trace.stages["handler"]["rsp"]
+        ret = int.from_bytes(self.gdb.read_memory(sp, 8), "little")
+        # The return lands right after the call, with the return address popped.
+        return_bp = self.gdb.break_insert(f"*{ret:#x}", condition=f"$rsp == {sp + 8:#x}").number
+        ksys = "ksys_" + handler.removeprefix("__x64_sys_")
+        ksys_bp = None
+        if self.t.kernel.vmlinux.has_symbol(ksys):
+            # Same kernel stack as our pt_regs (kernel stacks are THREAD_SIZE aligned, >= 16 KiB).
+            ksys_bp = self.gdb.break_insert(ksys, condition=f"($rsp >> 14) == ({regs_ptr:#x} >> 14)").number
+        stop = self.stop()
+        if ksys_bp is not None and stop.breakpoint == ksys_bp:
+            self.record("ksys")
+            self.gdb.delete_breakpoint(ksys_bp)
+            stop = self.stop()
+        else:
+            self.skip("ksys", f"{handler} returned without calling {ksys}" if ksys_bp is not None
+                      else f"{ksys} is not a symbol of this kernel (inlined or absent)")
+        if stop.breakpoint != return_bp:
+            raise TraceError(f"expected the return of {handler}, stopped at {stop}; so far:\n{self.trace}")
+        self.record("handler_return", note="rax = the handler's return value")
+        self.gdb.delete_breakpoints()
+
+    def exit_stages(self, regs_ptr: int, user: Stage | None) -> None:
+        code = self.t.entry_code
+        pt = self.trace.stages["do_syscall_64"].pt_regs or {}
+        user_rip, user_sp = pt.get("ip", 0), pt.get("sp", 0)
+        back = f"$rip == {user_rip:#x} && $rsp == {user_sp:#x} && ($cs & 3) == 3"
+        numbers = {"user_return": self.gdb.break_insert(f"*{user_rip:#x}", condition=back, hardware=True).number}
+        if code.exit_swapgs is not None:
+            cond = f"$rcx == {user_rip:#x} && $rsp == {user_sp:#x}"
+            numbers["exit_swapgs"] = self.gdb.break_insert(f"*{code.exit_swapgs:#x}", condition=cond).number
+        if code.sysretq is not None:
+            cond = f"$rcx == {user_rip:#x} && $rsp == {user_sp:#x}"
+            numbers["sysretq"] = self.gdb.break_insert(f"*{code.sysretq:#x}", condition=cond).number
+        self.follow_exit(numbers)
+
+    def follow_exit(self, numbers: dict[str, int]) -> None:
+        by_number = {n: name for name, n in numbers.items()}
+        while "user_return" not in self.trace.stages:
+            stop = self.stop()
+            name = by_number.get(stop.breakpoint or -1)
+            if name is None:
+                raise TraceError(f"unexpected stop {stop.reason} at {stop.address:#x}; so far:\n{self.trace}")
+            if name == "exit_swapgs":
+                self.record(name, note="before the exit swapgs")
+            elif name == "sysretq":
+                self.record(name)
+                self.gdb.stepi(timeout=self.left())
+                self.record("user_return", note="one instruction after sysretq")
+            else:
+                self.record("user_return", note="returned to user mode without sysretq (IRET exit?)")
+            self.gdb.delete_breakpoint(numbers[name])
+        for name in ("exit_swapgs", "sysretq"):
+            if name not in self.trace.stages:
+                self.skip(name, "the kernel left by another exit path (IRET)")

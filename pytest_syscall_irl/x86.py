@@ -1,0 +1,115 @@
+"""x86_64 architecture and Linux ABI facts the invariants are checked against.
+
+Values that depend on the kernel version are functions of it; each fact names where
+it comes from, so a reader can check it without trusting us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# Segment selectors (arch/x86/include/asm/segment.h, GDT_ENTRY_* * 8 + RPL).
+KERNEL_CS = 0x10
+KERNEL_DS = 0x18
+USER32_CS = 0x23
+USER_DS = 0x2B
+USER_CS = 0x33
+
+# MSRs (arch/x86/include/asm/msr-index.h).
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SYSCALL_MASK = 0xC0000084
+
+ENOSYS = 38
+
+# RFLAGS bits (Intel SDM vol. 1, 3.4.3).
+RFLAGS_BITS: Mapping[str, int] = {
+    "CF": 1 << 0, "PF": 1 << 2, "AF": 1 << 4, "ZF": 1 << 6, "SF": 1 << 7, "TF": 1 << 8,
+    "IF": 1 << 9, "DF": 1 << 10, "OF": 1 << 11, "IOPL": 3 << 12, "NT": 1 << 14, "RF": 1 << 16,
+    "VM": 1 << 17, "AC": 1 << 18, "VIF": 1 << 19, "VIP": 1 << 20, "ID": 1 << 21,
+}
+RFLAGS_FIXED = 1 << 1  # bit 1 always reads 1
+
+# SYSRET loads RFLAGS from R11 masked with 0x3C7FD7 and sets bit 1 (Intel SDM, SYSRET).
+SYSRET_RFLAGS_MASK = 0x3C7FD7
+
+
+def flags(*names: str) -> int:
+    """The RFLAGS value with the named bits set: flags("DF", "AC") == 0x40400."""
+    value = 0
+    for name in names:
+        value |= RFLAGS_BITS[name]
+    return value
+
+
+def flag_names(value: int) -> list[str]:
+    """The names of the RFLAGS bits set in *value* (IOPL if any of its bits is set)."""
+    return [name for name, bit in RFLAGS_BITS.items() if value & bit]
+
+
+def sysret_rflags(r11: int) -> int:
+    """RFLAGS after SYSRET with *r11* (Intel SDM: (R11 & 3C7FD7H) | 2)."""
+    return (r11 & SYSRET_RFLAGS_MASK) | RFLAGS_FIXED
+
+
+def expected_fmask(version: tuple[int, int, int]) -> int:
+    """MSR_SYSCALL_MASK the kernel writes in syscall_init() (arch/x86/kernel/cpu/common.c).
+
+    Since 5.14 (commit "x86/entry: Clear X86_EFLAGS_AC|TF|... on entry") every arithmetic
+    flag is cleared too; before, only TF|DF|IF|IOPL|AC|NT.
+    """
+    if version >= (5, 14, 0):
+        return flags("CF", "PF", "AF", "ZF", "SF", "TF", "IF", "DF", "OF", "IOPL", "NT", "RF", "AC", "ID")
+    return flags("TF", "DF", "IF", "IOPL", "AC", "NT")
+
+
+def star_selectors(star: int) -> tuple[int, int]:
+    """(kernel CS, user base selector) from MSR_STAR: SYSCALL loads CS from bits 47:32,
+    SYSRET to 64-bit mode loads CS from bits 63:48 + 16 and SS from bits 63:48 + 8."""
+    return (star >> 32) & 0xFFFF, (star >> 48) & 0xFFFF
+
+
+def rpl(selector: int) -> int:
+    """Requested privilege level of a segment selector: 0 kernel, 3 user."""
+    return selector & 3
+
+
+def is_canonical(address: int) -> bool:
+    """48-bit canonical address (bits 63:47 all equal)."""
+    top = address >> 47
+    return top == 0 or top == (1 << 17) - 1
+
+
+# struct pt_regs on x86_64 (arch/x86/include/asm/ptrace.h): field -> byte offset.
+PT_REGS_FIELDS = ("r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx",
+                  "si", "di", "orig_ax", "ip", "cs", "flags", "sp", "ss")
+PT_REGS_OFFSETS: Mapping[str, int] = {name: 8 * i for i, name in enumerate(PT_REGS_FIELDS)}
+PT_REGS_SIZE = 8 * len(PT_REGS_FIELDS)
+
+# Syscall argument registers, in order (x86_64 ABI: rcx is clobbered by SYSCALL, so r10).
+SYSCALL_ARG_REGISTERS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+PT_REGS_ARGS = ("di", "si", "dx", "r10", "r8", "r9")
+
+# Syscall numbers used by the suites (arch/x86/entry/syscalls/syscall_64.tbl).
+SYSCALL_NUMBERS: Mapping[str, int] = {"read": 0, "write": 1, "getpid": 39, "dup": 32, "getppid": 110}
+
+
+def decode_pt_regs(data: bytes) -> dict[str, int]:
+    """Decode a raw struct pt_regs (168 bytes, little endian)."""
+    if len(data) < PT_REGS_SIZE:
+        raise ValueError(f"pt_regs needs {PT_REGS_SIZE} bytes, got {len(data)}")
+    return {name: int.from_bytes(data[off:off + 8], "little") for name, off in PT_REGS_OFFSETS.items()}
+
+
+def do_syscall_64_args(version: tuple[int, int, int]) -> tuple[str, str]:
+    """Registers holding (regs, nr) at do_syscall_64 entry (arch/x86/entry/common.c):
+    5.8-5.13 take (nr, regs), 5.14+ take (regs, nr)."""
+    if (5, 8, 0) <= version < (5, 14, 0):
+        return "rsi", "rdi"
+    return "rdi", "rsi"
+
+
+def to_signed(value: int, bits: int = 64) -> int:
+    """Two's complement reading of an unsigned register value."""
+    return value - (1 << bits) if value >> (bits - 1) else value

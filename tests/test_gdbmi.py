@@ -1,0 +1,362 @@
+"""GdbSession against a fake gdb speaking recorded MI, and once against the real GDB."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pygdbmi.gdbmiparser import parse_response
+
+from pytest_syscall_irl.errors import GdbError
+from pytest_syscall_irl.gdbmi import (
+    GdbCommandError,
+    GdbSession,
+    GdbTimeoutError,
+    mi_quote,
+    parse_line,
+)
+
+FAKE_GDB = Path(__file__).with_name("fake_gdb.py")
+
+
+@pytest.fixture
+def fake_gdb(tmp_path: Path) -> str:
+    """An executable that runs fake_gdb.py with this interpreter, whatever its mode bits."""
+    wrapper = tmp_path / "gdb"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_GDB}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+@pytest.fixture
+def transcript(tmp_path: Path) -> Path:
+    return tmp_path / "gdb-mi.log"
+
+
+@pytest.fixture
+def gdb(fake_gdb: str, transcript: Path) -> Iterator[GdbSession]:
+    session = GdbSession("vmlinux", gdb=fake_gdb, transcript_path=transcript)
+    yield session
+    session.close()
+
+
+def sent(transcript: Path) -> list[str]:
+    """The MI commands in *transcript*, tokens stripped."""
+    lines = transcript.read_text().splitlines()
+    return [line[3:].lstrip("0123456789") for line in lines if line.startswith("-> ")]
+
+
+def state(gdb: GdbSession) -> str:
+    """gdb.state, typed so that mypy does not narrow it across calls."""
+    return gdb.state
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_mi_quote_escapes_backslashes_quotes_and_newlines() -> None:
+    assert mi_quote('say "a\\b"\n') == '"say \\"a\\\\b\\"\\n"'
+
+
+# Recorded from GDB 13.1 against QEMU 7.2 (cut short), plus an escaped value.
+REGISTER_DUMPS = [
+    '12^done,register-values=[{number="0",value="0x56121417d"},{number="16",'
+    'value="0xffffffff811db161"},{number="17",value="0x293"},{number="164",value="{v4_float = '
+    '{0x0, 0x0, 0x0, 0x0}, v2_double = {0x0, 0x0}, v16_int8 = {0x0 <repeats 16 times>}, '
+    'uint128 = 0x0}"},{number="180",value="0x1f80"}]',
+    '13^done,register-values=[{number="0",value="a \\"quoted\\" value"}]',
+    '14^done,register-values=[]',
+]
+
+
+@pytest.mark.parametrize("line", REGISTER_DUMPS)
+def test_fast_register_parser_agrees_with_pygdbmi(line: str) -> None:
+    assert parse_line(line) == parse_response(line)
+
+
+def test_startup_sequence(fake_gdb: str, tmp_path: Path, transcript: Path) -> None:
+    argv_file = tmp_path / "argv"
+    os.environ["FAKE_GDB_ARGV"] = str(argv_file)
+    try:
+        session = GdbSession(
+            "/k/vmlinux", gdb=fake_gdb, transcript_path=transcript,
+            index_cache_dir="/cache dir", init_commands=["-gdb-set print pretty on"],
+        )
+    finally:
+        del os.environ["FAKE_GDB_ARGV"]
+    session.close()
+    assert argv_file.read_text().split() == ["--nx", "--quiet", "--interpreter=mi3"]
+    commands = sent(transcript)
+    assert commands[0] == "-gdb-set mi-async on"
+    assert commands.index("-gdb-set index-cache directory /cache dir") < commands.index(
+        "-gdb-set index-cache enabled on"
+    ) < commands.index("-gdb-set print pretty on") < commands.index(
+        '-file-exec-and-symbols "/k/vmlinux"'
+    )
+    assert commands[-1] == "-gdb-exit"
+
+
+def test_tokens_match_results_and_transcript_has_both_directions(
+    gdb: GdbSession, transcript: Path
+) -> None:
+    assert gdb.evaluate("x") == "x"
+    result = gdb.command("-data-evaluate-expression y")
+    assert result.payload == {"value": "y"}
+    lines = transcript.read_text().splitlines()
+    token = int(lines[lines.index(next(l for l in lines if l.endswith("expression y")))][3:].split("-")[0])
+    assert f'<- {token}^done,value="y"' in lines
+    assert f"-> {token - 1}-data-evaluate-expression " + '"x"' in lines
+
+
+def test_quoting_of_expressions_with_spaces_quotes_and_backslashes(gdb: GdbSession) -> None:
+    expression = 'strcmp(name, "a \\"b\\"") == 0 && c == \'\\\\\''
+    assert gdb.evaluate(expression) == expression
+
+
+def test_error_names_the_command_and_gdb_message(gdb: GdbSession) -> None:
+    with pytest.raises(GdbCommandError) as info:
+        gdb.evaluate("nosuch + 1")
+    assert info.value.gdb_message == 'No symbol "nosuch" in current context.'
+    assert "-data-evaluate-expression" in str(info.value)
+    assert "nosuch + 1" in str(info.value)
+    assert gdb.evaluate("still usable") == "still usable"
+
+
+def test_unknown_symbol_raises(gdb: GdbSession) -> None:
+    assert gdb.symbol_address("start_kernel") == 0xFFFFFFFF818E0BBE
+    with pytest.raises(GdbError, match="unknown_thing"):
+        gdb.symbol_address("unknown_thing")
+
+
+def test_stream_records_attach_to_their_command(gdb: GdbSession) -> None:
+    assert gdb.cli('info "x"') == 'You ran: info "x"\n'
+    result = gdb.command(f"-interpreter-exec console {mi_quote('show')}")
+    assert result.log == "a log line\n"
+    with pytest.raises(GdbCommandError, match="Undefined command"):
+        gdb.cli("bogus")
+
+
+def test_connect_consumes_the_stop_and_state_follows_records(gdb: GdbSession) -> None:
+    assert state(gdb) == "detached"
+    stop = gdb.connect("/tmp/gdb.sock")
+    assert state(gdb) == "stopped"
+    assert stop.reason is None and stop.address == 0xFFF0 and stop.thread_id == 1
+    bp = gdb.break_insert("start_kernel", hardware=True)
+    assert bp.hardware and bp.number == 1 and bp.address == 0xFFFFFFFF818E0BBE
+    stop = gdb.continue_until_stop(timeout=5)
+    assert (stop.reason, stop.breakpoint, stop.function) == ("breakpoint-hit", 1, "start_kernel")
+    assert state(gdb) == "stopped"
+    stop = gdb.stepi()
+    assert stop.reason == "end-stepping-range" and stop.address == 0xFFFFFFFF818E0BC0
+    gdb.detach()
+    assert state(gdb) == "detached"
+
+
+def test_stop_arriving_inside_another_response_is_queued(gdb: GdbSession) -> None:
+    gdb.connect("/tmp/gdb.sock")
+    gdb.resume()
+    assert state(gdb) == "running"
+    # The fake emits *stopped between this command's stream output and its result.
+    assert gdb.evaluate("1") == "1"
+    assert state(gdb) == "stopped"
+    stop = gdb.wait_for_stop(timeout=0.5)
+    assert stop.breakpoint == 7
+
+
+def test_a_stop_nobody_waited_for_is_dropped_on_resume(gdb: GdbSession) -> None:
+    gdb.connect("/tmp/gdb.sock")
+    gdb.break_insert("start_kernel")
+    gdb.resume()  # the fake stops at once; nobody waits for it
+    gdb.resume()
+    assert gdb.wait_for_stop(timeout=1).breakpoint == 1
+    with pytest.raises(GdbTimeoutError):
+        gdb.wait_for_stop(timeout=0.1)
+
+
+def test_socket_path_is_passed_raw(gdb: GdbSession, transcript: Path) -> None:
+    # -target-select hands its text to the CLI unparsed: quotes would become part of the path.
+    gdb.connect("/tmp/gdb.sock")
+    assert "-target-select remote /tmp/gdb.sock" in sent(transcript)
+
+
+def test_interrupt(gdb: GdbSession) -> None:
+    gdb.connect("/tmp/gdb.sock")
+    with pytest.raises(GdbError, match="not running"):
+        gdb.interrupt()
+    gdb.resume()
+    stop = gdb.interrupt(timeout=5)
+    assert (stop.reason, stop.signal) == ("signal-received", "SIGINT")
+
+
+def test_breakpoint_options_are_quoted(gdb: GdbSession, transcript: Path) -> None:
+    bp = gdb.break_insert("*0xffffffff81200040", condition="$rax == 1 && $rdx == 12", temporary=True)
+    assert bp.address == 0xFFFFFFFF81200040 and bp.temporary and not bp.hardware
+    assert bp.condition == "$rax == 1 && $rdx == 12"
+    assert '-break-insert -t -c "$rax == 1 && $rdx == 12" "*0xffffffff81200040"' in sent(transcript)
+    gdb.delete_breakpoint(bp.number)
+    gdb.delete_breakpoints()
+    with pytest.raises(GdbCommandError, match="not defined"):
+        gdb.break_insert("no_such_function")
+
+
+def test_registers_skip_unnamed_and_vector_and_then_ask_only_for_integers(
+    gdb: GdbSession, transcript: Path
+) -> None:
+    gdb.connect("/tmp/gdb.sock")
+    expected = {"rax": 0, "rbx": 0x1C28, "rip": 0xFFFFFFFF818E0BBE, "eflags": 0x246, "cs": 0x10, "al": 0}
+    assert gdb.registers() == expected
+    assert gdb.registers() == expected
+    assert gdb.raw_registers()["xmm0"].startswith("{v4_float")
+    register_reads = [c for c in sent(transcript) if c.startswith("-data-list-register-values")]
+    assert register_reads[:2] == ["-data-list-register-values x", "-data-list-register-values x 0 1 2 3 6 8"]
+    assert sent(transcript).count("-data-list-register-names") == 1
+    assert gdb.registers(["rip", "eflags"]) == {"rip": 0xFFFFFFFF818E0BBE, "eflags": 0x246}
+    assert sent(transcript)[-1] == "-data-list-register-values x 2 3"
+    with pytest.raises(GdbError, match="no such register: nope"):
+        gdb.registers(["rip", "nope"])
+    with pytest.raises(GdbError, match="raw_registers"):
+        gdb.registers(["xmm0"])
+    gdb.set_register("eflags", 0x202)
+    assert "-gdb-set var $eflags = 0x202" in sent(transcript)
+    with pytest.raises(GdbError, match="not a register"):
+        gdb.set_register("rax = 1; $rbx", 0)
+
+
+def test_memory_disassembly_and_backtrace(gdb: GdbSession) -> None:
+    assert gdb.read_memory(0x1000, 4) == bytes([0, 1, 2, 3])
+    gdb.write_memory(0x1001, b"\xaa\xbb")
+    assert gdb.read_memory(0x1000, 4) == b"\x00\xaa\xbb\x03"
+    insns = gdb.disassemble("entry_SYSCALL_64")
+    assert insns[0].address == 0xFFFFFFFF81200040 and insns[0].function == "entry_SYSCALL_64"
+    assert [i.text for i in insns if i.text.startswith("sysret")] == ["sysretq"]
+    frames = gdb.backtrace()
+    assert [(f.level, f.function, f.line) for f in frames] == [
+        (0, "start_kernel", 914), (1, "secondary_startup_64", 358)
+    ]
+
+
+def test_timeout_names_the_command_and_session_survives(gdb: GdbSession) -> None:
+    start = time.monotonic()
+    with pytest.raises(GdbTimeoutError) as info:
+        gdb.command("-fake-sleep 0.5", timeout=0.1)
+    assert time.monotonic() - start < 0.4
+    assert "-fake-sleep 0.5" in str(info.value) and "0.1 s" in str(info.value)
+    assert "-> " in (info.value.log_tail or "")
+    # The late ^done carries the old token: it must not answer the next command.
+    assert gdb.evaluate("after") == "after"
+    assert gdb.evaluate("again") == "again"
+
+
+def test_wait_for_stop_times_out(gdb: GdbSession) -> None:
+    with pytest.raises(GdbTimeoutError, match="did not stop within 0.1 s"):
+        gdb.wait_for_stop(timeout=0.1)
+
+
+def test_gdb_dying_raises_with_exit_code_and_tail(gdb: GdbSession) -> None:
+    pid = gdb.pid
+    assert gdb.is_alive()
+    with pytest.raises(GdbError) as info:
+        gdb.command("-fake-die 3")
+    assert not gdb.is_alive()
+    assert info.value.exit_code == 3
+    assert "-fake-die 3" in str(info.value) and "exited" in str(info.value)
+    assert "-> " in (info.value.log_tail or "")
+    with pytest.raises(GdbError, match="exited"):
+        gdb.evaluate("1")
+    with pytest.raises(GdbError, match="exited"):
+        gdb.wait_for_stop(timeout=5)
+    gdb.close()
+    assert not alive(pid)
+
+
+def test_stderr_goes_to_the_transcript(gdb: GdbSession, transcript: Path) -> None:
+    gdb.command(f"-fake-stderr {mi_quote('warning: something odd')}")
+    gdb.close()
+    assert "<2 warning: something odd" in transcript.read_text().splitlines()
+
+
+def test_close_is_idempotent_and_leaves_no_process(gdb: GdbSession, transcript: Path) -> None:
+    pid = gdb.pid
+    gdb.close()
+    assert not gdb.is_alive()
+    gdb.close()
+    assert not alive(pid)
+    assert state(gdb) == "detached"
+    assert transcript.read_text().splitlines()[-1].endswith("^exit")
+    with pytest.raises(GdbError, match="closed"):
+        gdb.evaluate("1")
+
+
+def test_close_kills_a_wedged_gdb(fake_gdb: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_GDB_HANG", "1")  # ignores -gdb-exit and SIGTERM
+    session = GdbSession(gdb=fake_gdb)
+    start = time.monotonic()
+    session.close(timeout=0.3)
+    assert time.monotonic() - start < 2
+    assert not alive(session.pid)
+
+
+def test_missing_gdb_executable() -> None:
+    with pytest.raises(GdbError, match="cannot start GDB"):
+        GdbSession(gdb="/nonexistent/gdb")
+
+
+# ---- the real GDB -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None or not Path("/usr/bin/gdb").exists():
+        pytest.skip("needs gcc and /usr/bin/gdb")
+    directory = tmp_path_factory.mktemp("elf")
+    (directory / "main.c").write_text("int main(void) { return 0; }\n")
+    subprocess.run(
+        ["gcc", "-g", "-static", "-o", "main", "main.c"], cwd=directory, check=True
+    )
+    return directory / "main"
+
+
+def nm_address(elf: Path, name: str) -> int:
+    out = subprocess.run(["nm", str(elf)], check=True, capture_output=True, text=True).stdout
+    return next(int(f.split()[0], 16) for f in out.splitlines() if f.split()[-1] == name)
+
+
+@pytest.mark.integration
+def test_real_gdb(
+    small_elf: Path, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    log = tmp_path / "gdb.log"
+    with GdbSession(small_elf, gdb="/usr/bin/gdb", transcript_path=log,
+                    index_cache_dir=tmp_path / "index-cache") as gdb:
+        assert gdb.symbol_address("main") == nm_address(small_elf, "main")
+        assert gdb.evaluate("1+2") == "3"
+        assert gdb.evaluate('sizeof("a \\"b\\" c")') == "8"
+        assert any(i.text == "ret" for i in gdb.disassemble("main"))
+        with pytest.raises(GdbCommandError, match="No symbol"):
+            gdb.symbol_address("no_such_symbol")
+        timings = []
+        for _ in range(200):
+            start = time.perf_counter()
+            gdb.evaluate("1+2")
+            timings.append(time.perf_counter() - start)
+        pid = gdb.pid
+    median_ms = statistics.median(timings) * 1000
+    record_property("evaluate_median_ms", median_ms)
+    print(f"evaluate round trip: median {median_ms:.3f} ms, max {max(timings) * 1000:.3f} ms")
+    assert median_ms < 5, "a settle delay crept into the command path"
+    assert not alive(pid)
+    text = log.read_text()
+    assert "-> " in text and "<- " in text
+    assert "Fatal signal" not in text  # GDB 13 segfaults when SIGTERMed while exiting

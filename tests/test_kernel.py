@@ -1,0 +1,467 @@
+"""Kernel artifacts and the build cache: fakes first, then the cached reference kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_syscall_irl import cli, kernel
+from pytest_syscall_irl.errors import ConfigError, KernelError
+from pytest_syscall_irl.kernel import (
+    BzImage,
+    Kernel,
+    KernelBuild,
+    Vmlinux,
+    build_key,
+    cache_dir,
+    dropped_options,
+    parse_version_string,
+    reference_kernel,
+    version_tuple,
+)
+
+VERSION = "9.9.9 (tester@fakehost) #3 SMP PREEMPT_DYNAMIC Tue Jan 1 00:00:00 UTC 2030"
+BANNER = (
+    "Linux version 9.9.9 (tester@fakehost) (gcc (Debian 12.2.0-14) 12.2.0, GNU ld 2.40) "
+    "#3 SMP PREEMPT_DYNAMIC Tue Jan 1 00:00:00 UTC 2030\n"
+)
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to make a fake vmlinux")
+
+
+def make_bzimage(path: Path, version: str = VERSION) -> Path:
+    """A file with just enough of an x86 setup header for BzImage.read."""
+    data = bytearray(0x4000)
+    struct.pack_into("<H", data, 0x1FE, 0xAA55)
+    data[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", data, 0x206, 0x020F)
+    struct.pack_into("<H", data, 0x20E, 0x3000 - 0x200)
+    encoded = version.encode() + b"\0"
+    data[0x3000 : 0x3000 + len(encoded)] = encoded
+    path.write_bytes(bytes(data))
+    return path
+
+
+def make_vmlinux(path: Path, banner: str = BANNER, extra: str = "") -> Path:
+    """A small static ELF with the symbols Vmlinux requires, linked by gcc."""
+    source = path.with_suffix(".c")
+    source.write_text(
+        f"const char linux_banner[] = {json.dumps(banner)};\n"
+        "const unsigned long sys_call_table[2] = {0x1111, 0x2222};\n"
+        f"{extra}\nvoid entry_SYSCALL_64(void) {{}}\nvoid _start(void) {{}}\n"
+    )
+    subprocess.run(
+        ["gcc", "-nostdlib", "-static", "-no-pie", "-O0", "-o", str(path), str(source)],
+        check=True,
+    )
+    return path
+
+
+@pytest.fixture
+def fake_build(tmp_path: Path) -> tuple[Path, Path]:
+    """A bzImage and a vmlinux from the same fake build, in a kernel tree layout."""
+    boot = tmp_path / "tree" / "arch" / "x86" / "boot"
+    boot.mkdir(parents=True)
+    return make_bzimage(boot / "bzImage"), make_vmlinux(tmp_path / "tree" / "vmlinux")
+
+
+# --- BzImage ---------------------------------------------------------------------------------
+
+
+def test_bzimage_version_is_read_from_the_setup_header(tmp_path: Path) -> None:
+    image = BzImage.read(make_bzimage(tmp_path / "bzImage"))
+    assert image.version == VERSION
+    assert image.release == "9.9.9"
+    assert image.build_id == ("9.9.9", "tester@fakehost", "#3 SMP PREEMPT_DYNAMIC Tue Jan 1 00:00:00 UTC 2030")
+
+
+def test_an_elf_file_is_not_a_bzimage(tmp_path: Path) -> None:
+    path = tmp_path / "vmlinux"
+    path.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(1024))
+    with pytest.raises(ConfigError, match=r"ELF file \(vmlinux\?\), --kernel wants arch/x86/boot/bzImage"):
+        BzImage.read(path)
+
+
+def test_a_text_file_is_not_a_bzimage(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello\n" * 200)
+    with pytest.raises(ConfigError, match="not an x86 bzImage.*text file"):
+        BzImage.read(path)
+
+
+def test_a_missing_bzimage_names_the_path_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"{tmp_path}/nope does not exist.*syscall-irl kernel build"):
+        BzImage.read(tmp_path / "nope")
+
+
+def test_a_directory_is_not_a_bzimage(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        BzImage.read(tmp_path)
+
+
+def test_a_bzimage_without_version_string_is_rejected(tmp_path: Path) -> None:
+    path = make_bzimage(tmp_path / "bzImage")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<H", data, 0x20E, 0)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="without a readable kernel_version"):
+        BzImage.read(path)
+
+
+# --- version strings -------------------------------------------------------------------------
+
+
+def test_banner_parsing_copes_with_parentheses_in_the_compiler() -> None:
+    build = parse_version_string(BANNER.removeprefix("Linux version "), has_compiler=True)
+    assert build == ("9.9.9", "tester@fakehost", "#3 SMP PREEMPT_DYNAMIC Tue Jan 1 00:00:00 UTC 2030")
+    assert build == parse_version_string(VERSION, has_compiler=False)
+
+
+@pytest.mark.parametrize(
+    "release, expected",
+    [("6.1.192", (6, 1, 192)), ("6.8-rc1", (6, 8, 0)), ("6.1.0-13-amd64", (6, 1, 0)), ("5.4.0+", (5, 4, 0))],
+)
+def test_version_tuple(release: str, expected: tuple[int, int, int]) -> None:
+    assert version_tuple(release) == expected
+
+
+def test_version_tuple_rejects_garbage() -> None:
+    with pytest.raises(ConfigError, match="cannot parse kernel release 'linux'"):
+        version_tuple("linux")
+
+
+# --- Vmlinux and Kernel with a fake ELF ------------------------------------------------------
+
+
+def test_vmlinux_missing_or_not_elf(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        Vmlinux.open(tmp_path / "vmlinux")
+    (tmp_path / "vmlinux").write_text("not an elf\n")
+    with pytest.raises(ConfigError, match="is not an ELF file"):
+        Vmlinux.open(tmp_path / "vmlinux")
+
+
+@needs_gcc
+def test_vmlinux_symbols_and_static_contents(tmp_path: Path) -> None:
+    vmlinux = Vmlinux.open(make_vmlinux(tmp_path / "vmlinux"))
+    assert vmlinux.banner == BANNER
+    assert vmlinux.release == "9.9.9"
+    assert vmlinux.read(vmlinux.symbol("sys_call_table"), 16) == struct.pack("<QQ", 0x1111, 0x2222)
+    assert vmlinux.has_symbol("entry_SYSCALL_64") and not vmlinux.has_symbol("nope")
+    assert ".symtab" in vmlinux.section_names and not vmlinux.has_dwarf
+    with pytest.raises(KernelError, match="no symbol 'nope'"):
+        vmlinux.symbol("nope")
+    with pytest.raises(KernelError, match="not in a loadable segment"):
+        vmlinux.read(0xDEAD0000, 8)
+
+
+@needs_gcc
+def test_an_elf_without_kernel_symbols_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "true.c"
+    path.write_text("void _start(void) {}\n")
+    subprocess.run(["gcc", "-nostdlib", "-static", "-o", str(tmp_path / "elf"), str(path)], check=True)
+    with pytest.raises(ConfigError, match=r"vmlinux without symbols \(stripped\?\): no entry_SYSCALL_64, linux_banner"):
+        Vmlinux.open(tmp_path / "elf")
+
+
+@needs_gcc
+def test_kernel_load_finds_vmlinux_in_the_build_tree(fake_build: tuple[Path, Path]) -> None:
+    bzimage, vmlinux = fake_build
+    loaded = Kernel.load(bzimage)
+    assert loaded.vmlinux.path == vmlinux
+    assert loaded.release == "9.9.9" and loaded.version_tuple == (9, 9, 9)
+    assert not loaded.payloads_on_iso
+    assert loaded.missing_for_iso == ["CONFIG_ISO9660_FS", "CONFIG_VIRTIO_BLK", "CONFIG_VIRTIO_PCI"]
+
+
+@needs_gcc
+def test_kernel_load_finds_vmlinux_beside_the_bzimage(tmp_path: Path) -> None:
+    bzimage = make_bzimage(tmp_path / "bzImage")
+    extra = "int iso9660_fs_type, virtio_blk, virtio_pci_driver;"
+    vmlinux = make_vmlinux(tmp_path / "vmlinux", extra=extra)
+    loaded = Kernel.load(bzimage)
+    assert loaded.vmlinux.path == vmlinux
+    assert loaded.payloads_on_iso
+
+
+def test_kernel_load_without_vmlinux_says_pass_vmlinux(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no vmlinux found .* pass --vmlinux"):
+        Kernel.load(make_bzimage(tmp_path / "bzImage"))
+
+
+@needs_gcc
+def test_kernel_load_rejects_a_vmlinux_of_another_build(tmp_path: Path) -> None:
+    bzimage = make_bzimage(tmp_path / "bzImage")
+    other = make_vmlinux(tmp_path / "other", banner=BANNER.replace("#3 SMP", "#4 SMP"))
+    with pytest.raises(ConfigError, match="different builds") as info:
+        Kernel.load(bzimage, other)
+    assert "#3 SMP" in str(info.value) and "#4 SMP" in str(info.value)
+
+
+# --- config fragments, keys, cache dir -------------------------------------------------------
+
+
+FRAGMENT = """\
+# a comment
+CONFIG_64BIT=y
+CONFIG_RELOCATABLE=y
+CONFIG_RANDOMIZE_BASE=y
+CONFIG_CMDLINE="console=ttyS0"
+# CONFIG_MODULES is not set
+"""
+
+
+def test_dropped_options_lists_what_olddefconfig_dropped() -> None:
+    final = """\
+CONFIG_64BIT=y
+# CONFIG_RANDOMIZE_BASE is not set
+CONFIG_CMDLINE="console=tty0"
+CONFIG_MODULES=y
+"""
+    assert dropped_options(FRAGMENT, final) == [
+        "CONFIG_RELOCATABLE=y (final .config: is not set)",
+        "CONFIG_RANDOMIZE_BASE=y (final .config: is not set)",
+        'CONFIG_CMDLINE="console=ttyS0" (final .config: "console=tty0")',
+        "CONFIG_MODULES=n (final .config: y)",
+    ]
+
+
+def test_dropped_options_is_empty_when_everything_survived() -> None:
+    final = 'CONFIG_64BIT=y\nCONFIG_RELOCATABLE=y\nCONFIG_RANDOMIZE_BASE=y\nCONFIG_CMDLINE="console=ttyS0"\n'
+    assert dropped_options(FRAGMENT, final) == []
+
+
+def test_cache_key_changes_with_the_fragment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel, "debian_source_version", lambda: "6.1.192-2")
+    monkeypatch.setattr(kernel, "compiler_id", lambda: "gcc (Debian 12.2.0-14) 12.2.0")
+    first, second = tmp_path / "a.config", tmp_path / "b.config"
+    first.write_text("CONFIG_64BIT=y\n")
+    second.write_text("CONFIG_64BIT=y\nCONFIG_SMP=y\n")
+    key_a = KernelBuild(fragment=first, cache=tmp_path).key
+    assert key_a == KernelBuild(fragment=first, cache=tmp_path / "elsewhere").key
+    assert key_a != KernelBuild(fragment=second, cache=tmp_path).key
+    assert len(key_a) == 16
+    assert key_a == build_key("debian-linux-source-6.1=6.1.192-2", "CONFIG_64BIT=y\n", "gcc (Debian 12.2.0-14) 12.2.0")
+
+
+def test_cache_key_changes_with_the_compiler_and_source() -> None:
+    base = build_key("src=1", "CONFIG_64BIT=y\n", "gcc 12")
+    assert base != build_key("src=1", "CONFIG_64BIT=y\n", "gcc 13")
+    assert base != build_key("src=2", "CONFIG_64BIT=y\n", "gcc 12")
+
+
+def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("SYSCALL_IRL_CACHE", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "pytest-syscall-irl"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "pytest-syscall-irl"
+    monkeypatch.setenv("SYSCALL_IRL_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_a_complete_debian_build_is_reused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel, "debian_source_version", lambda: "6.1.192-2")
+    output: list[str] = []
+    build = KernelBuild(cache=tmp_path, on_output=output.append)
+    assert reference_kernel(tmp_path) is None
+    build.directory.mkdir(parents=True)
+    for name in ("bzImage", "vmlinux", "complete"):
+        (build.directory / name).write_text("")
+    assert build.build() == tmp_path / "kernels" / build.key / "bzImage"
+    assert output == []
+    assert reference_kernel(tmp_path) == build.bzimage
+
+
+def test_no_reference_kernel_without_debian_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel, "debian_source_version", lambda: None)
+    assert reference_kernel(tmp_path) is None
+    with pytest.raises(KernelError, match="apt-get install linux-source-6.1"):
+        KernelBuild(cache=tmp_path).build()
+
+
+# --- KernelBuild with a fake kernel tree -----------------------------------------------------
+
+
+def make_fake_tree(tmp_path: Path, bzimage: Path, vmlinux: Path, dropping: str = "") -> Path:
+    """A "source tree" whose Makefile and merge_config.sh mimic the kernel's just enough."""
+    tree = tmp_path / "src"
+    (tree / "arch" / "x86").mkdir(parents=True)
+    (tree / "scripts" / "kconfig").mkdir(parents=True)
+    merge = tree / "scripts" / "kconfig" / "merge_config.sh"
+    merge.write_text('#!/bin/sh\n# -m -O OBJ OBJ/.config FRAGMENT\ncat "$5" >> "$4"\n')
+    merge.chmod(merge.stat().st_mode | stat.S_IXUSR)
+    rules = {
+        "kernelversion": ["@echo 9.9.9"],
+        "tinyconfig": ["@echo CONFIG_64BIT=y > $(O)/.config"],
+        "olddefconfig": [f"@sed -i '/{dropping or 'NOTHING'}/d' $(O)/.config", "@echo configured"],
+        "bzImage": [
+            "@mkdir -p $(O)/arch/x86/boot",
+            f"cp {bzimage} $(O)/arch/x86/boot/bzImage",
+            f"cp {vmlinux} $(O)/vmlinux",
+        ],
+    }
+    (tree / "Makefile").write_text(
+        "".join(f"{target}:\n" + "".join(f"\t{line}\n" for line in lines) for target, lines in rules.items())
+    )
+    return tree
+
+
+@needs_gcc
+def test_a_tree_build_runs_every_step_and_fills_the_cache(
+    tmp_path: Path, fake_build: tuple[Path, Path]
+) -> None:
+    tree = make_fake_tree(tmp_path, *fake_build)
+    fragment = tmp_path / "frag.config"
+    fragment.write_text("CONFIG_SMP=y\n")
+    stages: list[str] = []
+    output: list[str] = []
+    build = KernelBuild(tree, fragment, jobs=1, cache=tmp_path / "cache", on_stage=stages.append,
+                        on_output=output.append)
+    assert build.build() == build.bzimage
+    assert (build.directory / "complete").is_file() and build.vmlinux.is_file()
+    assert (build.directory / "config").read_text() == "CONFIG_64BIT=y\nCONFIG_SMP=y\n"
+    assert "configured" in output
+    assert "$ make -C" in build.log_path.read_text()
+    assert Kernel.load(build.bzimage).release == "9.9.9"
+    stages.clear()
+    build.build()  # an explicit tree is always re-made
+    assert any(stage.startswith("configuring") for stage in stages)
+
+
+@needs_gcc
+def test_a_dropped_option_fails_the_build(tmp_path: Path, fake_build: tuple[Path, Path]) -> None:
+    tree = make_fake_tree(tmp_path, *fake_build, dropping="RANDOMIZE_BASE")
+    fragment = tmp_path / "frag.config"
+    fragment.write_text("CONFIG_RANDOMIZE_BASE=y\nCONFIG_SMP=y\n")
+    build = KernelBuild(tree, fragment, cache=tmp_path / "cache")
+    with pytest.raises(KernelError, match=r"did not survive.*\n  CONFIG_RANDOMIZE_BASE=y \(final .config: is not set\)$"):
+        build.build()
+    assert not build.is_complete()
+
+
+@needs_gcc
+def test_a_failing_step_reports_command_exit_code_and_log(tmp_path: Path, fake_build: tuple[Path, Path]) -> None:
+    tree = make_fake_tree(tmp_path, *fake_build)
+    (tree / "Makefile").write_text("kernelversion:\n\t@echo 9.9.9\ntinyconfig:\n\t@echo broken tinyconfig; exit 3\n")
+    build = KernelBuild(tree, cache=tmp_path / "cache")
+    with pytest.raises(KernelError) as info:
+        build.build()
+    assert info.value.exit_code == 2  # make's own status when a recipe fails
+    assert info.value.command is not None and info.value.command[-1] == "tinyconfig"
+    assert info.value.log_tail is not None and "broken tinyconfig" in info.value.log_tail
+
+
+def test_a_tree_that_is_not_a_kernel_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not a Linux source tree"):
+        KernelBuild(tmp_path, cache=tmp_path / "cache").build()
+
+
+# --- cli -------------------------------------------------------------------------------------
+
+
+def test_cli_kernel_path_without_a_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SYSCALL_IRL_CACHE", str(tmp_path))
+    assert cli.main(["kernel", "path"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "syscall-irl kernel build" in captured.err
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["kernel", "build", "--config", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("syscall-irl: error: cannot read config fragment") and "Traceback" not in err
+
+
+@needs_gcc
+def test_cli_kernel_build_prints_progress_then_the_path(
+    tmp_path: Path, fake_build: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SYSCALL_IRL_CACHE", str(tmp_path / "cache"))
+    tree = make_fake_tree(tmp_path, *fake_build)
+    assert cli.main(["kernel", "build", "--tree", str(tree), "--jobs", "1"]) == 0
+    captured = capsys.readouterr()
+    path = Path(captured.out.strip())
+    assert path.name == "bzImage" and path.is_relative_to(tmp_path / "cache" / "kernels")
+    assert "==> building bzImage with 1 jobs" in captured.err and "configured" in captured.err
+
+
+# --- the real reference kernel ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference() -> Kernel:
+    """The cached reference kernel (`syscall-irl kernel build`)."""
+    path = reference_kernel()
+    if path is None:
+        message = "no reference kernel in the cache: run `syscall-irl kernel build`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return Kernel.load(path)
+
+
+@pytest.mark.integration
+def test_reference_vmlinux_is_found_beside_the_bzimage(reference: Kernel) -> None:
+    assert reference.vmlinux.path == reference.bzimage.path.parent / "vmlinux"
+    assert reference.dwarf
+
+
+@pytest.mark.integration
+def test_reference_banner_and_bzimage_agree(reference: Kernel) -> None:
+    assert reference.vmlinux.build_id == reference.bzimage.build_id
+    assert reference.vmlinux.banner.startswith(f"Linux version {reference.release} (")
+    assert reference.version_tuple[:2] == (6, 1)
+
+
+@pytest.mark.integration
+def test_reference_symbols_agree_with_nm(reference: Kernel) -> None:
+    nm = subprocess.run(["nm", str(reference.vmlinux.path)], capture_output=True, text=True, check=True)
+    addresses = {fields[2]: int(fields[0], 16) for fields in map(str.split, nm.stdout.splitlines())
+                 if len(fields) == 3}
+    for name in ("entry_SYSCALL_64", "do_syscall_64", "sys_call_table", "linux_banner"):
+        assert reference.vmlinux.symbol(name) == addresses[name], name
+
+
+@pytest.mark.integration
+def test_reference_sys_call_table_starts_with_read_and_write(reference: Kernel) -> None:
+    vmlinux = reference.vmlinux
+    first, second = struct.unpack("<QQ", vmlinux.read(vmlinux.symbol("sys_call_table"), 16))
+    assert (first, second) == (vmlinux.symbol("__x64_sys_read"), vmlinux.symbol("__x64_sys_write"))
+
+
+@pytest.mark.integration
+def test_reference_kernel_mounts_iso_payloads(reference: Kernel) -> None:
+    assert reference.payloads_on_iso, reference.missing_for_iso
+
+
+@pytest.mark.integration
+def test_reference_vmlinux_of_another_build_is_rejected(reference: Kernel, tmp_path: Path) -> None:
+    uts = reference.bzimage.build_id.uts_version
+    assert uts is not None and uts.startswith("#")
+    banner = reference.vmlinux.banner.encode()
+    other_uts = ("#8" if uts.startswith("#9") else "#9") + uts[2:]  # same length: the ELF stays valid
+    patched = banner.replace(uts.encode(), other_uts.encode())
+    data = reference.vmlinux.path.read_bytes()
+    assert banner in data and len(patched) == len(banner)
+    (tmp_path / "vmlinux").write_bytes(data.replace(banner, patched))
+    assert Vmlinux.open(tmp_path / "vmlinux").banner == patched.decode()  # still a valid ELF
+    with pytest.raises(ConfigError, match="different builds"):
+        Kernel.load(reference.bzimage.path, tmp_path / "vmlinux")
+
+
+@pytest.mark.integration
+def test_reference_stripped_vmlinux_is_rejected(reference: Kernel, tmp_path: Path) -> None:
+    stripped = tmp_path / "vmlinux"
+    subprocess.run(["strip", "--strip-all", "-o", str(stripped), str(reference.vmlinux.path)], check=True)
+    with pytest.raises(ConfigError, match=r"without symbols \(stripped\?\)"):
+        Kernel.load(reference.bzimage.path, stripped)

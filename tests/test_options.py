@@ -1,0 +1,122 @@
+"""The plugin's options and usage errors, through a real pytest run (pytester, subprocess)."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from pytest_syscall_irl.kernel import reference_kernel
+
+USES_KERNEL = "def test_k(kernel):\n    pass\n"
+
+
+def _fake_bzimage(path: Path, version: str) -> Path:
+    data = bytearray(0x1000)
+    data[0x1FE:0x200] = b"\x55\xaa"
+    data[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", data, 0x20E, 0x600)
+    data[0x800:0x800 + len(version) + 1] = version.encode() + b"\0"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _usage_error(pytester: pytest.Pytester, *args: str) -> str:
+    pytester.makepyfile(test_x=USES_KERNEL)
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
+    err = result.stderr.str()
+    assert "Traceback" not in err and "ERROR:" in err
+    return err
+
+
+def test_missing_kernel_file(pytester: pytest.Pytester) -> None:
+    err = _usage_error(pytester, "--kernel=nope/bzImage")
+    assert "nope/bzImage" in err
+
+
+def test_text_file_is_not_a_bzimage(pytester: pytest.Pytester) -> None:
+    (pytester.path / "notes.txt").write_text("hello\n")
+    err = _usage_error(pytester, "--kernel=notes.txt")
+    assert "notes.txt" in err and "bzImage" in err
+
+
+def test_elf_file_as_kernel_points_at_bzimage(pytester: pytest.Pytester) -> None:
+    shutil.copy("/bin/true", pytester.path / "vmlinux")
+    err = _usage_error(pytester, "--kernel=vmlinux")
+    assert "ELF" in err and "bzImage" in err
+
+
+def test_no_vmlinux_found_asks_for_vmlinux(pytester: pytest.Pytester) -> None:
+    _fake_bzimage(pytester.path / "bzImage", "6.1.0 (a@b) #1 SMP")
+    err = _usage_error(pytester, "--kernel=bzImage")
+    assert "--vmlinux" in err
+
+
+def test_ini_twin_is_read_and_named(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nsyscall_irl_kernel = from-ini/bzImage\n")
+    err = _usage_error(pytester)
+    assert "from-ini/bzImage" in err
+
+
+@pytest.mark.integration
+def test_missing_qemu_and_gdb(pytester: pytest.Pytester) -> None:
+    kernel = _reference_or_skip()
+    err = _usage_error(pytester, f"--kernel={kernel}", "--qemu=no-such-qemu")
+    assert "no-such-qemu" in err and "apt-get install qemu-system-x86" in err
+    err = _usage_error(pytester, f"--kernel={kernel}", "--gdb=/no/such/gdb")
+    assert "/no/such/gdb" in err and "--gdb" in err
+
+
+@pytest.mark.integration
+def test_vmlinux_of_another_build_is_rejected(pytester: pytest.Pytester) -> None:
+    kernel = _reference_or_skip()
+    _fake_bzimage(pytester.path / "bzImage", "6.1.0 (someone@elsewhere) #7 SMP Tue Jan 1 00:00:00 UTC 2030")
+    err = _usage_error(pytester, "--kernel=bzImage", f"--vmlinux={kernel.parent / 'vmlinux'}")
+    assert "someone@elsewhere" in err
+
+
+@pytest.mark.integration
+def test_stripped_vmlinux_is_rejected(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    kernel = _reference_or_skip()
+    stripped = tmp_path / "vmlinux"
+    import subprocess
+
+    subprocess.run(["strip", "-o", str(stripped), str(kernel.parent / "vmlinux")], check=True)
+    err = _usage_error(pytester, f"--kernel={kernel}", f"--vmlinux={stripped}")
+    assert "symbols" in err
+
+
+@pytest.mark.integration
+def test_kaslr_boot_arg_is_rejected(pytester: pytest.Pytester) -> None:
+    kernel = _reference_or_skip()
+    err = _usage_error(pytester, f"--kernel={kernel}", "--boot-args=quiet kaslr")
+    assert "kaslr" in err
+
+
+def test_bad_accel_choice(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_x=USES_KERNEL)
+    result = pytester.runpytest_subprocess("--accel=fast")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "invalid choice" in result.stderr.str()
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+def test_no_kernel_anywhere_is_a_usage_error_only_when_needed(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, workers: list[str]) -> None:
+    monkeypatch.setenv("SYSCALL_IRL_CACHE", str(pytester.path / "empty-cache"))
+    pytester.makepyfile(test_plain="def test_plain():\n    pass\n")
+    assert pytester.runpytest_subprocess(*workers).ret == pytest.ExitCode.OK
+    pytester.makepyfile(test_x=USES_KERNEL)
+    result = pytester.runpytest_subprocess(*workers)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
+    assert "syscall-irl kernel build" in result.stderr.str() + result.stdout.str()
+
+
+def _reference_or_skip() -> Path:
+    kernel = reference_kernel()
+    if kernel is None:
+        pytest.skip("reference kernel not built (syscall-irl kernel build)")
+    return kernel

@@ -1,0 +1,90 @@
+"""QEMU command line and machine lifecycle (the lifecycle with a stand-in 'QEMU')."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_syscall_irl.errors import QemuError
+from pytest_syscall_irl.qemu import MachineConfig, QemuMachine, Sockets, private_socket_dir, qemu_command
+
+
+def _config(**kw: object) -> MachineConfig:
+    return MachineConfig(kernel=Path("/k/bzImage"), initrd=Path("/k/initrd.gz"), **kw)  # type: ignore[arg-type]
+
+
+def _value(cmd: list[str], flag: str) -> list[str]:
+    return [cmd[i + 1] for i, arg in enumerate(cmd) if arg == flag]
+
+
+def test_command_line_uses_only_unix_sockets_and_no_network() -> None:
+    sockets = Sockets(Path("/tmp/sirl-x"))
+    cmd = qemu_command(_config(), sockets, Path("/logs/console.log"))
+    joined = " ".join(cmd)
+    assert "-s" not in cmd and "tcp:" not in joined and "tcp::" not in joined
+    assert _value(cmd, "-gdb") == ["chardev:gdb"]
+    chardevs = _value(cmd, "-chardev")
+    assert all(c.startswith("socket,") and "path=/tmp/sirl-x/" in c for c in chardevs)
+    assert "logfile=/logs/console.log" in chardevs[0]
+    assert _value(cmd, "-nic") == ["none"] and "-nodefaults" in cmd and "-no-reboot" in cmd
+    assert "-S" in cmd  # started paused: the console connects before the guest prints
+
+
+def test_command_line_boot_and_disk() -> None:
+    cmd = qemu_command(_config(iso=Path("/i/p.iso"), append="console=ttyS0 x=1", accel="kvm"),
+                       Sockets(Path("/tmp/s")), Path("/l"))
+    assert _value(cmd, "-kernel") == ["/k/bzImage"] and _value(cmd, "-initrd") == ["/k/initrd.gz"]
+    assert _value(cmd, "-append") == ["console=ttyS0 x=1"]
+    assert _value(cmd, "-drive") == ["file=/i/p.iso,if=virtio,format=raw,readonly=on,media=disk"]
+    assert _value(cmd, "-accel") == ["kvm"]
+    assert _value(qemu_command(_config(), Sockets(Path("/s")), Path("/l")), "-drive") == []
+
+
+def test_private_socket_dir_is_private_and_short() -> None:
+    path = private_socket_dir()
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700
+        assert len(str(path / "console.sock")) < 100
+    finally:
+        path.rmdir()
+
+
+def _fake_qemu(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "fake-qemu"
+    script.write_text(f"#!{sys.executable}\nimport sys, time, signal\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_immediate_exit_is_reported_with_stderr(tmp_path: Path) -> None:
+    qemu = _fake_qemu(tmp_path, "sys.stderr.write('qemu: could not load kernel\\n'); sys.exit(1)")
+    machine = QemuMachine(_config(qemu=qemu), tmp_path / "logs")
+    with pytest.raises(QemuError) as info:
+        machine.launch()
+    assert info.value.exit_code == 1
+    assert "could not load kernel" in str(info.value)
+    assert "fake-qemu" in str(info.value)  # the command line
+    assert not machine.sockets.directory.exists()
+
+
+def test_shutdown_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
+    # Never creates its QMP socket and ignores SIGTERM: launch fails, nothing survives.
+    qemu = _fake_qemu(tmp_path, "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)")
+    machine = QemuMachine(_config(qemu=qemu), tmp_path / "logs")
+    import pytest_syscall_irl.qemu as q
+
+    old, q.SOCKET_WAIT = q.SOCKET_WAIT, 0.3
+    try:
+        with pytest.raises(QemuError, match="did not create"):
+            machine.launch()
+    finally:
+        q.SOCKET_WAIT = old
+    pid = machine.pid
+    assert pid is not None and not machine.is_running()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    machine.shutdown()  # idempotent
