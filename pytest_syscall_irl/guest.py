@@ -16,8 +16,9 @@ from pathlib import Path
 from filelock import FileLock
 
 from .console import CommandResult, GuestConsole
-from .errors import ImageError, SyscallIrlError
-from .image import GuestImage, build_guest_image
+from .gdbmi import GdbSession
+from .errors import ConsoleError, ImageError, SyscallIrlError
+from .image import GuestImage, Payload, build_guest_image
 from .kernel import Kernel
 from .qemu import DEFAULT_APPEND, MachineConfig, QemuMachine, kvm_probe
 
@@ -45,7 +46,9 @@ class Guest:
     name: str
     machine: QemuMachine
     console: GuestConsole
+    image: GuestImage
     boot_seconds: float = 0.0
+    debugger: GdbSession | None = None  # set while a GDB session is attached
 
     @property
     def gdb_socket(self) -> Path:
@@ -58,8 +61,28 @@ class Guest:
         return self.console.delivery or "unknown"
 
     def run(self, command: str, timeout: float | None = None) -> CommandResult:
-        """Run a shell command in the guest; its output and exit status."""
-        return self.console.run(command, timeout)
+        """Run a shell command in the guest; its output and exit status.
+
+        A command needs running vCPUs: when an attached debugger holds the guest
+        stopped, the guest runs for the command and is stopped again afterwards.
+        """
+        debugger = self.debugger
+        if debugger is None or debugger.state != "stopped":
+            return self.console.run(command, timeout)
+        debugger.resume()
+        try:
+            return self.console.run(command, timeout)
+        except ConsoleError as exc:
+            if debugger.state == "stopped":
+                exc.message += " (the guest hit a breakpoint while running it)"
+            raise
+        finally:
+            if debugger.is_alive() and debugger.state != "stopped":
+                debugger.interrupt()
+
+    def payload(self, name: str) -> Payload:
+        """A guest program of guest/payloads/ (in the guest: payload.guest_path)."""
+        return self.image.payload(name)
 
     def is_alive(self) -> bool:
         return self.machine.is_running()
@@ -149,6 +172,6 @@ class Lab:
             if isinstance(exc, SyscallIrlError) and not exc.log_tail:
                 exc.log_tail = machine.log_tail()
             raise
-        guest = Guest(name, machine, console, time.monotonic() - start)
+        guest = Guest(name, machine, console, self.image, time.monotonic() - start)
         log.info("%s ready in %.2f s (%s, payloads via %s)", name, guest.boot_seconds, self.accel, guest.delivery)
         return guest

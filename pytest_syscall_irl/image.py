@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pycdlib
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
 from filelock import FileLock
 
 from .errors import ImageError
@@ -33,7 +35,34 @@ BUSYBOX = "/bin/busybox"
 MUSL_GCC = "musl-gcc"
 ISO_VOLUME = "SIRL_PAYLOADS"
 AGENT = "sirl-agent"
+# Static programs of the host's Debian packages that travel as payloads when installed:
+# bash (bash-static) has the history support Debian's busybox ash lacks.
+HOST_PAYLOADS = {"bash": "/bin/bash-static"}
 LOCK_TIMEOUT = 600.0
+
+
+GUEST_PAYLOAD_DIR = "/payloads"
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A guest program: its binary on the host and its path in the guest."""
+
+    name: str
+    path: Path
+
+    @property
+    def guest_path(self) -> str:
+        return f"{GUEST_PAYLOAD_DIR}/{self.name}"
+
+    def symbol(self, name: str) -> int:
+        """Address of symbol *name* (payloads are static and non-PIE: the address in the guest)."""
+        with open(self.path, "rb") as f:
+            symtab = ELFFile(f).get_section_by_name(".symtab")
+            found = symtab.get_symbol_by_name(name) if isinstance(symtab, SymbolTableSection) else None
+        if not found:
+            raise ImageError(f"payload {self.name} has no symbol {name!r}")
+        return int(found[0]["st_value"])
 
 
 @dataclass(frozen=True)
@@ -48,6 +77,13 @@ class GuestImage:
     def delivery(self) -> str:
         """Where the guest finds its payloads: "iso" or "initramfs"."""
         return "iso" if self.iso is not None else "initramfs"
+
+    def payload(self, name: str) -> Payload:
+        """The payload compiled from guest/payloads/<name>.c."""
+        if name not in self.payloads:
+            raise ImageError(f"no guest payload {name!r}: add guest/payloads/{name}.c "
+                             f"(have: {', '.join(sorted(self.payloads))})")
+        return Payload(name, self.payloads[name])
 
 
 # --- cpio (newc) -----------------------------------------------------------------
@@ -204,10 +240,10 @@ def build_guest_image(cache: Path, *, payloads_on_iso: bool, guest_dir: Path = G
         raise ImageError(f"{busybox} not found: install it with `apt-get install busybox-static`")
     programs = build_programs(cache, guest_dir, musl_gcc)
     agent = programs.pop(AGENT).read_bytes()
-    payloads = programs
+    payloads = {**programs, **{name: Path(path) for name, path in HOST_PAYLOADS.items() if os.path.exists(path)}}
     init = (guest_dir / "init").read_bytes()
     key = _digest(b"iso" if payloads_on_iso else b"initramfs", init, agent, Path(busybox).read_bytes(),
-                  *(p.read_bytes() for p in payloads.values()))
+                  *(name.encode() + p.read_bytes() for name, p in sorted(payloads.items())))
     directory = cache / "images" / key
     with cached(directory) as staging:
         if staging is not None:

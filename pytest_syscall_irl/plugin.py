@@ -21,12 +21,13 @@ from .errors import ConfigError, SyscallIrlError, tail
 from .gdbmi import GdbSession
 from .guest import Guest, Lab, LabSettings, decide_accel
 from .kernel import Kernel, cache_dir, reference_kernel
+from .trace import SyscallTracer
 
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = pytest.StashKey["LabSettings | None"]()
 USED_KEY = pytest.StashKey[list[Any]]()
-KERNEL_FIXTURES = {"kernel", "guest", "fresh_guest", "gdb", "make_guest", "syscall_irl_lab"}
+KERNEL_FIXTURES = {"kernel", "guest", "fresh_guest", "gdb", "make_guest", "syscall_irl_lab", "syscall_trace"}
 NO_KERNEL = ("no kernel to test: pass --kernel=path/to/arch/x86/boot/bzImage, or build the reference "
              "kernel once with `syscall-irl kernel build` (it is then used by default)")
 
@@ -161,6 +162,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 report.sections.append((f"guest {thing.name} console (tail)", tail(_read(thing.machine.console_log), 60)))
             elif isinstance(thing, GdbSession):
                 report.sections.append(("gdb/mi transcript (tail)", thing.transcript_tail(40)))
+            elif isinstance(thing, SyscallTracer):
+                for number, trace in enumerate(thing.traces, start=1):
+                    report.sections.append((f"syscall trace {number}", str(trace)))
     return report
 
 
@@ -274,6 +278,13 @@ def _gdb_for(lab: Lab, holder: list[GdbSession]) -> GdbSession:
     return holder[0]
 
 
+def _target(request: pytest.FixtureRequest) -> Guest:
+    """The guest a test drives: its own `fresh_guest` if it asked for one, else `guest`."""
+    name = "fresh_guest" if "fresh_guest" in request.fixturenames else "guest"
+    target: Guest = request.getfixturevalue(name)
+    return target
+
+
 @pytest.fixture
 def gdb(request: pytest.FixtureRequest, syscall_irl_lab: Lab, _gdb_session: list[GdbSession]) -> Iterator[GdbSession]:
     """GDB attached to this test's guest (`fresh_guest` if the test uses it, else `guest`),
@@ -285,11 +296,13 @@ def gdb(request: pytest.FixtureRequest, syscall_irl_lab: Lab, _gdb_session: list
             stop = gdb.continue_until_stop(timeout=30)
             assert gdb.registers()["rdx"] == 12
     """
-    target: Guest = request.getfixturevalue("fresh_guest" if "fresh_guest" in request.fixturenames else "guest")
+    target = _target(request)
     session = _gdb_for(syscall_irl_lab, _gdb_session)
     _used(request.node).append(session)
     session.connect(target.gdb_socket)
+    target.debugger = session
     yield session
+    target.debugger = None
     try:
         session.delete_breakpoints()
         session.detach()
@@ -298,3 +311,17 @@ def gdb(request: pytest.FixtureRequest, syscall_irl_lab: Lab, _gdb_session: list
         _gdb_session.remove(session)
         session.close()
         target.shutdown()
+
+
+@pytest.fixture
+def syscall_trace(request: pytest.FixtureRequest, kernel: Kernel, gdb: GdbSession) -> SyscallTracer:
+    """Trace one syscall through every stage of the path; a failing test's report shows
+    the traces it took.
+
+        def test_lstar(kernel, syscall_trace):
+            trace = syscall_trace.payload("syscall_irl", nr="write", args={0: 1, 2: 12})
+            assert trace["entry"]["rip"] == kernel.vmlinux.symbol("entry_SYSCALL_64")
+    """
+    tracer = SyscallTracer(gdb, kernel, _target(request))
+    _used(request.node).append(tracer)
+    return tracer

@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Optional
 
 from . import x86
 from .console import GuestConsole, PendingCommand
 from .errors import GdbError, SyscallIrlError
 from .gdbmi import GdbSession, Instruction, StopEvent
+from .guest import Guest
 from .kernel import Kernel
 
 log = logging.getLogger(__name__)
 
 STAGES = ("user", "entry", "after_swapgs", "do_syscall_64", "handler", "ksys", "handler_return",
           "exit_swapgs", "sysretq", "user_return")
+USER_STAGES = ("user", "user_return")
+KERNEL_STAGES = tuple(name for name in STAGES if name not in USER_STAGES)
 # Registers recorded at every stage (one MI round trip).
 TRACE_REGISTERS = ("rip", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
                    "eflags", "cs", "ss", "fs_base", "gs_base", "k_gs_base", "cr3")
@@ -61,6 +65,7 @@ class Stage:
     registers: Mapping[str, int] = field(default_factory=dict)
     pt_regs: Mapping[str, int] | None = None
     note: str = ""
+    backtrace: tuple[str, ...] = ()
 
     def __getitem__(self, register: str) -> int:
         if not self.taken:
@@ -90,12 +95,19 @@ class SyscallTrace:
     def __getitem__(self, name: str) -> Stage:
         return self.stages[name]
 
+    def taken(self, names: tuple[str, ...] = STAGES) -> list[Stage]:
+        """The stages among *names* the kernel took (an IRET exit skips the SYSRET ones)."""
+        return [self.stages[name] for name in names if name in self.stages and self.stages[name].taken]
+
     def __str__(self) -> str:
         head = f"syscall trace of nr={self.selector.nr} ({self.handler}) in `{self.command}`"
         body = [self.stages[name].line() for name in STAGES if name in self.stages]
         regs = self.stages.get("do_syscall_64")
         if regs is not None and regs.pt_regs:
             body.append("pt_regs at do_syscall_64: " + " ".join(f"{k}={v:#x}" for k, v in regs.pt_regs.items()))
+        handler = self.stages.get("handler")
+        if handler is not None and handler.backtrace:
+            body.append("backtrace at the handler: " + " <- ".join(handler.backtrace))
         return "\n".join([head, *("  " + line for line in body)])
 
 
@@ -120,15 +132,57 @@ class EntryCode:
         return cls(entry, swapgs[0], exit_swapgs, sysret[0] if sysret else None)
 
 
-class SyscallTracer:
-    """Takes SyscallTraces with a stopped, attached GDB session and the guest's console."""
+Fault = Callable[[GdbSession], Optional[Callable[[], None]]]
 
-    def __init__(self, gdb: GdbSession, kernel: Kernel, console: GuestConsole, timeout: float = 60.0) -> None:
+
+def syscall_number(name_or_nr: int | str) -> int:
+    """A syscall number from the x86_64 ABI table (x86.SYSCALL_NUMBERS) or as given."""
+    if isinstance(name_or_nr, int):
+        return name_or_nr
+    try:
+        return x86.SYSCALL_NUMBERS[name_or_nr]
+    except KeyError:
+        raise TraceError(f"unknown syscall {name_or_nr!r}: pass its number (syscall_64.tbl)") from None
+
+
+class SyscallTracer:
+    """Takes SyscallTraces with a stopped, attached GDB session and the guest it drives.
+
+        tracer.payload("syscall_irl", nr="write", args={0: 1, 2: 12})
+        tracer.command("echo syscall_irl", nr="write", args={0: 1, 2: 12})
+    """
+
+    def __init__(self, gdb: GdbSession, kernel: Kernel, guest: Guest, timeout: float = 60.0) -> None:
         self.gdb = gdb
         self.kernel = kernel
-        self.console = console
+        self.guest = guest
+        self.console: GuestConsole = guest.console
         self.timeout = timeout
+        self.traces: list[SyscallTrace] = []
+        self.faults: dict[str, list[Fault]] = {}
         self._entry: EntryCode | None = None
+
+    def inject(self, stage: str, fault: Fault) -> None:
+        """Run *fault(gdb)* when a trace reaches *stage*, before the stage is recorded; if it
+        returns a callable, that undoes the fault right after recording. This is how the
+        project's own tests prove an invariant can fail: they make the kernel show a
+        wrong value through the debugger."""
+        if stage not in STAGES:
+            raise ValueError(f"no stage {stage!r}: one of {', '.join(STAGES)}")
+        self.faults.setdefault(stage, []).append(fault)
+
+    def payload(self, name: str, *argv: str, nr: int | str, args: Mapping[int, int] | None = None,
+                timeout: float | None = None) -> SyscallTrace:
+        """Trace syscall *nr* (with *args*) made at the payload's `sirl_syscall_insn`."""
+        program = self.guest.payload(name)
+        command = " ".join([program.guest_path, *argv])
+        return self.trace(command, SyscallSelector(syscall_number(nr), dict(args or {})),
+                          user_address=program.symbol("sirl_syscall_insn"), timeout=timeout)
+
+    def command(self, command: str, *, nr: int | str, args: Mapping[int, int] | None = None,
+                timeout: float | None = None) -> SyscallTrace:
+        """Trace syscall *nr* (with *args*) made by a shell command; starts at entry_SYSCALL_64."""
+        return self.trace(command, SyscallSelector(syscall_number(nr), dict(args or {})), timeout=timeout)
 
     @property
     def entry_code(self) -> EntryCode:
@@ -153,6 +207,7 @@ class SyscallTracer:
         """
         deadline = time.monotonic() + (timeout or self.timeout)
         result = SyscallTrace(command, selector, self.handler_for(selector.nr) or "no handler")
+        self.traces.append(result)
         pending: PendingCommand | None = None
         try:
             self._arm_first(selector, user_address)
@@ -190,9 +245,17 @@ class _Run:
             raise TraceError(f"trace did not finish in time; so far:\n{self.trace}")
         return remaining
 
-    def record(self, name: str, note: str = "", **extra: object) -> Stage:
+    def record(self, name: str, note: str = "", pt_regs_at: int | None = None, backtrace: bool = False) -> Stage:
+        undo = [fault(self.gdb) for fault in self.t.faults.get(name, ())]
         regs = self.gdb.registers(TRACE_REGISTERS)
-        stage = Stage(name, True, regs, note=note, **extra)  # type: ignore[arg-type]
+        pt_regs = None
+        if pt_regs_at is not None:
+            pt_regs = x86.decode_pt_regs(self.gdb.read_memory(pt_regs_at, x86.PT_REGS_SIZE))
+        frames = tuple(f.function or f"{f.address:#x}" for f in self.gdb.backtrace()) if backtrace else ()
+        for action in undo:
+            if action is not None:
+                action()
+        stage = Stage(name, True, regs, pt_regs, note=note, backtrace=frames)
         self.trace.stages[name] = stage
         return stage
 
@@ -231,8 +294,7 @@ class _Run:
         self.gdb.break_insert("do_syscall_64", condition=f"${nr_reg} == {self.trace.selector.nr:#x}")
         self.stop()
         regs_ptr = self.gdb.registers([regs_reg])[regs_reg]
-        pt_regs = x86.decode_pt_regs(self.gdb.read_memory(regs_ptr, x86.PT_REGS_SIZE))
-        self.record("do_syscall_64", note=f"regs={regs_ptr:#x}", pt_regs=pt_regs)
+        self.record("do_syscall_64", note=f"regs={regs_ptr:#x}, nr in ${nr_reg}", pt_regs_at=regs_ptr)
         self.gdb.delete_breakpoints()
         handler = self.trace.handler
         if handler == "no handler":
@@ -241,7 +303,7 @@ class _Run:
             return regs_ptr
         self.gdb.break_insert(handler, condition=f"$rdi == {regs_ptr:#x}")
         self.stop()
-        self.record("handler")
+        self.record("handler", backtrace=True)
         self.gdb.delete_breakpoints()
         self.handler_tail(handler, regs_ptr)
         return regs_ptr

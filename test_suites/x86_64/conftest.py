@@ -1,0 +1,35 @@
+"""Helpers shared by the x86_64 syscall-path suite: MSRs as the guest reads them."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_syscall_irl.guest import Guest
+
+
+@pytest.fixture
+def read_msr(guest: Guest):
+    """Read an MSR inside the guest through /dev/cpu/0/msr (the `rdmsr` payload).
+
+        def test_lstar(read_msr):
+            assert read_msr(x86.MSR_LSTAR) != 0
+    """
+    def read(msr: int) -> int:
+        result = guest.run(f"{guest.payload('rdmsr').guest_path} {msr:#x}")
+        if result.status == 3:
+            pytest.skip(f"/dev/cpu/0/msr is not available in the guest (CONFIG_X86_MSR): {result.output.strip()}")
+        assert result.status == 0, f"rdmsr {msr:#x} failed: {result.output}"
+        number, value = result.output.split()
+        assert int(number, 16) == msr
+        return int(value, 16)
+
+    return read
+
+
+@pytest.fixture
+def syscall_entry(kernel) -> int:
+    """Address of entry_SYSCALL_64 from the vmlinux symbol table; skips on FRED kernels,
+    where SYSCALL enters through the FRED entry point and LSTAR is unused."""
+    if kernel.vmlinux.has_symbol("asm_fred_entrypoint_user") and kernel.version_tuple >= (6, 9, 0):
+        pytest.skip("kernel has FRED: with FRED enabled, SYSCALL does not go through LSTAR")
+    return kernel.vmlinux.symbol("entry_SYSCALL_64")

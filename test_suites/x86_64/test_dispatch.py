@@ -1,0 +1,53 @@
+"""Dispatch: sys_call_table[nr] is __x64_sys_<name>; the handler runs under do_syscall_64
+and entry_SYSCALL_64; out-of-range numbers get -ENOSYS; user mode sees the handler's
+return value in RAX."""
+
+import pytest
+
+from pytest_syscall_irl import x86
+
+DUP = x86.SYSCALL_NUMBERS["dup"]
+
+
+@pytest.mark.parametrize("name", ["write", "dup"])
+def test_sys_call_table_points_at_the_handler(name, kernel, gdb):
+    nr = x86.SYSCALL_NUMBERS[name]
+    slot = kernel.vmlinux.symbol("sys_call_table") + 8 * nr
+    live = int.from_bytes(gdb.read_memory(slot, 8), "little")  # the running kernel's table
+    handler = kernel.vmlinux.symbol(f"__x64_sys_{name}")
+    assert live == handler, f"sys_call_table[{nr}] is {live:#x}, expected __x64_sys_{name} {handler:#x}"
+
+
+@pytest.mark.parametrize("name, argv, args", [("write", ("syscall_irl",), {0: 1, 2: 12}),
+                                              ("dup", ("rawsys", f"{DUP}", "1"), {0: 1})])
+def test_the_traced_call_runs_its_handler(name, argv, args, syscall_trace, kernel):
+    trace = syscall_trace.payload(argv[0], *argv[1:], nr=name, args=args) if name == "dup" else \
+        syscall_trace.payload("syscall_irl", nr=name, args=args)
+    rip, handler = trace["handler"]["rip"], kernel.vmlinux.symbol(f"__x64_sys_{name}")
+    assert rip == handler, f"the CPU ran {rip:#x} for {name}, expected __x64_sys_{name} {handler:#x}"
+
+
+def test_the_handler_runs_under_do_syscall_64_and_the_entry(syscall_trace):
+    frames = list(syscall_trace.payload("syscall_irl", nr="write", args={0: 1, 2: 12})["handler"].backtrace)
+    # Inlined helpers (do_syscall_x64 in 6.1) may stand between: the order is what counts.
+    assert "do_syscall_64" in frames[1:], f"backtrace {frames}: expected do_syscall_64 below the handler"
+    below = frames[frames.index("do_syscall_64") + 1:]
+    assert any(f.startswith("entry_SYSCALL_64") for f in below), (
+        f"backtrace {frames}: expected entry_SYSCALL_64 below do_syscall_64")
+
+
+def test_out_of_range_number_returns_enosys(syscall_trace, kernel):
+    nr = 4095  # far beyond NR_syscalls; the x32 bit (0x40000000) is not set
+    trace = syscall_trace.payload("rawsys", f"{nr}", nr=nr)
+    assert not trace["handler"].taken, f"a handler ran for nr {nr}: {trace['handler'].line()}"
+    rax = x86.to_signed(trace["user_return"]["rax"])
+    assert rax == -x86.ENOSYS, f"user RAX after syscall {nr} is {rax}, expected -ENOSYS ({-x86.ENOSYS})"
+    assert trace.output == f"{-x86.ENOSYS}\n", f"the payload printed {trace.output!r}"
+
+
+def test_user_sees_the_handlers_return_value(syscall_trace):
+    trace = syscall_trace.payload("rawsys", f"{DUP}", "1", nr="dup", args={0: 1})
+    returned, seen = trace["handler_return"]["rax"], trace["user_return"]["rax"]
+    assert seen == returned, f"user RAX {seen:#x}, expected the handler's return value {returned:#x}"
+    assert x86.to_signed(returned) >= 3, f"dup(1) returned {x86.to_signed(returned)}, expected a new fd >= 3"
+    assert trace.output == f"{returned}\n", f"the payload printed {trace.output!r}, expected {returned}"
