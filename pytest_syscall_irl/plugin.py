@@ -26,6 +26,8 @@ from .trace import SyscallTracer
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = pytest.StashKey["LabSettings | None"]()
+USAGE_ERROR_KEY = pytest.StashKey[str]()
+USAGE_ERROR_OUTPUT = "syscall_irl_usage_error"
 USED_KEY = pytest.StashKey[list[Any]]()
 KERNEL_FIXTURES = {"kernel", "guest", "fresh_guest", "gdb", "make_guest", "syscall_irl_lab", "syscall_trace"}
 NO_KERNEL = ("no kernel to test: pass --kernel=path/to/arch/x86/boot/bzImage, or build the reference "
@@ -121,10 +123,34 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _settings(session.config)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     # Without explicit options, the default kernel is needed only if a test asks for one.
-    if any(KERNEL_FIXTURES.intersection(getattr(item, "fixturenames", ())) for item in items):
+    if not any(KERNEL_FIXTURES.intersection(getattr(item, "fixturenames", ())) for item in items):
+        return
+    if not hasattr(config, "workerinput"):
         _settings(config)
+        return
+    # An xdist worker cannot raise a usage error (its controller would report a crash):
+    # it runs nothing and stops the session with the message, which the controller turns
+    # back into a usage error (pytest_testnodedown, pytest_sessionfinish).
+    try:
+        _settings(config)
+    except pytest.UsageError as exc:
+        items[:] = []
+        session.shouldstop = f"usage error: {exc}"
+        config.workeroutput[USAGE_ERROR_OUTPUT] = str(exc)  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    message = getattr(node, "workeroutput", {}).get(USAGE_ERROR_OUTPUT)
+    if message:
+        node.config.stash[USAGE_ERROR_KEY] = message
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if session.config.stash.get(USAGE_ERROR_KEY, None):
+        session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:

@@ -1,0 +1,11 @@
+"""Shared set-up of the plugin's own tests."""
+
+from __future__ import annotations
+
+import os
+
+from pytest_syscall_irl.kernel import cache_dir
+
+# pytester moves HOME for the runs it makes: pin the cache (and the reference kernel in it)
+# for them, before any test starts.
+os.environ.setdefault("SYSCALL_IRL_CACHE", str(cache_dir()))

@@ -1,0 +1,228 @@
+"""The whole path on real parts: the reference kernel in QEMU, GDB over MI, the console.
+
+These run in CI (the root conftest fails them there if they skip).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_syscall_irl.gdbmi import GdbSession
+from pytest_syscall_irl.guest import Guest
+from pytest_syscall_irl.kernel import Kernel, reference_kernel
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _reference_kernel() -> None:
+    if reference_kernel() is None:
+        pytest.skip("reference kernel not built: syscall-irl kernel build")
+
+
+def test_boot_and_echo(guest: Guest) -> None:
+    result = guest.run("echo syscall_irl")
+    assert (result.output, result.status) == ("syscall_irl\n", 0)
+    assert guest.run("cat /proc/sys/kernel/osrelease").output.strip() == guest.console.release
+
+
+def test_exit_status_and_payload(guest: Guest) -> None:
+    assert guest.run("exit 3").status == 3
+    result = guest.run(guest.payload("syscall_irl").guest_path)
+    assert (result.output, result.status) == ("syscall_irl\n", 0)
+
+
+def test_stop_at_a_kernel_breakpoint_and_read_registers(kernel: Kernel, guest: Guest, gdb: GdbSession) -> None:
+    ksys_write = kernel.vmlinux.symbol("ksys_write")  # from the ELF symbol table, not from GDB
+    gdb.break_insert(f"*{ksys_write:#x}", condition="$rdi == 1")
+    pending = guest.console.start("echo syscall_irl")
+    stop = gdb.continue_until_stop(timeout=30)
+    regs = gdb.registers()
+    assert stop.reason == "breakpoint-hit" and regs["rip"] == ksys_write
+    assert regs["cs"] & 3 == 0 and (regs["rdi"], regs["rdx"]) == (1, 12)
+    assert gdb.read_memory(regs["rsi"], regs["rdx"]) == b"syscall_irl\n"
+    gdb.delete_breakpoints()
+    gdb.resume()
+    assert pending.wait(30).output == "syscall_irl\n"
+
+
+def test_guest_runs_on_after_the_gdb_test(guest: Guest) -> None:
+    # The gdb fixture of the previous test deleted its breakpoints and detached.
+    assert guest.run("echo still here").output == "still here\n"
+
+
+def _listening_tcp_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if os.path.exists(table):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[len("socket:["):-1])
+    return found
+
+
+def test_nothing_listens_on_tcp(guest: Guest, gdb: GdbSession) -> None:
+    listening = _listening_tcp_inodes()
+    for pid in (guest.machine.pid, gdb.pid, os.getpid()):
+        assert pid is not None
+        assert not _socket_inodes(pid) & listening, f"process {pid} listens on TCP"
+    sockets = guest.machine.sockets.directory
+    assert (sockets.stat().st_mode & 0o777) == 0o700
+    assert {p.name for p in sockets.iterdir()} == {"console.sock", "gdb.sock", "qmp.sock"}
+
+
+# --- whole runs in a subprocess ------------------------------------------------------
+
+HOLD = """
+import os, pathlib, time
+
+def test_hold(guest, gdb):
+    assert guest.run("echo up").output == "up\\n"
+    pathlib.Path(os.environ["SIRL_READY"]).with_suffix("." + os.environ.get("PYTEST_XDIST_WORKER", "main")).touch()
+    mode = os.environ["SIRL_MODE"]
+    if mode == "fail":
+        assert False, "failing on purpose"
+    if mode == "hold":
+        time.sleep(120)
+"""
+
+PARALLEL = """
+import os, pathlib, time
+
+def _rendezvous(name):
+    here = pathlib.Path(os.environ["SIRL_READY"]).with_suffix("." + name)
+    here.touch()
+    others = [p for p in here.parent.glob(here.stem + ".*") if p != here]
+    deadline = time.monotonic() + 60
+    while not others and time.monotonic() < deadline:
+        time.sleep(0.05)
+        others = [p for p in here.parent.glob(here.stem + ".*") if p != here]
+    assert others, "the other guest never came up: guests did not run in parallel"
+
+def test_a(fresh_guest):
+    _rendezvous("a")
+    assert fresh_guest.run("echo a").output == "a\\n"
+
+def test_b(fresh_guest):
+    _rendezvous("b")
+    assert fresh_guest.run("echo b").output == "b\\n"
+"""
+
+
+def _processes_of(run_id: str) -> list[str]:
+    """QEMU and GDB processes whose environment carries *run_id*."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            comm = (proc / "comm").read_text().strip()
+        except OSError:
+            continue
+        if f"SIRL_RUN_ID={run_id}".encode() in environ.split(b"\0") and ("qemu" in comm or comm == "gdb"):
+            found.append(f"{proc.name} {comm}")
+    return found
+
+
+class Run:
+    """A pytest run in a subprocess, marked so its QEMU and GDB children can be found."""
+
+    def __init__(self, pytester: pytest.Pytester, source: str, mode: str, *args: str) -> None:
+        pytester.makepyfile(test_inner=source)
+        self.run_id = uuid.uuid4().hex
+        self.ready = pytester.path / "ready"
+        env = {**os.environ, "SIRL_RUN_ID": self.run_id, "SIRL_MODE": mode, "SIRL_READY": str(self.ready)}
+        env.pop("PYTEST_XDIST_WORKER", None)
+        env.pop("PYTEST_ADDOPTS", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+                                     cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, count: int = 1, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while len(list(self.ready.parent.glob("ready.*"))) < count:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"inner run not ready: {self.output()}")
+            time.sleep(0.05)
+        assert _processes_of(self.run_id), "the inner run's QEMU/GDB are not visible"
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.communicate(timeout=30)[0].decode(errors="replace")
+
+    def finish(self, timeout: float = 120) -> tuple[int, str]:
+        out = self.proc.communicate(timeout=timeout)[0].decode(errors="replace")
+        return self.proc.returncode, out
+
+    def assert_nothing_left(self) -> None:
+        deadline = time.monotonic() + 10
+        while (left := _processes_of(self.run_id)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"left behind: {left}"
+
+
+@pytest.fixture
+def runs() -> Iterator[list[Run]]:
+    started: list[Run] = []
+    yield started
+    for run in started:  # whatever happened, kill the inner run's session
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.wait()
+
+
+def test_two_guests_boot_in_parallel_under_n_2(pytester: pytest.Pytester, runs: list[Run]) -> None:
+    runs.append(run := Run(pytester, PARALLEL, "pass", "-n", "2"))
+    code, out = run.finish()
+    assert code == 0, out
+    assert "2 passed" in out
+    run.assert_nothing_left()
+
+
+@pytest.mark.parametrize("mode, args, expected", [
+    ("pass", [], 0),
+    ("fail", [], 1),
+    ("hold", ["--timeout=4"], 1),
+    ("hold", ["--timeout=4", "--timeout-method=thread"], 1),
+])
+def test_nothing_left_after_a_run_that_ends_by_itself(pytester: pytest.Pytester, runs: list[Run], mode: str,
+                                                       args: list[str], expected: int) -> None:
+    runs.append(run := Run(pytester, HOLD, mode, *args))
+    code, out = run.finish()
+    assert code == expected, out
+    run.assert_nothing_left()
+
+
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, []), (signal.SIGKILL, []), (signal.SIGKILL, ["-n", "2"])])
+def test_nothing_left_after_ctrl_c_or_sigkill(pytester: pytest.Pytester, runs: list[Run], sig: signal.Signals,
+                                              workers: list[str]) -> None:
+    runs.append(run := Run(pytester, HOLD, "hold", *workers))
+    run.wait_ready()
+    run.proc.send_signal(sig)  # to pytest only, as a terminal's Ctrl-C or a CI runner's kill would
+    code, out = run.finish(timeout=60)
+    assert code == (2 if sig == signal.SIGINT else -signal.SIGKILL), out
+    run.assert_nothing_left()
