@@ -251,6 +251,7 @@ class GdbSession:
         self._closed = False
         self._async: queue.Queue[object] = queue.Queue()
         self._tail: deque[str] = deque(maxlen=200)
+        self._auto_continue: set[int] = set()  # breakpoints whose commands end in continue
         self._register_names: list[str] | None = None
         self._scalar_registers: list[int] | None = None
         self._transcript: IO[str] | None = None
@@ -377,6 +378,10 @@ class GdbSession:
 
     def _on_async(self, record: dict[str, Any]) -> None:
         message = record["message"]
+        if message == "running":
+            # The target resumed after any stop still queued (a breakpoint whose commands
+            # end in `continue` resumes without a ^running of ours): those stops are stale.
+            self._discard_async("*running")
         with self._lock:
             if message == "running":
                 self._state = "running"
@@ -520,7 +525,9 @@ class GdbSession:
                 raise self._gone("(waiting for the target to stop)")
             assert isinstance(record, dict)
             if record["message"] == "stopped":
-                return StopEvent.from_payload(record.get("payload") or {})
+                stop = StopEvent.from_payload(record.get("payload") or {})
+                if stop.breakpoint not in self._auto_continue:  # GDB resumes those itself
+                    return stop
 
     def continue_until_stop(self, timeout: float = STOP_TIMEOUT) -> StopEvent:
         """Resume, then wait for the next stop (a breakpoint, a signal, an interrupt)."""
@@ -579,13 +586,24 @@ class GdbSession:
         args.append(mi_quote(location))
         return Breakpoint.from_payload(self.command(" ".join(args), timeout).payload["bkpt"])
 
+    def break_commands(self, number: int, commands: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Have GDB run *commands* at each hit of breakpoint *number*, with no round trip
+        to us; end them with ``continue`` to let the target run on at once."""
+        self.command(f"-break-commands {int(number)} " + " ".join(mi_quote(c) for c in commands), timeout)
+        if commands and commands[-1].strip() in ("continue", "c"):
+            self._auto_continue.add(int(number))
+        else:
+            self._auto_continue.discard(int(number))
+
     def delete_breakpoint(self, number: int, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Delete breakpoint *number*."""
         self.command(f"-break-delete {int(number)}", timeout)
+        self._auto_continue.discard(int(number))
 
     def delete_breakpoints(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Delete every breakpoint."""
         self.command("-break-delete", timeout)
+        self._auto_continue.clear()
 
     # ---- data ----------------------------------------------------------------
 

@@ -262,6 +262,11 @@ class _Run:
     def skip(self, name: str, note: str) -> None:
         self.trace.stages[name] = Stage(name, False, note=note)
 
+    def at(self, symbol: str) -> str:
+        """A breakpoint location at the symbol's first instruction: argument registers and
+        the return address hold there by the ABI, whatever GDB's prologue analysis says."""
+        return f"*{self.t.kernel.vmlinux.symbol(symbol):#x}"
+
     def stop(self) -> StopEvent:
         return self.gdb.continue_until_stop(timeout=self.left())
 
@@ -291,7 +296,7 @@ class _Run:
 
     def kernel_stages(self) -> int:
         regs_reg, nr_reg = x86.do_syscall_64_args(self.t.kernel.version_tuple)
-        self.gdb.break_insert("do_syscall_64", condition=f"${nr_reg} == {self.trace.selector.nr:#x}")
+        self.gdb.break_insert(self.at("do_syscall_64"), condition=f"${nr_reg} == {self.trace.selector.nr:#x}")
         self.stop()
         regs_ptr = self.gdb.registers([regs_reg])[regs_reg]
         self.record("do_syscall_64", note=f"regs={regs_ptr:#x}, nr in ${nr_reg}", pt_regs_at=regs_ptr)
@@ -301,7 +306,7 @@ class _Run:
             for name in ("handler", "ksys", "handler_return"):
                 self.skip(name, f"sys_call_table has no handler for nr {self.trace.selector.nr}")
             return regs_ptr
-        self.gdb.break_insert(handler, condition=f"$rdi == {regs_ptr:#x}")
+        self.gdb.break_insert(self.at(handler), condition=f"$rdi == {regs_ptr:#x}")
         self.stop()
         self.record("handler", backtrace=True)
         self.gdb.delete_breakpoints()
@@ -318,7 +323,7 @@ class _Run:
         ksys_bp = None
         if self.t.kernel.vmlinux.has_symbol(ksys):
             # Same kernel stack as our pt_regs (kernel stacks are THREAD_SIZE aligned, >= 16 KiB).
-            ksys_bp = self.gdb.break_insert(ksys, condition=f"($rsp >> 14) == ({regs_ptr:#x} >> 14)").number
+            ksys_bp = self.gdb.break_insert(self.at(ksys), condition=f"($rsp >> 14) == ({regs_ptr:#x} >> 14)").number
         stop = self.stop()
         if ksys_bp is not None and stop.breakpoint == ksys_bp:
             self.record("ksys")
@@ -334,8 +339,9 @@ class _Run:
 
     def exit_stages(self, regs_ptr: int, user: Stage | None) -> None:
         code = self.t.entry_code
-        pt = self.trace.stages["do_syscall_64"].pt_regs or {}
-        user_rip, user_sp = pt.get("ip", 0), pt.get("sp", 0)
+        # Where the kernel will return to, as pt_regs holds it now (not as recorded earlier).
+        pt = x86.decode_pt_regs(self.gdb.read_memory(regs_ptr, x86.PT_REGS_SIZE))
+        user_rip, user_sp = pt["ip"], pt["sp"]
         back = f"$rip == {user_rip:#x} && $rsp == {user_sp:#x} && ($cs & 3) == 3"
         numbers = {"user_return": self.gdb.break_insert(f"*{user_rip:#x}", condition=back, hardware=True).number}
         if code.exit_swapgs is not None:

@@ -21,17 +21,15 @@ def trace(syscall_trace):
 
 
 @pytest.fixture
-def fmask(read_msr, kernel):
-    value = read_msr(x86.MSR_SYSCALL_MASK)
+def fmask(read_msr):
+    return read_msr(x86.MSR_SYSCALL_MASK)
+
+
+def test_fmask_is_what_the_kernel_version_sets(fmask, kernel):
     expected = x86.expected_fmask(kernel.version_tuple)
-    assert value == expected, (
-        f"MSR_SYSCALL_MASK read in the guest is {value:#x} ({x86.flag_names(value)}), expected {expected:#x} "
+    assert fmask == expected, (
+        f"MSR_SYSCALL_MASK read in the guest is {fmask:#x} ({x86.flag_names(fmask)}), expected {expected:#x} "
         f"({x86.flag_names(expected)}) for Linux {kernel.release}")
-    return value
-
-
-def test_fmask_is_what_the_kernel_version_sets(fmask):
-    assert fmask  # the fixture compared it with the version's expected value
 
 
 def test_syscall_clears_the_fmask_bits(trace, fmask):
