@@ -10,9 +10,12 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection
 from filelock import FileLock
 
 from .console import CommandResult, GuestConsole
@@ -21,10 +24,14 @@ from .errors import ConsoleError, ImageError, SyscallIrlError
 from .image import GuestImage, Payload, build_guest_image
 from .kernel import Kernel
 from .qemu import DEFAULT_APPEND, MachineConfig, QemuMachine, kvm_probe
+from .snapshot import Snapshot, SnapshotInfo, load_or_build, qemu_identity, snapshot_key
 
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 90.0
+# A restored guest answers in well under a second; a longer wait means it is broken.
+RESTORE_TIMEOUT = 20.0
+INDEX_LOCK_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,12 @@ class LabSettings:
     accel: str  # "auto", "kvm" or "tcg"
     boot_args: str
     cache: Path
+    snapshots: bool = True  # start guests from a saved ready state (see snapshot.py)
+
+    @property
+    def gdb_index_cache(self) -> Path:
+        """GDB's index cache directory (a vmlinux's symbols load in a fraction of the time)."""
+        return self.cache / "gdb-index-cache"
 
 
 @dataclass
@@ -49,6 +62,7 @@ class Guest:
     image: GuestImage
     boot_seconds: float = 0.0
     debugger: GdbSession | None = None  # set while a GDB session is attached
+    restored: bool = False  # started from the lab's snapshot rather than booted
 
     @property
     def gdb_socket(self) -> Path:
@@ -117,14 +131,22 @@ def decide_accel(settings: LabSettings) -> tuple[str, str]:
     return accel, f"auto: {why}"
 
 
+_Ready = Callable[[QemuMachine, GuestConsole], None]
+
+
 @dataclass
 class Lab:
-    """Makes guests of one kernel and one guest image; logs go under *log_root*."""
+    """Makes guests of one kernel and one guest image; logs go under *log_root*.
+
+    Guests start from the lab's snapshot (a saved ready guest, built on first need)
+    unless `settings.snapshots` is off or `boot(restore=False)` asks for a cold boot.
+    """
 
     settings: LabSettings
     log_root: Path
     _image: GuestImage | None = field(default=None, init=False)
     _accel: tuple[str, str] | None = field(default=None, init=False)
+    _snapshot: Snapshot | None = field(default=None, init=False)
     _names: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
 
     @property
@@ -151,21 +173,73 @@ class Lab:
         return MachineConfig(kernel=self.kernel.bzimage.path, initrd=self.image.initramfs, iso=self.image.iso,
                              append=append, accel=self.accel, qemu=self.settings.qemu)
 
-    def boot(self, name: str | None = None, timeout: float = BOOT_TIMEOUT) -> Guest:
-        """Boot a guest to its ready console; on failure nothing is left running."""
-        name = name or f"guest-{os.getpid()}-{next(self._names)}"
-        log_dir = self.log_root / name
-        machine = QemuMachine(self.machine_config(), log_dir)
-        start = time.monotonic()
-        machine.launch()
-        console = GuestConsole(machine.sockets.console, log_dir / "console.transcript")
+    def snapshot_key(self) -> str:
+        """The cache key of this lab's snapshot (kernel, image, QEMU, machine arguments)."""
+        config = self.machine_config()
+        return snapshot_key(config, qemu_identity(config.qemu))
+
+    def snapshot(self) -> Snapshot:
+        """The saved ready guest of this lab: from the cache, else booted and saved once
+        (one build even when several processes ask at the same time)."""
+        if self._snapshot is None:
+            self._snapshot = load_or_build(self.settings.cache, self.snapshot_key(), self._save_ready_guest)
+        return self._snapshot
+
+    def _save_ready_guest(self, state: Path) -> SnapshotInfo:
+        guest = self._cold_boot(f"snapshot-{os.getpid()}-{next(self._names)}", BOOT_TIMEOUT)
         try:
-            console.connect()
+            # Saved idle: the agent blocked reading its next command, no debugger attached.
+            guest.run("true", RESTORE_TIMEOUT).check()
+            start = time.monotonic()
+            guest.machine.save_state(state)
+            log.info("saved %s to %s in %.2f s (%d MB)", guest.name, state, time.monotonic() - start,
+                     state.stat().st_size >> 20)
+            return SnapshotInfo(guest.delivery, guest.console.release or "", guest.boot_seconds)
+        finally:
+            guest.shutdown()
+
+    def boot(self, name: str | None = None, timeout: float = BOOT_TIMEOUT, restore: bool | None = None) -> Guest:
+        """A guest at its ready console; on failure nothing is left running.
+
+        *restore* (default: `settings.snapshots`) starts it from the lab's snapshot,
+        else the kernel boots; `Guest.restored` tells which.
+        """
+        name = name or f"guest-{os.getpid()}-{next(self._names)}"
+        if self.settings.snapshots if restore is None else restore:
+            return self._restore(name, self.snapshot(), timeout)
+        return self._cold_boot(name, timeout)
+
+    def _cold_boot(self, name: str, timeout: float) -> Guest:
+        def ready(machine: QemuMachine, console: GuestConsole) -> None:
             machine.resume()
             delivery = console.wait_ready(timeout)
             if delivery != self.image.delivery:
                 raise ImageError(f"the guest found its payloads via {delivery!r}, expected "
                                  f"{self.image.delivery!r}: see the console log {machine.console_log}")
+
+        return self._start(name, self.machine_config(), ready)
+
+    def _restore(self, name: str, snapshot: Snapshot, timeout: float) -> Guest:
+        def ready(machine: QemuMachine, console: GuestConsole) -> None:
+            machine.resume()
+            # No READY line after a restore (the agent is waiting for a command): a no-op
+            # command proves the console works, the snapshot tells what READY said.
+            console.run("true", min(timeout, RESTORE_TIMEOUT)).check()
+            console.delivery, console.release = snapshot.info.delivery, snapshot.info.release
+
+        guest = self._start(name, replace(self.machine_config(), incoming=snapshot.state), ready)
+        guest.restored = True
+        return guest
+
+    def _start(self, name: str, config: MachineConfig, ready: _Ready) -> Guest:
+        log_dir = self.log_root / name
+        machine = QemuMachine(config, log_dir)
+        start = time.monotonic()
+        machine.launch()
+        console = GuestConsole(machine.sockets.console, log_dir / "console.transcript")
+        try:
+            console.connect()
+            ready(machine, console)
         except BaseException as exc:
             console.close()
             machine.shutdown()
@@ -173,5 +247,41 @@ class Lab:
                 exc.log_tail = machine.log_tail()
             raise
         guest = Guest(name, machine, console, self.image, time.monotonic() - start)
-        log.info("%s ready in %.2f s (%s, payloads via %s)", name, guest.boot_seconds, self.accel, guest.delivery)
+        how = "restored" if config.incoming is not None else "booted"
+        log.info("%s %s in %.2f s (%s, payloads via %s)", name, how, guest.boot_seconds, self.accel, guest.delivery)
         return guest
+
+
+# --- GDB's index cache ---------------------------------------------------------------
+
+
+def gnu_build_id(path: Path) -> str | None:
+    """The GNU build id of the ELF file *path* in hex (GDB names index cache files by it)."""
+    with open(path, "rb") as f:
+        for section in ELFFile(f).iter_sections():
+            if not isinstance(section, NoteSection):
+                continue
+            for note in section.iter_notes():
+                if note["n_type"] == "NT_GNU_BUILD_ID":
+                    return str(note["n_desc"])
+    return None
+
+
+def warm_gdb_index(settings: LabSettings) -> bool:
+    """Fill GDB's index cache for the kernel's vmlinux, so every later GDB loads its
+    symbols fast. Idempotent, and one process does it when several ask at once.
+    True if this call filled it."""
+    vmlinux = settings.kernel.vmlinux.path
+    build_id = gnu_build_id(vmlinux)
+    if build_id is None:
+        log.info("%s has no build id: GDB's index cache cannot hold it", vmlinux)
+        return False
+    directory = settings.gdb_index_cache
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock", timeout=INDEX_LOCK_TIMEOUT):
+        if any(directory.glob(f"{build_id}.*")):
+            return False
+        start = time.monotonic()
+        GdbSession(vmlinux, gdb=settings.gdb, index_cache_dir=directory).close()
+        log.info("GDB index of %s cached in %.1f s", vmlinux, time.monotonic() - start)
+    return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_APPEND = "console=ttyS0 nokaslr panic=-1 printk.time=1"
 SOCKET_WAIT = 10.0
+SAVE_TIMEOUT = 60.0
+SAVE_BANDWIDTH = 1 << 40  # bytes/s: no cap
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class MachineConfig:
     memory_mb: int = 256
     cpus: int = 1
     extra_args: tuple[str, ...] = ()
+    # A saved machine state to start from (see QemuMachine.save_state) instead of booting:
+    # every other field must equal those of the machine that saved it.
+    incoming: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,13 @@ def _socket_args(sockets: Sockets, console_log: Path) -> list[str]:
     ]
 
 
+def _incoming_args(config: MachineConfig) -> list[str]:
+    if config.incoming is None:
+        return []
+    # QEMU runs the exec: command with /bin/sh -c.
+    return ["-incoming", f"exec:cat {shlex.quote(str(config.incoming))}"]
+
+
 def qemu_command(config: MachineConfig, sockets: Sockets, console_log: Path) -> list[str]:
     """The full QEMU command line for *config*, started paused (-S)."""
     return [
@@ -109,6 +122,7 @@ def qemu_command(config: MachineConfig, sockets: Sockets, console_log: Path) -> 
         *_disk_args(config),
         *_socket_args(sockets, console_log),
         "-S",
+        *_incoming_args(config),
         *config.extra_args,
     ]
 
@@ -161,8 +175,7 @@ class QemuMachine:
             with open(self.qemu_log, "wb") as out:
                 self._proc = procs.spawn(self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             self._wait_for_socket(self.sockets.qmp)
-            self._qmp = QEMUMonitorProtocol(str(self.sockets.qmp))
-            self._qmp.connect()
+            self._qmp = self._connect_qmp()
             self._qmp.settimeout(SOCKET_WAIT)
         except QemuError:
             self.shutdown()
@@ -180,6 +193,21 @@ class QemuMachine:
                 raise self._failure("QEMU exited at once")
             if time.monotonic() > deadline:
                 raise self._failure(f"QEMU did not create {path} within {SOCKET_WAIT:.0f} s")
+            time.sleep(0.005)
+
+    def _connect_qmp(self) -> QEMUMonitorProtocol:
+        # The socket file appears at bind(), before QEMU listens: a connection in
+        # between is refused (seen on a loaded machine), so retry until the deadline.
+        deadline = time.monotonic() + SOCKET_WAIT
+        while True:
+            qmp = QEMUMonitorProtocol(str(self.sockets.qmp))
+            try:
+                qmp.connect()
+                return qmp
+            except Exception:
+                qmp.close()
+                if not self.is_running() or time.monotonic() > deadline:
+                    raise
             time.sleep(0.005)
 
     def _failure(self, message: str) -> QemuError:
@@ -204,8 +232,44 @@ class QemuMachine:
             raise self._failure(f"QMP command {command} failed: {exc}") from exc
 
     def resume(self) -> None:
-        """Let the vCPUs run (QEMU starts paused)."""
+        """Let the vCPUs run (QEMU starts paused); a machine started from a saved state
+        first finishes loading it."""
+        if self.config.incoming is not None:
+            self._wait_incoming(SAVE_TIMEOUT)
         self.qmp("cont")
+
+    def _wait_incoming(self, timeout: float) -> None:
+        # QEMU 7.2 accepts `cont` while the state is still loading, but the guest then
+        # never takes another interrupt: wait until the state is in.
+        deadline = time.monotonic() + timeout
+        while self.qmp("query-status").get("status") == "inmigrate":
+            if self.qmp("query-migrate").get("status") == "failed":
+                raise self._failure(f"QEMU could not load the saved state {self.config.incoming}")
+            if time.monotonic() > deadline:
+                raise self._failure(f"QEMU did not load the saved state within {timeout:.0f} s")
+            time.sleep(0.002)
+
+    def save_state(self, path: Path, timeout: float = SAVE_TIMEOUT) -> None:
+        """Stop the vCPUs and write the whole machine state to *path* (QEMU migration).
+
+        The machine stays stopped afterwards; start a new one from *path* with
+        `MachineConfig(..., incoming=path)` and otherwise identical settings.
+        """
+        self.qmp("stop")
+        # The default bandwidth cap (32 MiB/s) would make a local save take seconds.
+        self.qmp("migrate-set-parameters", **{"max-bandwidth": SAVE_BANDWIDTH})
+        self.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.qmp("query-migrate")
+            if status.get("status") == "completed":
+                return
+            if status.get("status") in ("failed", "cancelled"):
+                raise self._failure(f"saving the machine state failed: {status.get('error-desc', status)}")
+            if time.monotonic() > deadline:
+                self.qmp("migrate_cancel")
+                raise self._failure(f"saving the machine state took more than {timeout:.0f} s")
+            time.sleep(0.01)
 
     def wait(self, timeout: float) -> int | None:
         """Wait up to *timeout* s for QEMU to exit by itself; its exit code, or None."""
