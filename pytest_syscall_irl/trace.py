@@ -161,6 +161,23 @@ class SyscallTracer:
         self.traces: list[SyscallTrace] = []
         self.faults: dict[str, list[Fault]] = {}
         self._entry: EntryCode | None = None
+        self._layout: dict[str, int] | None = None
+
+    @property
+    def pt_regs_layout(self) -> dict[str, int]:
+        """struct pt_regs field offsets: from DWARF when the vmlinux has it, cross-checked
+        against the x86_64 layout (a disagreement is an error: one of them is wrong);
+        the known layout otherwise."""
+        if self._layout is None:
+            self._layout = dict(x86.PT_REGS_OFFSETS)
+            if self.kernel.dwarf:
+                dwarf = {name: int(self.gdb.evaluate(f"(unsigned long)&((struct pt_regs *)0)->{name}"))
+                         for name in x86.PT_REGS_FIELDS}
+                if dwarf != self._layout:
+                    moved = {n: (self._layout[n], dwarf[n]) for n in dwarf if dwarf[n] != self._layout[n]}
+                    raise TraceError(f"struct pt_regs in DWARF differs from the x86_64 layout "
+                                     f"(field: (known, DWARF)): {moved}")
+        return self._layout
 
     def inject(self, stage: str, fault: Fault) -> None:
         """Run *fault(gdb)* when a trace reaches *stage*, before the stage is recorded; if it
@@ -250,7 +267,7 @@ class _Run:
         regs = self.gdb.registers(TRACE_REGISTERS)
         pt_regs = None
         if pt_regs_at is not None:
-            pt_regs = x86.decode_pt_regs(self.gdb.read_memory(pt_regs_at, x86.PT_REGS_SIZE))
+            pt_regs = self.read_pt_regs(pt_regs_at)
         frames = tuple(f.function or f"{f.address:#x}" for f in self.gdb.backtrace()) if backtrace else ()
         for action in undo:
             if action is not None:
@@ -261,6 +278,10 @@ class _Run:
 
     def skip(self, name: str, note: str) -> None:
         self.trace.stages[name] = Stage(name, False, note=note)
+
+    def read_pt_regs(self, address: int) -> dict[str, int]:
+        layout = self.t.pt_regs_layout
+        return x86.decode_pt_regs(self.gdb.read_memory(address, max(layout.values()) + 8), layout)
 
     def at(self, symbol: str) -> str:
         """A breakpoint location at the symbol's first instruction: argument registers and
@@ -340,7 +361,7 @@ class _Run:
     def exit_stages(self, regs_ptr: int, user: Stage | None) -> None:
         code = self.t.entry_code
         # Where the kernel will return to, as pt_regs holds it now (not as recorded earlier).
-        pt = x86.decode_pt_regs(self.gdb.read_memory(regs_ptr, x86.PT_REGS_SIZE))
+        pt = self.read_pt_regs(regs_ptr)
         user_rip, user_sp = pt["ip"], pt["sp"]
         back = f"$rip == {user_rip:#x} && $rsp == {user_sp:#x} && ($cs & 3) == 3"
         numbers = {"user_return": self.gdb.break_insert(f"*{user_rip:#x}", condition=back, hardware=True).number}

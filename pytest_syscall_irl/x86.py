@@ -95,11 +95,12 @@ PT_REGS_ARGS = ("di", "si", "dx", "r10", "r8", "r9")
 SYSCALL_NUMBERS: Mapping[str, int] = {"read": 0, "write": 1, "getpid": 39, "dup": 32, "getppid": 110}
 
 
-def decode_pt_regs(data: bytes) -> dict[str, int]:
-    """Decode a raw struct pt_regs (168 bytes, little endian)."""
-    if len(data) < PT_REGS_SIZE:
-        raise ValueError(f"pt_regs needs {PT_REGS_SIZE} bytes, got {len(data)}")
-    return {name: int.from_bytes(data[off:off + 8], "little") for name, off in PT_REGS_OFFSETS.items()}
+def decode_pt_regs(data: bytes, offsets: Mapping[str, int] = PT_REGS_OFFSETS) -> dict[str, int]:
+    """Decode a raw struct pt_regs (little endian, 8-byte fields) with *offsets*."""
+    need = max(offsets.values()) + 8
+    if len(data) < need:
+        raise ValueError(f"pt_regs needs {need} bytes, got {len(data)}")
+    return {name: int.from_bytes(data[off:off + 8], "little") for name, off in offsets.items()}
 
 
 def do_syscall_64_args(version: tuple[int, int, int]) -> tuple[str, str]:

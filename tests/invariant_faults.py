@@ -25,6 +25,7 @@ class Fault:
     test: str  # suite test id, relative to test_suites/x86_64
     apply: Apply
     message: str  # a regex the failure must match (names expected and actual)
+    traced: bool = True  # the test takes a syscall trace, which its failure report must show
 
 
 def register(stage: str, name: str, change: Callable[[int], int]) -> Apply:
@@ -110,9 +111,9 @@ FAULTS: dict[str, Fault] = {
     "lstar-cpu": Fault("test_lstar.py::test_syscall_lands_on_entry_syscall_64",
                        register("entry", "rip", lambda rip: rip + 3), r"RIP after the user syscall instruction is 0x\w+, expected entry_SYSCALL_64 0x"),
     "lstar-msr": Fault("test_lstar.py::test_lstar_msr_is_entry_syscall_64",
-                       msr_redirect(x86.MSR_LSTAR, x86.MSR_CSTAR), r"MSR_LSTAR read in the guest is 0x\w+, expected entry_SYSCALL_64 0x"),
+                       msr_redirect(x86.MSR_LSTAR, x86.MSR_CSTAR), r"MSR_LSTAR read in the guest is 0x\w+, expected entry_SYSCALL_64 0x", traced=False),
     "star": Fault("test_lstar.py::test_star_selectors",
-                  msr_redirect(x86.MSR_STAR, x86.MSR_LSTAR), r"STAR\[47:32\] \(SYSCALL CS\) is 0x\w+, expected __KERNEL_CS 0x10"),
+                  msr_redirect(x86.MSR_STAR, x86.MSR_LSTAR), r"STAR\[47:32\] \(SYSCALL CS\) is 0x\w+, expected __KERNEL_CS 0x10", traced=False),
     "orig_ax": Fault("test_pt_regs.py::test_orig_ax_is_the_syscall_number",
                      pt_regs("orig_ax", lambda v: v + 1), r"pt_regs->orig_ax 0x6f, expected nr 0x6e"),
     "args": Fault("test_pt_regs.py::test_arguments_are_the_values_user_mode_loaded",
@@ -126,7 +127,7 @@ FAULTS: dict[str, Fault] = {
     "ax": Fault("test_pt_regs.py::test_ax_is_enosys_on_entry",
                 pt_regs("ax", lambda v: 0), r"pt_regs->ax 0, expected -ENOSYS \(-38\)"),
     "fmask-value": Fault("test_rflags.py::test_fmask_is_what_the_kernel_version_sets",
-                         msr_redirect(x86.MSR_SYSCALL_MASK, x86.MSR_STAR), r"MSR_SYSCALL_MASK read in the guest is 0x\w+ .*expected 0x257fd5"),
+                         msr_redirect(x86.MSR_SYSCALL_MASK, x86.MSR_STAR), r"MSR_SYSCALL_MASK read in the guest is 0x\w+ .*expected 0x257fd5", traced=False),
     "fmask-entry": Fault("test_rflags.py::test_syscall_clears_the_fmask_bits",
                          register("entry", "eflags", lambda v: v | DF), r"RFLAGS at entry_SYSCALL_64 is 0x402: \['DF'\] survived FMASK"),
     "r11": Fault("test_rflags.py::test_r11_keeps_the_user_rflags",
@@ -140,7 +141,7 @@ FAULTS: dict[str, Fault] = {
     "swapgs-exit": Fault("test_swapgs.py::test_exit_swapgs_gives_user_mode_its_gs_base_back",
                          register("sysretq", "gs_base", lambda v: v + 0x1000), r"across the exit swapgs: .*expected the two to exchange"),
     "table": Fault("test_dispatch.py::test_sys_call_table_points_at_the_handler[dup]",
-                   table_slot("dup", "dup2"), r"sys_call_table\[32\] is 0x\w+, expected __x64_sys_dup 0x"),
+                   table_slot("dup", "dup2"), r"sys_call_table\[32\] is 0x\w+, expected __x64_sys_dup 0x", traced=False),
     "handler": Fault("test_dispatch.py::test_the_traced_call_runs_its_handler[write-argv0-args0]",
                      register("handler", "rip", lambda v: v + 4), r"the CPU ran 0x\w+ for write, expected __x64_sys_write 0x"),
     "backtrace": Fault("test_dispatch.py::test_the_handler_runs_under_do_syscall_64_and_the_entry",
@@ -151,8 +152,10 @@ FAULTS: dict[str, Fault] = {
                           register("user_return", "rax", lambda v: v + 1), r"user RAX 0x\w+, expected the handler's return value 0x"),
     "write-args": Fault("test_write_args.py::test_echo_writes_syscall_irl_to_fd_1",
                         in_kernel(PT_WRITE, WRITE_OF_12_TO_1, f"set var *(unsigned long *)($rdi + {x86.PT_REGS_OFFSETS['dx']}) = 11"),
-                        r"first write to fd 1: fd=1 count=11 buf=b'syscall_irl', expected \(1, 12, b'syscall_irl\\n'\)"),
+                        r"first write to fd 1: fd=1 count=11 buf=b'syscall_irl', expected \(1, 12, b'syscall_irl\\n'\)",
+                        traced=False),
     "history": Fault("test_write_args.py::test_history_write_comes_first_and_fd_1_skips_it",
                      in_kernel(PT_WRITE, HISTORY_WRITE, f"set var *(unsigned long *)($rdi + {x86.PT_REGS_OFFSETS['di']}) = 1"),
-                     r"first write: breakpoint \d+, fd 1, b'echo syscall_irl\\n'; expected bash's history write"),
+                     r"first write: breakpoint \d+, fd 1, b'echo syscall_irl\\n'; expected bash's history write",
+                     traced=False),
 }

@@ -59,3 +59,5 @@ def test_invariant_reports_the_broken_kernel(name: str, suite_copy: Path, pytest
     assert result.ret == pytest.ExitCode.TESTS_FAILED, out
     assert "1 failed" in out, out
     assert re.search(fault.message, out), f"failure message does not match {fault.message!r}:\n{out}"
+    if fault.traced:  # the report carries the whole captured path
+        assert "syscall trace 1" in out and "syscall trace of nr=" in out, out

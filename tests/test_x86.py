@@ -1,0 +1,62 @@
+"""x86_64 facts against the manuals' numbers (not against our own constants)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pytest_syscall_irl import x86
+from pytest_syscall_irl.trace import EntryCode, SyscallSelector
+from pytest_syscall_irl.gdbmi import Instruction
+
+
+def test_fmask_by_kernel_version() -> None:
+    assert x86.expected_fmask((6, 1, 192)) == 0x257FD5
+    assert x86.expected_fmask((5, 14, 0)) == 0x257FD5
+    assert x86.expected_fmask((5, 13, 19)) == 0x47700
+    assert x86.flag_names(0x47700) == ["TF", "IF", "DF", "IOPL", "NT", "AC"]
+
+
+def test_sysret_rflags_masks_r11_and_sets_bit_1() -> None:
+    assert x86.sysret_rflags(0x246) == 0x246
+    assert x86.sysret_rflags(0) == 0x2
+    # VM (bit 17) and RF (bit 16) are not restored by SYSRET; 0x3C7FD7 keeps AC, ID, VIF, VIP.
+    assert x86.sysret_rflags(0x30000 | 0x200) == 0x202
+    assert x86.sysret_rflags(0x3C0000) == 0x3C0002
+
+
+def test_star_selectors_of_linux() -> None:
+    assert x86.star_selectors(0x0023001000000000) == (0x10, 0x23)
+
+
+def test_decode_pt_regs_by_layout() -> None:
+    raw = struct.pack("<21Q", *range(100, 121))
+    regs = x86.decode_pt_regs(raw)
+    assert (regs["r15"], regs["orig_ax"], regs["ss"]) == (100, 115, 120)
+    assert x86.PT_REGS_OFFSETS["orig_ax"] == 120 and x86.PT_REGS_SIZE == 168
+    swapped = {**x86.PT_REGS_OFFSETS, "ip": 136, "cs": 128}
+    assert x86.decode_pt_regs(raw, swapped)["ip"] == 117
+    with pytest.raises(ValueError):
+        x86.decode_pt_regs(raw[:100])
+
+
+def test_do_syscall_64_argument_order() -> None:
+    assert x86.do_syscall_64_args((6, 1, 0)) == ("rdi", "rsi")
+    assert x86.do_syscall_64_args((5, 10, 0)) == ("rsi", "rdi")
+
+
+def test_selector_condition_names_every_argument_register() -> None:
+    condition = SyscallSelector(1, {0: 1, 2: 12, 3: -1}).condition()
+    assert condition == "$rax == 0x1 && $rdi == 0x1 && $rdx == 0xc && $r10 == 0xffffffffffffffff"
+
+
+def test_entry_code_found_by_disassembly() -> None:
+    code = [Instruction(0x100, "swapgs", "entry_SYSCALL_64", 0),
+            Instruction(0x103, "mov    %rsp,%gs:0x6014", "entry_SYSCALL_64", 3),
+            Instruction(0x200, "swapgs", "entry_SYSCALL_64", 256),
+            Instruction(0x203, "jmp    0x205", "entry_SYSCALL_64", 259),
+            Instruction(0x205, "verw   0x0(%rip)", "entry_SYSCALL_64", 261),
+            Instruction(0x20c, "sysretq", "entry_SYSCALL_64", 268),
+            Instruction(0x300, "swapgs", "entry_SYSCALL_64", 512)]
+    assert EntryCode.find(0x100, code) == EntryCode(0x100, 0x100, 0x200, 0x20C)
