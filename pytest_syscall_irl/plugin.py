@@ -2,7 +2,8 @@
 domain modules (qemu, console, gdbmi, kernel, image, guest), which import no pytest.
 
 Fixtures: `kernel`, `guest` (shared per xdist worker), `fresh_guest` (the test's own),
-`gdb` (attached to the test's guest), `make_guest` (boot more guests).
+`gdb` (attached to the test's guest), `syscall_trace` (one syscall through every stage),
+`make_guest` (boot more guests).
 """
 
 from __future__ import annotations

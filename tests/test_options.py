@@ -32,8 +32,9 @@ def _usage_error(pytester: pytest.Pytester, *args: str) -> str:
     return err
 
 
-def test_missing_kernel_file(pytester: pytest.Pytester) -> None:
-    err = _usage_error(pytester, "--kernel=nope/bzImage")
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+def test_missing_kernel_file(pytester: pytest.Pytester, workers: list[str]) -> None:
+    err = _usage_error(pytester, "--kernel=nope/bzImage", *workers)
     assert "nope/bzImage" in err
 
 
