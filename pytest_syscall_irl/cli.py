@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from . import kernel
+from . import kernel_build
 from .errors import SyscallIrlError
 
 
@@ -33,7 +33,7 @@ def _progress(line: str) -> None:
 
 def _kernel_build(args: argparse.Namespace) -> int:
     quiet = bool(args.quiet)
-    build = kernel.KernelBuild(
+    build = kernel_build.KernelBuild(
         args.tree,
         args.config,
         jobs=args.jobs,
@@ -45,10 +45,10 @@ def _kernel_build(args: argparse.Namespace) -> int:
 
 
 def _kernel_path(args: argparse.Namespace) -> int:
-    path = kernel.reference_kernel()
+    path = kernel_build.reference_kernel()
     if path is None:
         print(
-            f"syscall-irl: no reference kernel in {kernel.cache_dir() / 'kernels'}: "
+            f"syscall-irl: no reference kernel in {kernel_build.cache_dir() / 'kernels'}: "
             "build it with `syscall-irl kernel build` (about 3 minutes on 2 cores)",
             file=sys.stderr,
         )

@@ -21,7 +21,8 @@ import pytest
 from .errors import ConfigError, SyscallIrlError, tail
 from .gdbmi import GdbSession
 from .guest import Guest, Lab, LabSettings, decide_accel
-from .kernel import Kernel, cache_dir, reference_kernel
+from .kernel import Kernel
+from .kernel_build import cache_dir, reference_kernel
 from .trace import SyscallTracer
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Optional
 
 from . import x86
 from .console import GuestConsole, PendingCommand
-from .errors import GdbError, SyscallIrlError
+from .errors import SyscallIrlError
 from .gdbmi import GdbSession, Instruction, StopEvent
 from .guest import Guest
 from .kernel import Kernel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pytest_syscall_irl.kernel import cache_dir
+from pytest_syscall_irl.kernel_build import cache_dir
 
 # pytester moves HOME for the runs it makes: pin the cache (and the reference kernel in it)
 # for them, before any test starts.

@@ -214,7 +214,7 @@ class FakeGdb:
         if command.startswith("bogus"):
             self.out(f'{token}^error,msg="Undefined command: \\"bogus\\".  Try \\"help\\"."')
             return
-        self.out(f'~"You ran: "', f"~{cstring(command)}", '~"\\n"', '&"a log line\\n"', f"{token}^done")
+        self.out('~"You ran: "', f"~{cstring(command)}", '~"\\n"', '&"a log line\\n"', f"{token}^done")
 
     def do_fake_sleep(self, token: str, args: list[str], raw: str) -> None:
         time.sleep(float(args[0]))

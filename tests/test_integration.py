@@ -18,7 +18,8 @@ import pytest
 
 from pytest_syscall_irl.gdbmi import GdbSession
 from pytest_syscall_irl.guest import Guest
-from pytest_syscall_irl.kernel import Kernel, reference_kernel
+from pytest_syscall_irl.kernel import Kernel
+from pytest_syscall_irl.kernel_build import reference_kernel
 
 pytestmark = pytest.mark.integration
 

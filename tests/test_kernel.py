@@ -12,20 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl import cli, kernel
+from pytest_syscall_irl import cli, kernel_build
 from pytest_syscall_irl.errors import ConfigError, KernelError
-from pytest_syscall_irl.kernel import (
-    BzImage,
-    Kernel,
-    KernelBuild,
-    Vmlinux,
-    build_key,
-    cache_dir,
-    dropped_options,
-    parse_version_string,
-    reference_kernel,
-    version_tuple,
-)
+from pytest_syscall_irl.kernel import BzImage, Kernel, Vmlinux, parse_version_string, version_tuple
+from pytest_syscall_irl.kernel_build import KernelBuild, build_key, cache_dir, dropped_options, reference_kernel
 
 VERSION = "9.9.9 (tester@fakehost) #3 SMP PREEMPT_DYNAMIC Tue Jan 1 00:00:00 UTC 2030"
 BANNER = (
@@ -238,8 +228,8 @@ def test_dropped_options_is_empty_when_everything_survived() -> None:
 
 
 def test_cache_key_changes_with_the_fragment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernel, "debian_source_version", lambda: "6.1.192-2")
-    monkeypatch.setattr(kernel, "compiler_id", lambda: "gcc (Debian 12.2.0-14) 12.2.0")
+    monkeypatch.setattr(kernel_build, "debian_source_version", lambda: "6.1.192-2")
+    monkeypatch.setattr(kernel_build, "compiler_id", lambda: "gcc (Debian 12.2.0-14) 12.2.0")
     first, second = tmp_path / "a.config", tmp_path / "b.config"
     first.write_text("CONFIG_64BIT=y\n")
     second.write_text("CONFIG_64BIT=y\nCONFIG_SMP=y\n")
@@ -268,7 +258,7 @@ def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_complete_debian_build_is_reused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernel, "debian_source_version", lambda: "6.1.192-2")
+    monkeypatch.setattr(kernel_build, "debian_source_version", lambda: "6.1.192-2")
     output: list[str] = []
     build = KernelBuild(cache=tmp_path, on_output=output.append)
     assert reference_kernel(tmp_path) is None
@@ -281,7 +271,7 @@ def test_a_complete_debian_build_is_reused_at_once(tmp_path: Path, monkeypatch: 
 
 
 def test_no_reference_kernel_without_debian_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernel, "debian_source_version", lambda: None)
+    monkeypatch.setattr(kernel_build, "debian_source_version", lambda: None)
     assert reference_kernel(tmp_path) is None
     with pytest.raises(KernelError, match="apt-get install linux-source-6.1"):
         KernelBuild(cache=tmp_path).build()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl.kernel import reference_kernel
+from pytest_syscall_irl.kernel_build import reference_kernel
 
 USES_KERNEL = "def test_k(kernel):\n    pass\n"
 
