@@ -182,11 +182,12 @@ class Lab:
         """The saved ready guest of this lab: from the cache, else booted and saved once
         (one build even when several processes ask at the same time)."""
         if self._snapshot is None:
-            self._snapshot = load_or_build(self.settings.cache, self.snapshot_key(), self._save_ready_guest)
+            key = self.snapshot_key()
+            self._snapshot = load_or_build(self.settings.cache, key, lambda state: self._save_ready_guest(key, state))
         return self._snapshot
 
-    def _save_ready_guest(self, state: Path) -> SnapshotInfo:
-        guest = self._cold_boot(f"snapshot-{os.getpid()}-{next(self._names)}", BOOT_TIMEOUT)
+    def _save_ready_guest(self, key: str, state: Path) -> SnapshotInfo:
+        guest = self._cold_boot(f"snapshot-{key}-{os.getpid()}", BOOT_TIMEOUT)
         try:
             # Saved idle: the agent blocked reading its next command, no debugger attached.
             guest.run("true", RESTORE_TIMEOUT).check()

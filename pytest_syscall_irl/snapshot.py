@@ -19,12 +19,15 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from filelock import FileLock
+
 from .errors import QemuError
-from .image import cached
+from .image import LOCK_TIMEOUT, cached
 from .qemu import MachineConfig, Sockets, qemu_command
 
 log = logging.getLogger(__name__)
@@ -65,11 +68,15 @@ class Snapshot:
         return self.directory / STATE_FILE
 
     @classmethod
-    def read(cls, directory: Path) -> Snapshot:
-        """The snapshot in *directory* (complete: the cache only shows finished ones)."""
-        data = json.loads((directory / INFO_FILE).read_text())
-        info = SnapshotInfo(str(data["delivery"]), str(data["release"]), float(data["boot_seconds"]))
-        return cls(directory, info)
+    def read(cls, directory: Path) -> Snapshot | None:
+        """The snapshot in *directory*, or None if it is damaged (files deleted by hand)."""
+        try:
+            data = json.loads((directory / INFO_FILE).read_text())
+            info = SnapshotInfo(str(data["delivery"]), str(data["release"]), float(data["boot_seconds"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        snapshot = cls(directory, info)
+        return snapshot if snapshot.state.is_file() else None
 
 
 # --- the key -------------------------------------------------------------------------------
@@ -137,10 +144,28 @@ def load_or_build(cache: Path, key: str, build: Callable[[Path], SnapshotInfo]) 
     """The snapshot with *key*; if the cache has none, `build(state_path)` saves a ready
     guest to *state_path*. Concurrent callers (threads, processes) build it once."""
     directory = snapshot_dir(cache, key)
-    with cached(directory) as staging:
-        if staging is not None:
-            log.info("building guest snapshot %s", key)
-            info = build(staging / STATE_FILE)
-            data = {"delivery": info.delivery, "release": info.release, "boot_seconds": info.boot_seconds}
-            (staging / INFO_FILE).write_text(json.dumps(data, indent=1) + "\n")
-    return Snapshot.read(directory)
+    for _ in range(2):
+        with cached(directory) as staging:
+            if staging is not None:
+                log.info("building guest snapshot %s", key)
+                _save(build(staging / STATE_FILE), staging)
+        snapshot = Snapshot.read(directory)
+        if snapshot is not None:
+            return snapshot
+        _discard(directory)
+    raise QemuError(f"guest snapshot {directory} is damaged right after it was built")
+
+
+def _save(info: SnapshotInfo, staging: Path) -> None:
+    data = {"delivery": info.delivery, "release": info.release, "boot_seconds": info.boot_seconds}
+    (staging / INFO_FILE).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _discard(directory: Path) -> None:
+    """Remove a damaged snapshot, under the build lock, so that it is built again."""
+    log.warning("guest snapshot %s is damaged: building it again", directory)
+    with FileLock(str(directory) + ".lock", timeout=LOCK_TIMEOUT):
+        if directory.is_dir() and Snapshot.read(directory) is None:
+            trash = Path(tempfile.mkdtemp(prefix=directory.name + ".damaged.", dir=directory.parent))
+            os.rename(directory, trash / directory.name)
+            shutil.rmtree(trash, ignore_errors=True)
