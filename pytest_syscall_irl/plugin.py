@@ -20,7 +20,7 @@ import pytest
 
 from .errors import ConfigError, SyscallIrlError, tail
 from .gdbmi import GdbSession
-from .guest import Guest, Lab, LabSettings, decide_accel
+from .guest import Guest, Lab, LabSettings, decide_accel, warm_gdb_index
 from .kernel import Kernel
 from .kernel_build import cache_dir, reference_kernel
 from .trace import SyscallTracer
@@ -300,9 +300,11 @@ def _gdb_for(lab: Lab, holder: list[GdbSession]) -> GdbSession:
     if holder and not holder[0].is_alive():
         holder.pop().close()
     if not holder:
+        # The first worker to get here fills GDB's index cache; the others wait and load fast.
+        warm_gdb_index(lab.settings)
         transcript = lab.log_root / f"gdb-{os.getpid()}.mi.log"
         holder.append(GdbSession(lab.kernel.vmlinux.path, gdb=lab.settings.gdb, transcript_path=transcript,
-                                 index_cache_dir=lab.settings.cache / "gdb-index-cache"))
+                                 index_cache_dir=lab.settings.gdb_index_cache))
     return holder[0]
 
 
