@@ -228,9 +228,7 @@ class Lab:
             console.run("true", min(timeout, RESTORE_TIMEOUT)).check()
             console.delivery, console.release = snapshot.info.delivery, snapshot.info.release
 
-        guest = self._start(name, replace(self.machine_config(), incoming=snapshot.state), ready)
-        guest.restored = True
-        return guest
+        return self._start(name, replace(self.machine_config(), incoming=snapshot.state), ready)
 
     def _start(self, name: str, config: MachineConfig, ready: _Ready) -> Guest:
         log_dir = self.log_root / name
@@ -247,9 +245,10 @@ class Lab:
             if isinstance(exc, SyscallIrlError) and not exc.log_tail:
                 exc.log_tail = machine.log_tail()
             raise
-        guest = Guest(name, machine, console, self.image, time.monotonic() - start)
-        how = "restored" if config.incoming is not None else "booted"
-        log.info("%s %s in %.2f s (%s, payloads via %s)", name, how, guest.boot_seconds, self.accel, guest.delivery)
+        restored = config.incoming is not None
+        guest = Guest(name, machine, console, self.image, time.monotonic() - start, restored=restored)
+        log.info("%s %s in %.2f s (%s, payloads via %s)", name, "restored" if restored else "booted",
+                 guest.boot_seconds, self.accel, guest.delivery)
         return guest
 
 
