@@ -171,12 +171,9 @@ class QemuMachine:
     def launch(self) -> None:
         """Start QEMU paused and connect QMP; on any failure nothing is left running."""
         self.command = qemu_command(self.config, self.sockets, self.console_log)
-        incoming = self.config.incoming
-        if incoming is not None and not os.access(incoming, os.R_OK):
-            # QEMU would wait for the state forever: `cat` fails, the stream is just empty.
-            raise QemuError(f"saved machine state {incoming} is missing or unreadable", command=self.command)
         log.info("launching QEMU: %s", " ".join(self.command))
         try:
+            self._check_incoming()
             with open(self.qemu_log, "wb") as out:
                 self._proc = procs.spawn(self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             self._wait_for_socket(self.sockets.qmp)
@@ -189,6 +186,12 @@ class QemuMachine:
             failure = self._failure(f"QEMU failed to start: {exc}")
             self.shutdown()
             raise failure from exc
+
+    def _check_incoming(self) -> None:
+        incoming = self.config.incoming
+        if incoming is not None and not os.access(incoming, os.R_OK):
+            # QEMU would wait for the state forever: `cat` fails, the stream is just empty.
+            raise QemuError(f"saved machine state {incoming} is missing or unreadable", command=self.command)
 
     def _wait_for_socket(self, path: Path) -> None:
         deadline = time.monotonic() + SOCKET_WAIT

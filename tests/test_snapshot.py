@@ -353,8 +353,10 @@ def test_a_truncated_state_fails_clearly_and_leaves_nothing_running(lab: Lab, tm
     finally:
         machine.shutdown()
     assert not machine.is_running()
+    missing = QemuMachine(dataclasses.replace(lab.machine_config(), incoming=tmp_path / "none"), tmp_path / "l2")
     with pytest.raises(QemuError, match="missing"):
-        QemuMachine(dataclasses.replace(lab.machine_config(), incoming=tmp_path / "none"), tmp_path / "l2").launch()
+        missing.launch()
+    assert not missing.sockets.directory.exists()
 
 
 @pytest.mark.integration
