@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from . import x86
@@ -133,6 +134,7 @@ class EntryCode:
 
 
 Fault = Callable[[GdbSession], Optional[Callable[[], None]]]
+_LAYOUTS: dict[Path, dict[str, int]] = {}  # vmlinux -> struct pt_regs offsets
 
 
 def syscall_number(name_or_nr: int | str) -> int:
@@ -161,23 +163,25 @@ class SyscallTracer:
         self.traces: list[SyscallTrace] = []
         self.faults: dict[str, list[Fault]] = {}
         self._entry: EntryCode | None = None
-        self._layout: dict[str, int] | None = None
 
     @property
     def pt_regs_layout(self) -> dict[str, int]:
         """struct pt_regs field offsets: from DWARF when the vmlinux has it, cross-checked
         against the x86_64 layout (a disagreement is an error: one of them is wrong);
-        the known layout otherwise."""
-        if self._layout is None:
-            self._layout = dict(x86.PT_REGS_OFFSETS)
+        the known layout otherwise. Looked up once per vmlinux and process (GDB does not
+        cache it: ~11 ms a field)."""
+        path = self.kernel.vmlinux.path
+        if path not in _LAYOUTS:
+            layout = dict(x86.PT_REGS_OFFSETS)
             if self.kernel.dwarf:
                 dwarf = {name: int(self.gdb.evaluate(f"(unsigned long)&((struct pt_regs *)0)->{name}"))
                          for name in x86.PT_REGS_FIELDS}
-                if dwarf != self._layout:
-                    moved = {n: (self._layout[n], dwarf[n]) for n in dwarf if dwarf[n] != self._layout[n]}
+                if dwarf != layout:
+                    moved = {n: (layout[n], dwarf[n]) for n in dwarf if dwarf[n] != layout[n]}
                     raise TraceError(f"struct pt_regs in DWARF differs from the x86_64 layout "
                                      f"(field: (known, DWARF)): {moved}")
-        return self._layout
+            _LAYOUTS[path] = layout
+        return _LAYOUTS[path]
 
     def inject(self, stage: str, fault: Fault) -> None:
         """Run *fault(gdb)* when a trace reaches *stage*, before the stage is recorded; if it

@@ -123,3 +123,21 @@ def _reference_or_skip() -> Path:
     if kernel is None:
         pytest.skip("reference kernel not built (syscall-irl kernel build)")
     return kernel
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("args, ini, restored", [
+    ([], "", True),
+    (["--no-snapshots"], "", False),
+    ([], "syscall_irl_snapshots = false", False),
+])
+def test_guests_restore_from_snapshot_unless_told_not_to(pytester: pytest.Pytester, args: list[str], ini: str,
+                                                          restored: bool) -> None:
+    _reference_or_skip()
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile(test_x=f"def test_g(guest):\n    assert guest.restored is {restored}\n"
+                               f"    assert guest.run('echo up').output == 'up\\n'\n")
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    result.stdout.fnmatch_lines(["syscall-irl: guests restored*" if restored else "syscall-irl: guests cold-booted*"])
