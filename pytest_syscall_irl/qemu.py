@@ -128,10 +128,33 @@ def qemu_command(config: MachineConfig, sockets: Sockets, console_log: Path) -> 
     ]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_socket_dirs(base: Path) -> None:
+    """Remove socket directories whose owner died without cleaning up (SIGKILL, os._exit).
+
+    Their QEMU died with the owner (procs.spawn); only the empty directory stayed.
+    """
+    for directory in base.glob("sirl-*-*"):
+        owner = directory.name.split("-")[1]
+        if owner.isdigit() and directory.is_dir() and not _pid_alive(int(owner)):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def private_socket_dir() -> Path:
-    """A fresh 0700 directory with a path short enough for unix sockets."""
-    base = "/tmp" if os.path.isdir("/tmp") else None
-    return Path(tempfile.mkdtemp(prefix="sirl-", dir=base))
+    """A fresh 0700 directory, named after its owner pid, with a path short enough for
+    unix sockets (pytest's tmp paths can exceed the ~108 bytes)."""
+    base = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())
+    sweep_socket_dirs(base)
+    return Path(tempfile.mkdtemp(prefix=f"sirl-{os.getpid()}-", dir=base))
 
 
 @dataclass

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from pytest_syscall_irl.errors import QemuError
-from pytest_syscall_irl.qemu import MachineConfig, QemuMachine, Sockets, private_socket_dir, qemu_command
+from pytest_syscall_irl.qemu import (MachineConfig, QemuMachine, Sockets, private_socket_dir, qemu_command,
+                                     sweep_socket_dirs)
 
 
 def _config(**kw: object) -> MachineConfig:
@@ -49,8 +51,21 @@ def test_private_socket_dir_is_private_and_short() -> None:
     try:
         assert stat.S_IMODE(path.stat().st_mode) == 0o700
         assert len(str(path / "console.sock")) < 100
+        assert path.name.startswith(f"sirl-{os.getpid()}-")
     finally:
         path.rmdir()
+
+
+def test_socket_dirs_of_dead_owners_are_swept(tmp_path: Path) -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()  # its pid now belongs to nobody
+    stale = tmp_path / f"sirl-{child.pid}-abc"
+    mine = tmp_path / f"sirl-{os.getpid()}-def"
+    other = tmp_path / "sirl-notapid-x"
+    for directory in (stale, mine, other):
+        directory.mkdir()
+    sweep_socket_dirs(tmp_path)
+    assert not stale.exists() and mine.exists() and other.exists()
 
 
 def _fake_qemu(tmp_path: Path, body: str) -> str:
