@@ -253,12 +253,14 @@ class _SharedGuest:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
         self.guest: Guest | None = None
+        self.generation = 0  # a guest booted again gets a log directory of its own
 
     def get(self) -> Guest:
         if self.guest is None or not self.guest.is_alive():
             if self.guest is not None:
                 self.guest.shutdown()
-            self.guest = self.lab.boot(name=f"shared-{os.getpid()}-{id(self) % 1000}")
+            self.generation += 1
+            self.guest = self.lab.boot(name=f"shared-{os.getpid()}-{self.generation}")
         return self.guest
 
     def close(self) -> None:
