@@ -227,3 +227,27 @@ def test_nothing_left_after_ctrl_c_or_sigkill(pytester: pytest.Pytester, runs: l
     code, out = run.finish(timeout=60)
     assert code == (2 if sig == signal.SIGINT else -signal.SIGKILL), out
     run.assert_nothing_left()
+
+
+def test_payloads_travel_in_the_initramfs_when_the_iso_cannot_be_mounted(kernel: Kernel, tmp_path: Path) -> None:
+    # A distro kernel builds iso9660/virtio-blk as modules: its guests get the payloads
+    # inside the initramfs. Boot the reference kernel that way and run one.
+    from pytest_syscall_irl.console import GuestConsole
+    from pytest_syscall_irl.image import build_guest_image
+    from pytest_syscall_irl.kernel_build import cache_dir
+    from pytest_syscall_irl.qemu import MachineConfig, QemuMachine
+
+    image = build_guest_image(cache_dir(), payloads_on_iso=False)
+    assert image.iso is None and image.delivery == "initramfs"
+    config = MachineConfig(kernel=kernel.bzimage.path, initrd=image.initramfs)
+    with QemuMachine(config, tmp_path / "logs") as machine:
+        machine.launch()
+        console = GuestConsole(machine.sockets.console)
+        try:
+            console.connect()
+            machine.resume()
+            assert console.wait_ready(60) == "initramfs"
+            result = console.run(image.payload("syscall_irl").guest_path)
+            assert (result.output, result.status) == ("syscall_irl\n", 0)
+        finally:
+            console.close()
