@@ -30,13 +30,17 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import IO, Any, Literal, NamedTuple, Union
+from typing import IO, Any, Literal, Union
 
 from pygdbmi.gdbcontroller import GdbController
-from pygdbmi.gdbmiparser import parse_response
 
 from . import procs
 from .errors import GdbError, tail
+from .gdbmi_records import (Breakpoint, Frame, Instruction, MiResult, RegisterValue, StopEvent, int_or_none,
+                            mi_quote, parse_line)
+
+__all__ = ["Breakpoint", "Frame", "GdbCommandError", "GdbSession", "GdbTimeoutError", "Instruction", "MiResult",
+           "StopEvent", "mi_quote", "parse_line"]
 
 log = logging.getLogger(__name__)
 
@@ -66,116 +70,6 @@ class GdbTimeoutError(GdbError):
     """GDB did not answer, or the target did not stop, before the deadline."""
 
 
-def mi_quote(text: str) -> str:
-    """*text* as one MI c-string argument: ``a "b"`` becomes ``"a \\"b\\""``."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + escaped.replace("\n", "\\n").replace("\t", "\\t") + '"'
-
-
-def _int_or_none(text: object) -> int | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        return int(text, 0)
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True)
-class MiResult:
-    """A command's result record, with the stream output GDB printed meanwhile."""
-
-    message: str  # done, running, connected, exit
-    payload: dict[str, Any]
-    console: str = ""
-    log: str = ""
-
-
-@dataclass(frozen=True)
-class StopEvent:
-    """A ``*stopped`` record: why and where the target stopped."""
-
-    reason: str | None  # breakpoint-hit, end-stepping-range, signal-received; None on connect
-    breakpoint: int | None
-    address: int | None
-    function: str | None
-    thread_id: int | None
-    signal: str | None
-    raw: dict[str, Any] = field(repr=False)
-
-    @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> StopEvent:
-        """Build from the payload of a parsed ``*stopped`` record."""
-        frame = payload.get("frame") or {}
-        func = frame.get("func")
-        return cls(
-            reason=payload.get("reason"),
-            breakpoint=_int_or_none(payload.get("bkptno")),
-            address=_int_or_none(frame.get("addr")),
-            function=None if func in (None, "??") else func,
-            thread_id=_int_or_none(payload.get("thread-id")),
-            signal=payload.get("signal-name"),
-            raw=payload,
-        )
-
-
-@dataclass(frozen=True)
-class Breakpoint:
-    """A breakpoint as ``-break-insert`` reported it."""
-
-    number: int
-    type: str  # "breakpoint" or "hw breakpoint"
-    address: int | None  # None when pending or with several locations
-    function: str | None
-    condition: str | None
-    temporary: bool
-    locations: tuple[int, ...]
-    raw: dict[str, Any] = field(repr=False)
-
-    @property
-    def hardware(self) -> bool:
-        """True for a hardware breakpoint."""
-        return self.type.startswith("hw")
-
-    @classmethod
-    def from_payload(cls, bkpt: dict[str, Any]) -> Breakpoint:
-        """Build from the ``bkpt`` tuple of a ``-break-insert`` result."""
-        address = _int_or_none(bkpt.get("addr"))
-        found = (_int_or_none(loc.get("addr")) for loc in bkpt.get("locations") or [])
-        locations = tuple(a for a in found if a is not None)
-        return cls(
-            number=int(bkpt["number"]),
-            type=bkpt.get("type", "breakpoint"),
-            address=address,
-            function=bkpt.get("func"),
-            condition=bkpt.get("cond"),
-            temporary=bkpt.get("disp") == "del",
-            locations=locations or ((address,) if address is not None else ()),
-            raw=bkpt,
-        )
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """One disassembled instruction."""
-
-    address: int
-    text: str
-    function: str | None
-    offset: int | None
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One frame of a backtrace, innermost first."""
-
-    level: int
-    address: int | None
-    function: str | None
-    file: str | None
-    line: int | None
-
-
 @dataclass
 class _Pending:
     token: int
@@ -186,29 +80,7 @@ class _Pending:
     log: list[str] = field(default_factory=list)
 
 
-class _Reg(NamedTuple):
-    number: int
-    name: str
-    value: str
-
-
 _EOF = object()  # queued when GDB's stdout closes, so waiters wake up
-_REGISTER_DUMP = re.compile(r"(\d+)\^done,register-values=\[(.*)\]")
-_REGISTER_ITEM = re.compile(r'\{number="(\d+)",value="([^"\\]*)"\}')
-
-
-def parse_line(line: str) -> dict[str, Any]:
-    """One MI output line parsed as pygdbmi's ``parse_response`` parses it, faster for
-    register dumps: that parser walks the text a character at a time (~0.5 us each),
-    so a 3 kB register dump would cost 1.4 ms, more than GDB takes to answer."""
-    dump = _REGISTER_DUMP.fullmatch(line)
-    if dump is not None and "\\" not in line:
-        items = _REGISTER_ITEM.findall(dump[2])
-        if len(items) == dump[2].count("{number="):
-            values = [{"number": number, "value": value} for number, value in items]
-            payload = {"register-values": values}
-            return {"type": "result", "message": "done", "payload": payload, "token": int(dump[1])}
-    return parse_response(line)
 
 
 class _GdbProcess(GdbController):
@@ -618,7 +490,7 @@ class GdbSession:
             self._register_names = [str(n) for n in result.payload["register-names"]]
         return self._register_names
 
-    def _register_values(self, numbers: list[int] | None, timeout: float) -> list[_Reg]:
+    def _register_values(self, numbers: list[int] | None, timeout: float) -> list[RegisterValue]:
         names = self._names(timeout)
         mi = "-data-list-register-values x"
         if numbers is not None:
@@ -627,7 +499,7 @@ class GdbSession:
         for item in self.command(mi, timeout).payload["register-values"]:
             number = int(item["number"])
             if number < len(names) and names[number]:  # unnamed slots are GDB internals
-                found.append(_Reg(number, names[number], str(item["value"])))
+                found.append(RegisterValue(number, names[number], str(item["value"])))
         return found
 
     def raw_registers(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, str]:
@@ -645,7 +517,7 @@ class GdbSession:
         """
         numbers = self._scalar_registers if names is None else self._numbers(names, timeout)
         regs = self._register_values(numbers, timeout)
-        values = {reg.number: _int_or_none(reg.value) for reg in regs}
+        values = {reg.number: int_or_none(reg.value) for reg in regs}
         if numbers is None:  # the first full read tells which registers are integers
             self._scalar_registers = [n for n, v in values.items() if v is not None]
         elif names is not None and None in values.values():
@@ -675,7 +547,7 @@ class GdbSession:
         # Names such as foo.constprop.0 must be quoted for GDB's expression parser.
         symbol = name if _IDENTIFIER.fullmatch(name) else f"'{name}'"
         value = self.evaluate(f"(unsigned long)&{symbol}", timeout)
-        address = _int_or_none(value)
+        address = int_or_none(value)
         if address is None:
             raise GdbError(f"address of {name!r} is not a number: {value!r}")
         return address
@@ -685,7 +557,7 @@ class GdbSession:
         mi = f"-data-read-memory-bytes {address:#x} {int(size)}"
         blocks = self.command(mi, timeout).payload.get("memory") or []
         data = b"".join(bytes.fromhex(block["contents"]) for block in blocks)
-        if len(data) != size or (blocks and _int_or_none(blocks[0]["begin"]) != address):
+        if len(data) != size or (blocks and int_or_none(blocks[0]["begin"]) != address):
             raise GdbError(f"read {len(data)} of {size} bytes at {address:#x}", command=[mi])
         return data
 
@@ -709,7 +581,7 @@ class GdbSession:
                 address=int(insn["address"], 16),
                 text=str(insn.get("inst", "")),
                 function=insn.get("func-name"),
-                offset=_int_or_none(insn.get("offset")),
+                offset=int_or_none(insn.get("offset")),
             )
             for insn in self.command(mi, timeout).payload.get("asm_insns") or []
         ]
@@ -720,10 +592,10 @@ class GdbSession:
         return [
             Frame(
                 level=int(frame.get("level", index)),
-                address=_int_or_none(frame.get("addr")),
+                address=int_or_none(frame.get("addr")),
                 function=None if frame.get("func") in (None, "??") else frame["func"],
                 file=frame.get("fullname") or frame.get("file"),
-                line=_int_or_none(frame.get("line")),
+                line=int_or_none(frame.get("line")),
             )
             for index, frame in enumerate(frames)
         ]

@@ -1,0 +1,148 @@
+"""GDB/MI records as typed values, and the line parser (pygdbmi's, with a fast path).
+
+No pytest here. The session that produces them is gdbmi.GdbSession.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from pygdbmi.gdbmiparser import parse_response
+
+
+def mi_quote(text: str) -> str:
+    """*text* as one MI c-string argument: ``a "b"`` becomes ``"a \\"b\\""``."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+
+def int_or_none(text: object) -> int | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return int(text, 0)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class MiResult:
+    """A command's result record, with the stream output GDB printed meanwhile."""
+
+    message: str  # done, running, connected, exit
+    payload: dict[str, Any]
+    console: str = ""
+    log: str = ""
+
+
+@dataclass(frozen=True)
+class StopEvent:
+    """A ``*stopped`` record: why and where the target stopped."""
+
+    reason: str | None  # breakpoint-hit, end-stepping-range, signal-received; None on connect
+    breakpoint: int | None
+    address: int | None
+    function: str | None
+    thread_id: int | None
+    signal: str | None
+    raw: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> StopEvent:
+        """Build from the payload of a parsed ``*stopped`` record."""
+        frame = payload.get("frame") or {}
+        func = frame.get("func")
+        return cls(
+            reason=payload.get("reason"),
+            breakpoint=int_or_none(payload.get("bkptno")),
+            address=int_or_none(frame.get("addr")),
+            function=None if func in (None, "??") else func,
+            thread_id=int_or_none(payload.get("thread-id")),
+            signal=payload.get("signal-name"),
+            raw=payload,
+        )
+
+
+@dataclass(frozen=True)
+class Breakpoint:
+    """A breakpoint as ``-break-insert`` reported it."""
+
+    number: int
+    type: str  # "breakpoint" or "hw breakpoint"
+    address: int | None  # None when pending or with several locations
+    function: str | None
+    condition: str | None
+    temporary: bool
+    locations: tuple[int, ...]
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def hardware(self) -> bool:
+        """True for a hardware breakpoint."""
+        return self.type.startswith("hw")
+
+    @classmethod
+    def from_payload(cls, bkpt: dict[str, Any]) -> Breakpoint:
+        """Build from the ``bkpt`` tuple of a ``-break-insert`` result."""
+        address = int_or_none(bkpt.get("addr"))
+        found = (int_or_none(loc.get("addr")) for loc in bkpt.get("locations") or [])
+        locations = tuple(a for a in found if a is not None)
+        return cls(
+            number=int(bkpt["number"]),
+            type=bkpt.get("type", "breakpoint"),
+            address=address,
+            function=bkpt.get("func"),
+            condition=bkpt.get("cond"),
+            temporary=bkpt.get("disp") == "del",
+            locations=locations or ((address,) if address is not None else ()),
+            raw=bkpt,
+        )
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One disassembled instruction."""
+
+    address: int
+    text: str
+    function: str | None
+    offset: int | None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a backtrace, innermost first."""
+
+    level: int
+    address: int | None
+    function: str | None
+    file: str | None
+    line: int | None
+
+
+class RegisterValue(NamedTuple):
+    """One register as -data-list-register-values reports it (value in GDB's hex text)."""
+
+    number: int
+    name: str
+    value: str
+
+
+_REGISTER_DUMP = re.compile(r"(\d+)\^done,register-values=\[(.*)\]")
+_REGISTER_ITEM = re.compile(r'\{number="(\d+)",value="([^"\\]*)"\}')
+
+
+def parse_line(line: str) -> dict[str, Any]:
+    """One MI output line parsed as pygdbmi's ``parse_response`` parses it, faster for
+    register dumps: that parser walks the text a character at a time (~0.5 us each),
+    so a 3 kB register dump would cost 1.4 ms, more than GDB takes to answer."""
+    dump = _REGISTER_DUMP.fullmatch(line)
+    if dump is not None and "\\" not in line:
+        items = _REGISTER_ITEM.findall(dump[2])
+        if len(items) == dump[2].count("{number="):
+            values = [{"number": number, "value": value} for number, value in items]
+            payload = {"register-values": values}
+            return {"type": "result", "message": "done", "payload": payload, "token": int(dump[1])}
+    return parse_response(line)
