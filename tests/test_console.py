@@ -15,10 +15,10 @@ from pytest_syscall_irl.errors import ConsoleError, GuestPanic
 Reply = Callable[[str], bytes]
 
 
-def _agent(conn: socket.socket, reply: Reply) -> None:
+def _agent(server: socket.socket, reply: Reply) -> None:
     try:
-        _serve_agent(conn, reply)
-    except OSError:  # the test closed its side first
+        _serve_agent(server.accept()[0], reply)
+    except OSError:  # the test closed its side (or the server) first
         pass
 
 
@@ -46,7 +46,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[[Reply], GuestConsole]]:
     consoles: list[GuestConsole] = []
 
     def start(reply: Reply) -> GuestConsole:
-        threading.Thread(target=lambda: _agent(server.accept()[0], reply), daemon=True).start()
+        threading.Thread(target=_agent, args=(server, reply), daemon=True).start()
         console = GuestConsole(path, tmp_path / "transcript", timeout=2)
         console.connect()
         consoles.append(console)
