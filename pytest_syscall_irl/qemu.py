@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_APPEND = "console=ttyS0 nokaslr panic=-1 printk.time=1"
 SOCKET_WAIT = 10.0
+EXIT_GRACE = 2.0  # how long a QEMU whose QMP just disconnected may take to exit
 SAVE_TIMEOUT = 60.0
 LOAD_TIMEOUT = 30.0  # a 256 MB guest loads in ~0.1 s
 SAVE_BANDWIDTH = 1 << 40  # bytes/s: no cap
@@ -279,9 +280,10 @@ class QemuMachine:
                     raise self._failure(f"QEMU did not load the saved state within {timeout:.0f} s")
                 time.sleep(0.002)
         except QemuError as exc:
-            if self.is_running():
+            # QEMU exits when the stream is not a state of this machine; QMP may report the
+            # disconnect a moment before the process is gone, so give it that moment.
+            if self.wait(EXIT_GRACE) is None:
                 raise
-            # QEMU exits when the stream is not a state of this machine.
             raise self._failure(f"QEMU could not load the saved state {self.config.incoming}") from exc
 
     def save_state(self, path: Path, timeout: float = SAVE_TIMEOUT) -> None:
