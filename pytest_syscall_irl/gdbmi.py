@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Union
 
@@ -128,8 +129,9 @@ class GdbSession:
         self._scalar_registers: list[int] | None = None
         self._transcript: IO[str] | None = None
         self._transcript_lock = threading.Lock()
-        if transcript_path is not None:
-            self._transcript = open(transcript_path, "a", encoding="utf-8", buffering=1)
+        self.transcript_path = Path(transcript_path) if transcript_path is not None else None
+        if self.transcript_path is not None:
+            self._transcript = open(self.transcript_path, "a", encoding="utf-8", buffering=1)
         self._proc = self._spawn()
         self._threads = [
             threading.Thread(target=self._read_stdout, name="gdbmi-stdout", daemon=True),

@@ -199,8 +199,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 origin = "restored from snapshot, boot log not included" if thing.restored else "booted"
                 report.sections.append((f"guest {thing.name} console, {origin} (tail)",
                                         tail(_read(thing.machine.console_log), 60)))
+                # JUnit XML has no room for report sections: it gets the logs' paths.
+                item.user_properties.append((f"syscall-irl {thing.name} logs", str(thing.machine.log_dir)))
             elif isinstance(thing, GdbSession):
                 report.sections.append(("gdb/mi transcript (tail)", thing.transcript_tail(40)))
+                if thing.transcript_path is not None:
+                    item.user_properties.append(("syscall-irl gdb/mi transcript", str(thing.transcript_path)))
             elif isinstance(thing, SyscallTracer):
                 for number, trace in enumerate(thing.traces, start=1):
                     report.sections.append((f"syscall trace {number}", str(trace)))

@@ -6,6 +6,7 @@ These run in CI (the root conftest fails them there if they skip).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -251,3 +252,13 @@ def test_payloads_travel_in_the_initramfs_when_the_iso_cannot_be_mounted(kernel:
             assert (result.output, result.status) == ("syscall_irl\n", 0)
         finally:
             console.close()
+
+
+def test_a_failing_test_reports_its_guest_and_gdb_logs(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner="def test_fails(guest, gdb):\n    assert guest.run('echo x').output == 'y\\n'\n")
+    result = pytester.runpytest_subprocess("--junitxml=junit.xml")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*guest shared-* console, restored from snapshot*", "*SIRL{*", "*gdb/mi transcript (tail)*"])
+    junit = (pytester.path / "junit.xml").read_text()
+    logs = re.findall(r'<property name="syscall-irl [^"]*" value="([^"]*)"', junit)
+    assert len(logs) == 2 and all(Path(p).exists() for p in logs), junit
