@@ -81,7 +81,7 @@ def _socket_inodes(pid: int) -> set[str]:
         except OSError:
             continue
         if target.startswith("socket:["):
-            found.add(target[len("socket:["):-1])
+            found.add(target[len("socket:[") : -1])
     return found
 
 
@@ -159,9 +159,14 @@ class Run:
         env = {**os.environ, "SIRL_RUN_ID": self.run_id, "SIRL_MODE": mode, "SIRL_READY": str(self.ready)}
         env.pop("PYTEST_XDIST_WORKER", None)
         env.pop("PYTEST_ADDOPTS", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
-                                     cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+            cwd=pytester.path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, count: int = 1, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -205,14 +210,18 @@ def test_two_guests_boot_in_parallel_under_n_2(pytester: pytest.Pytester, runs: 
     run.assert_nothing_left()
 
 
-@pytest.mark.parametrize("mode, args, expected", [
-    ("pass", [], 0),
-    ("fail", [], 1),
-    ("hold", ["--timeout=4"], 1),
-    ("hold", ["--timeout=4", "--timeout-method=thread"], 1),
-])
-def test_nothing_left_after_a_run_that_ends_by_itself(pytester: pytest.Pytester, runs: list[Run], mode: str,
-                                                       args: list[str], expected: int) -> None:
+@pytest.mark.parametrize(
+    "mode, args, expected",
+    [
+        ("pass", [], 0),
+        ("fail", [], 1),
+        ("hold", ["--timeout=4"], 1),
+        ("hold", ["--timeout=4", "--timeout-method=thread"], 1),
+    ],
+)
+def test_nothing_left_after_a_run_that_ends_by_itself(
+    pytester: pytest.Pytester, runs: list[Run], mode: str, args: list[str], expected: int
+) -> None:
     runs.append(run := Run(pytester, HOLD, mode, *args))
     code, out = run.finish()
     assert code == expected, out
@@ -220,8 +229,9 @@ def test_nothing_left_after_a_run_that_ends_by_itself(pytester: pytest.Pytester,
 
 
 @pytest.mark.parametrize("sig, workers", [(signal.SIGINT, []), (signal.SIGKILL, []), (signal.SIGKILL, ["-n", "2"])])
-def test_nothing_left_after_ctrl_c_or_sigkill(pytester: pytest.Pytester, runs: list[Run], sig: signal.Signals,
-                                              workers: list[str]) -> None:
+def test_nothing_left_after_ctrl_c_or_sigkill(
+    pytester: pytest.Pytester, runs: list[Run], sig: signal.Signals, workers: list[str]
+) -> None:
     runs.append(run := Run(pytester, HOLD, "hold", *workers))
     run.wait_ready()
     run.proc.send_signal(sig)  # to pytest only, as a terminal's Ctrl-C or a CI runner's kill would
@@ -258,7 +268,9 @@ def test_a_failing_test_reports_its_guest_and_gdb_logs(pytester: pytest.Pytester
     pytester.makepyfile(test_inner="def test_fails(guest, gdb):\n    assert guest.run('echo x').output == 'y\\n'\n")
     result = pytester.runpytest_subprocess("--junitxml=junit.xml")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(["*guest shared-* console, restored from snapshot*", "*SIRL{*", "*gdb/mi transcript (tail)*"])
+    result.stdout.fnmatch_lines(
+        ["*guest shared-* console, restored from snapshot*", "*SIRL{*", "*gdb/mi transcript (tail)*"]
+    )
     junit = (pytester.path / "junit.xml").read_text()
     logs = re.findall(r'<property name="syscall-irl [^"]*" value="([^"]*)"', junit)
     assert len(logs) == 2 and all(Path(p).exists() for p in logs), junit

@@ -305,16 +305,15 @@ def make_fake_tree(tmp_path: Path, bzimage: Path, vmlinux: Path, dropping: str =
 
 
 @needs_gcc
-def test_a_tree_build_runs_every_step_and_fills_the_cache(
-    tmp_path: Path, fake_build: tuple[Path, Path]
-) -> None:
+def test_a_tree_build_runs_every_step_and_fills_the_cache(tmp_path: Path, fake_build: tuple[Path, Path]) -> None:
     tree = make_fake_tree(tmp_path, *fake_build)
     fragment = tmp_path / "frag.config"
     fragment.write_text("CONFIG_SMP=y\n")
     stages: list[str] = []
     output: list[str] = []
-    build = KernelBuild(tree, fragment, jobs=1, cache=tmp_path / "cache", on_stage=stages.append,
-                        on_output=output.append)
+    build = KernelBuild(
+        tree, fragment, jobs=1, cache=tmp_path / "cache", on_stage=stages.append, on_output=output.append
+    )
     assert build.build() == build.bzimage
     assert (build.directory / "complete").is_file() and build.vmlinux.is_file()
     assert (build.directory / "config").read_text() == "CONFIG_64BIT=y\nCONFIG_SMP=y\n"
@@ -332,7 +331,9 @@ def test_a_dropped_option_fails_the_build(tmp_path: Path, fake_build: tuple[Path
     fragment = tmp_path / "frag.config"
     fragment.write_text("CONFIG_RANDOMIZE_BASE=y\nCONFIG_SMP=y\n")
     build = KernelBuild(tree, fragment, cache=tmp_path / "cache")
-    with pytest.raises(KernelError, match=r"did not survive.*\n  CONFIG_RANDOMIZE_BASE=y \(final .config: is not set\)$"):
+    with pytest.raises(
+        KernelError, match=r"did not survive.*\n  CONFIG_RANDOMIZE_BASE=y \(final .config: is not set\)$"
+    ):
         build.build()
     assert not build.is_complete()
 
@@ -357,8 +358,9 @@ def test_a_tree_that_is_not_a_kernel_is_a_config_error(tmp_path: Path) -> None:
 # --- cli -------------------------------------------------------------------------------------
 
 
-def test_cli_kernel_path_without_a_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_kernel_path_without_a_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("SYSCALL_IRL_CACHE", str(tmp_path))
     assert cli.main(["kernel", "path"]) == 1
     captured = capsys.readouterr()
@@ -373,7 +375,9 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path: Path, capsys: pytes
 
 @needs_gcc
 def test_cli_kernel_build_prints_progress_then_the_path(
-    tmp_path: Path, fake_build: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    fake_build: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("SYSCALL_IRL_CACHE", str(tmp_path / "cache"))
@@ -416,8 +420,7 @@ def test_reference_banner_and_bzimage_agree(reference: Kernel) -> None:
 @pytest.mark.integration
 def test_reference_symbols_agree_with_nm(reference: Kernel) -> None:
     nm = subprocess.run(["nm", str(reference.vmlinux.path)], capture_output=True, text=True, check=True)
-    addresses = {fields[2]: int(fields[0], 16) for fields in map(str.split, nm.stdout.splitlines())
-                 if len(fields) == 3}
+    addresses = {fields[2]: int(fields[0], 16) for fields in map(str.split, nm.stdout.splitlines()) if len(fields) == 3}
     for name in ("entry_SYSCALL_64", "do_syscall_64", "sys_call_table", "linux_banner"):
         assert reference.vmlinux.symbol(name) == addresses[name], name
 

@@ -57,12 +57,21 @@ def test_key_changes_with_file_contents_at_the_same_path(config: MachineConfig, 
     assert snapshot_key(config, QEMU_ID) != before
 
 
-@pytest.mark.parametrize("change", [
-    {"memory_mb": 512}, {"cpus": 2}, {"append": "console=ttyS0 quiet"}, {"accel": "kvm"},
-    {"extra_args": ("-cpu", "max")}, {"iso": None}, {"qemu": "/opt/qemu/bin/qemu-system-x86_64"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"memory_mb": 512},
+        {"cpus": 2},
+        {"append": "console=ttyS0 quiet"},
+        {"accel": "kvm"},
+        {"extra_args": ("-cpu", "max")},
+        {"iso": None},
+        {"qemu": "/opt/qemu/bin/qemu-system-x86_64"},
+    ],
+)
 def test_key_changes_with_the_machine_arguments(config: MachineConfig, change: dict[str, object]) -> None:
-    assert snapshot_key(dataclasses.replace(config, **change), QEMU_ID) != snapshot_key(config, QEMU_ID)  # type: ignore[arg-type]
+    changed = dataclasses.replace(config, **change)  # type: ignore[arg-type]
+    assert snapshot_key(changed, QEMU_ID) != snapshot_key(config, QEMU_ID)
 
 
 def test_key_changes_with_the_qemu_build(config: MachineConfig) -> None:
@@ -71,7 +80,9 @@ def test_key_changes_with_the_qemu_build(config: MachineConfig) -> None:
 
 
 def test_key_ignores_sockets_logs_and_the_incoming_state(config: MachineConfig, tmp_path: Path) -> None:
-    assert snapshot_key(dataclasses.replace(config, incoming=tmp_path / "state"), QEMU_ID) == snapshot_key(config, QEMU_ID)
+    assert snapshot_key(dataclasses.replace(config, incoming=tmp_path / "state"), QEMU_ID) == snapshot_key(
+        config, QEMU_ID
+    )
     args = machine_arguments(config)
     assert "-incoming" not in args and not any("/tmp/sirl-" in arg for arg in args)
     real = qemu_command(config, Sockets(Path("/tmp/sirl-abc")), tmp_path / "console.log")
@@ -79,8 +90,9 @@ def test_key_ignores_sockets_logs_and_the_incoming_state(config: MachineConfig, 
 
 
 def test_incoming_is_added_to_the_command_line_quoted(config: MachineConfig) -> None:
-    command = qemu_command(dataclasses.replace(config, incoming=Path("/c/snap shot/state")), Sockets(Path("/s")),
-                           Path("/l"))
+    command = qemu_command(
+        dataclasses.replace(config, incoming=Path("/c/snap shot/state")), Sockets(Path("/s")), Path("/l")
+    )
     assert command[command.index("-incoming") + 1] == "exec:cat '/c/snap shot/state'"
     assert "-S" in command  # restored paused: the console connects before the guest runs
 
@@ -152,8 +164,10 @@ def test_a_damaged_snapshot_is_built_again(tmp_path: Path) -> None:
 def test_threads_asking_at_once_build_once(tmp_path: Path) -> None:
     calls: list[Path] = []
     results: list[Snapshot] = []
-    threads = [threading.Thread(target=lambda: results.append(load_or_build(tmp_path, "k", _builder(calls, 0.3))))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(load_or_build(tmp_path, "k", _builder(calls, 0.3))))
+        for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -177,8 +191,12 @@ print(load_or_build(Path(sys.argv[1]), "k", build).directory)
 
 def test_processes_asking_at_once_build_once(tmp_path: Path) -> None:
     count = tmp_path / "builds"
-    children = [procs.spawn([sys.executable, "-c", CHILD, str(tmp_path / "cache"), str(count)],
-                            stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    children = [
+        procs.spawn(
+            [sys.executable, "-c", CHILD, str(tmp_path / "cache"), str(count)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     try:
         outputs = [child.communicate(timeout=60)[0] for child in children]
     finally:
@@ -201,8 +219,14 @@ def reference() -> Kernel:
 
 def _settings(kernel: Kernel, cache: Path, **changes: object) -> LabSettings:
     # TCG: the tests are about snapshots, and an "auto" probe would cost seconds per cache.
-    settings = LabSettings(kernel=kernel, qemu=shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
-                           gdb=shutil.which("gdb") or "gdb", accel="tcg", boot_args="", cache=cache)
+    settings = LabSettings(
+        kernel=kernel,
+        qemu=shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
+        gdb=shutil.which("gdb") or "gdb",
+        accel="tcg",
+        boot_args="",
+        cache=cache,
+    )
     return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
 
 
@@ -235,11 +259,10 @@ def test_restore_gives_a_working_guest(lab: Lab, restored: Guest, reference: Ker
 
 @pytest.mark.integration
 def test_gdb_attaches_to_a_restored_guest_as_to_a_booted_one(lab: Lab, restored: Guest, reference: Kernel) -> None:
-    with GdbSession(reference.vmlinux.path, gdb=lab.settings.gdb,
-                    index_cache_dir=lab.settings.gdb_index_cache) as gdb:
+    with GdbSession(reference.vmlinux.path, gdb=lab.settings.gdb, index_cache_dir=lab.settings.gdb_index_cache) as gdb:
         gdb.connect(restored.gdb_socket)
         regs = gdb.registers()
-        assert regs["rip"] >= 0xffffffff80000000 and regs["cs"] & 3 == 0
+        assert regs["rip"] >= 0xFFFFFFFF80000000 and regs["cs"] & 3 == 0
         restored.debugger = gdb
         ksys_write = reference.vmlinux.symbol("ksys_write")
         gdb.break_insert(f"*{ksys_write:#x}", condition="$rdi == 1")
@@ -301,7 +324,7 @@ def test_a_stale_snapshot_is_not_used_and_a_new_one_is_built(reference: Kernel, 
         guest.shutdown()
     # QEMU changed: another binary (here a wrapper around the same QEMU).
     wrapper = tmp_path / "qemu-wrapper"
-    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('qemu-system-x86_64')} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("qemu-system-x86_64")} "$@"\n')
     wrapper.chmod(0o755)
     other_qemu = Lab(_settings(reference, cache, qemu=str(wrapper)), tmp_path / "logs")
     assert other_qemu.snapshot_key() not in (plain.snapshot_key(), changed.snapshot_key())

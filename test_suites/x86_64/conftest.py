@@ -11,9 +11,10 @@ from pytest_syscall_irl.guest import Guest
 def read_msr(guest: Guest):
     """Read an MSR inside the guest through /dev/cpu/0/msr (the `rdmsr` payload).
 
-        def test_lstar(read_msr):
-            assert read_msr(x86.MSR_LSTAR) != 0
+    def test_lstar(read_msr):
+        assert read_msr(x86.MSR_LSTAR) != 0
     """
+
     def read(msr: int) -> int:
         result = guest.run(f"{guest.payload('rdmsr').guest_path} {msr:#x}")
         if result.status == 3:

@@ -18,11 +18,15 @@ def test_sys_call_table_points_at_the_handler(name, kernel, gdb):
     assert live == handler, f"sys_call_table[{nr}] is {live:#x}, expected __x64_sys_{name} {handler:#x}"
 
 
-@pytest.mark.parametrize("name, argv, args", [("write", ("syscall_irl",), {0: 1, 2: 12}),
-                                              ("dup", ("rawsys", f"{DUP}", "1"), {0: 1})])
+@pytest.mark.parametrize(
+    "name, argv, args", [("write", ("syscall_irl",), {0: 1, 2: 12}), ("dup", ("rawsys", f"{DUP}", "1"), {0: 1})]
+)
 def test_the_traced_call_runs_its_handler(name, argv, args, syscall_trace, kernel):
-    trace = syscall_trace.payload(argv[0], *argv[1:], nr=name, args=args) if name == "dup" else \
-        syscall_trace.payload("syscall_irl", nr=name, args=args)
+    trace = (
+        syscall_trace.payload(argv[0], *argv[1:], nr=name, args=args)
+        if name == "dup"
+        else syscall_trace.payload("syscall_irl", nr=name, args=args)
+    )
     rip, handler = trace["handler"]["rip"], kernel.vmlinux.symbol(f"__x64_sys_{name}")
     assert rip == handler, f"the CPU ran {rip:#x} for {name}, expected __x64_sys_{name} {handler:#x}"
 
@@ -31,9 +35,10 @@ def test_the_handler_runs_under_do_syscall_64_and_the_entry(syscall_trace):
     frames = list(syscall_trace.payload("syscall_irl", nr="write", args={0: 1, 2: 12})["handler"].backtrace)
     # Inlined helpers (do_syscall_x64 in 6.1) may stand between: the order is what counts.
     assert "do_syscall_64" in frames[1:], f"backtrace {frames}: expected do_syscall_64 below the handler"
-    below = frames[frames.index("do_syscall_64") + 1:]
+    below = frames[frames.index("do_syscall_64") + 1 :]
     assert any(f.startswith("entry_SYSCALL_64") for f in below), (
-        f"backtrace {frames}: expected entry_SYSCALL_64 below do_syscall_64")
+        f"backtrace {frames}: expected entry_SYSCALL_64 below do_syscall_64"
+    )
 
 
 def test_out_of_range_number_returns_enosys(syscall_trace, kernel):

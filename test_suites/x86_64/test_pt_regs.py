@@ -29,20 +29,26 @@ def test_arguments_are_the_values_user_mode_loaded(trace):
     pt_regs, user = trace["do_syscall_64"].pt_regs, trace["user"]
     for index, (field, register) in enumerate(zip(x86.PT_REGS_ARGS, x86.SYSCALL_ARG_REGISTERS)):
         assert user[register] == SIX[index], f"user {register} {user[register]:#x}, payload loaded {SIX[index]:#x}"
-        assert pt_regs[field] == SIX[index], f"pt_regs->{field} {pt_regs[field]:#x}, expected argument {index} = {SIX[index]:#x}"
+        assert pt_regs[field] == SIX[index], (
+            f"pt_regs->{field} {pt_regs[field]:#x}, expected argument {index} = {SIX[index]:#x}"
+        )
 
 
 def test_ip_is_the_user_return_address(trace):
     pt_regs, entry, user = trace["do_syscall_64"].pt_regs, trace["entry"], trace["user"]
     after_syscall = user["rip"] + 2  # `syscall` is 0f 05
-    assert entry["rcx"] == after_syscall, f"RCX at entry {entry['rcx']:#x}, expected user RIP after syscall {after_syscall:#x}"
+    assert entry["rcx"] == after_syscall, (
+        f"RCX at entry {entry['rcx']:#x}, expected user RIP after syscall {after_syscall:#x}"
+    )
     assert pt_regs["ip"] == after_syscall, f"pt_regs->ip {pt_regs['ip']:#x}, expected {after_syscall:#x}"
 
 
 def test_flags_are_the_user_rflags(trace):
     pt_regs, entry, user = trace["do_syscall_64"].pt_regs, trace["entry"], trace["user"]
     assert entry["r11"] == user["eflags"], f"R11 at entry {entry['r11']:#x}, expected user RFLAGS {user['eflags']:#x}"
-    assert pt_regs["flags"] == user["eflags"], f"pt_regs->flags {pt_regs['flags']:#x}, expected user RFLAGS {user['eflags']:#x}"
+    assert pt_regs["flags"] == user["eflags"], (
+        f"pt_regs->flags {pt_regs['flags']:#x}, expected user RFLAGS {user['eflags']:#x}"
+    )
 
 
 def test_sp_is_the_user_stack_pointer(trace):

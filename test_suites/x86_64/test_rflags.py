@@ -16,7 +16,8 @@ def trace(syscall_trace):
     trace = syscall_trace.payload("flagsys", nr="getppid")
     user = trace["user"]["eflags"]
     assert user & SET_BY_USER == SET_BY_USER, (
-        f"precondition: user RFLAGS {user:#x} lacks {x86.flag_names(SET_BY_USER & ~user)} the payload set")
+        f"precondition: user RFLAGS {user:#x} lacks {x86.flag_names(SET_BY_USER & ~user)} the payload set"
+    )
     return trace
 
 
@@ -29,14 +30,16 @@ def test_fmask_is_what_the_kernel_version_sets(fmask, kernel):
     expected = x86.expected_fmask(kernel.version_tuple)
     assert fmask == expected, (
         f"MSR_SYSCALL_MASK read in the guest is {fmask:#x} ({x86.flag_names(fmask)}), expected {expected:#x} "
-        f"({x86.flag_names(expected)}) for Linux {kernel.release}")
+        f"({x86.flag_names(expected)}) for Linux {kernel.release}"
+    )
 
 
 def test_syscall_clears_the_fmask_bits(trace, fmask):
     entry = trace["entry"]["eflags"]
     assert entry & fmask == 0, (
         f"RFLAGS at entry_SYSCALL_64 is {entry:#x}: {x86.flag_names(entry & fmask)} survived FMASK {fmask:#x}, "
-        f"expected RFLAGS & FMASK == 0")
+        f"expected RFLAGS & FMASK == 0"
+    )
 
 
 def test_r11_keeps_the_user_rflags(trace):
@@ -50,7 +53,8 @@ def test_sysret_restores_rflags_from_r11(trace):
         pytest.skip(f"the kernel did not leave by SYSRET: {sysret.note}")
     expected = x86.sysret_rflags(sysret["r11"])
     assert back["eflags"] == expected, (
-        f"RFLAGS after sysretq is {back['eflags']:#x}, expected (R11 {sysret['r11']:#x} & 0x3C7FD7) | 2 = {expected:#x}")
+        f"RFLAGS after sysretq is {back['eflags']:#x}, expected (R11 {sysret['r11']:#x} & 0x3C7FD7) | 2 = {expected:#x}"
+    )
     assert back["eflags"] & SET_BY_USER == SET_BY_USER, f"user flags lost across the syscall: {back['eflags']:#x}"
 
 

@@ -34,15 +34,21 @@ def test_echo_writes_syscall_irl_to_fd_1(guest, gdb, kernel):
     gdb.delete_breakpoints()
     gdb.resume()
     shell_pid = int(pending.wait(30).output.split()[-1])
-    assert (fd, count, data) == (1, 12, MESSAGE), f"first write to fd 1: fd={fd} count={count} buf={data!r}, expected (1, 12, {MESSAGE!r})"
-    assert (pid, comm) == (shell_pid, "sh"), f"written by pid {pid} ({comm}), expected the shell running echo, pid {shell_pid} (sh)"
+    assert (fd, count, data) == (1, 12, MESSAGE), (
+        f"first write to fd 1: fd={fd} count={count} buf={data!r}, expected (1, 12, {MESSAGE!r})"
+    )
+    assert (pid, comm) == (shell_pid, "sh"), (
+        f"written by pid {pid} ({comm}), expected the shell running echo, pid {shell_pid} (sh)"
+    )
 
 
 def test_history_write_comes_first_and_fd_1_skips_it(guest, gdb, kernel):
     bash = guest.payload("bash").guest_path
     # What the user "types" comes from a file: a pipe would be one more write to fd 1.
-    guest.run("echo \"trap 'history -a' DEBUG\" > /tmp/historyrc && echo 'echo syscall_irl' > /tmp/typed && "
-              "rm -f /tmp/history").check()
+    guest.run(
+        "echo \"trap 'history -a' DEBUG\" > /tmp/historyrc && echo 'echo syscall_irl' > /tmp/typed && "
+        "rm -f /tmp/history"
+    ).check()
     ksys_write = kernel.vmlinux.symbol("ksys_write")
     line = b"echo syscall_irl\n"
     # Any write of the command line's length by bash, whatever the fd; and the classic fd == 1.
@@ -56,6 +62,9 @@ def test_history_write_comes_first_and_fd_1_skips_it(guest, gdb, kernel):
     fd, buf, count = _args(gdb)
     echoed = gdb.read_memory(buf, count)
     assert first.breakpoint == any_fd.number and history == line, (
-        f"first write: breakpoint {first.breakpoint}, fd {history_fd}, {history!r}; expected bash's history write {line!r}")
+        f"first write: breakpoint {first.breakpoint}, fd {history_fd}, {history!r}; "
+        f"expected bash's history write {line!r}"
+    )
     assert second.breakpoint == fd_1.number and (fd, echoed) == (1, MESSAGE), (
-        f"the fd == 1 breakpoint stopped on fd {fd} {echoed!r}, expected fd 1 {MESSAGE!r}")
+        f"the fd == 1 breakpoint stopped on fd {fd} {echoed!r}, expected fd 1 {MESSAGE!r}"
+    )
