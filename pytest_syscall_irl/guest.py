@@ -10,7 +10,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -80,15 +81,23 @@ class Guest:
         A command needs running vCPUs: when an attached debugger holds the guest
         stopped, the guest runs for the command and is stopped again afterwards.
         """
+        with self.running():
+            return self.console.run(command, timeout)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Let the vCPUs run for the block if an attached debugger holds them stopped,
+        and stop them again after it; without a stopped debugger, nothing to do."""
         debugger = self.debugger
         if debugger is None or debugger.state != "stopped":
-            return self.console.run(command, timeout)
+            yield
+            return
         debugger.resume()
         try:
-            return self.console.run(command, timeout)
+            yield
         except ConsoleError as exc:
             if debugger.state == "stopped":
-                exc.message += " (the guest hit a breakpoint while running it)"
+                exc.message += " (the guest hit a breakpoint meanwhile)"
             raise
         finally:
             if debugger.is_alive() and debugger.state != "stopped":

@@ -237,9 +237,8 @@ class SyscallTracer:
         finally:
             self.gdb.delete_breakpoints()
         if pending is not None:
-            self.gdb.resume()
-            result.output = pending.wait(max(1.0, deadline - time.monotonic())).output
-            self.gdb.interrupt()
+            with self.guest.running():
+                result.output = pending.wait(max(1.0, deadline - time.monotonic())).output
         return result
 
     def _arm_first(self, selector: SyscallSelector, user_address: int | None) -> None:
