@@ -165,7 +165,8 @@ class _SymtabLocation(NamedTuple):
 
 
 # Elf{64,32}_Sym layouts, and the positions of st_name, st_info, st_value in each.
-_SYM_LAYOUTS = {64: ("IBBHQQ", (0, 1, 4)), 32: ("IIIBBH", (0, 3, 1))}
+# Elf64_Sym / Elf32_Sym: struct format, and the indices of (st_name, st_info, st_value, st_size).
+_SYM_LAYOUTS = {64: ("IBBHQQ", (0, 1, 4, 5)), 32: ("IIIBBH", (0, 3, 1, 2))}
 _STT_SECTION, _STT_FILE, _STB_LOCAL = 3, 4, 0
 
 
@@ -211,14 +212,19 @@ class Vmlinux:
     @cached_property
     def symbols(self) -> dict[str, int]:
         """Name -> address of every symbol in .symtab; a global wins over a local of the same name."""
+        return {name: address for name, (address, _) in self._symtab_entries.items()}
+
+    @cached_property
+    def _symtab_entries(self) -> dict[str, tuple[int, int]]:
+        """Name -> (address, size) of every symbol in .symtab; a global wins over a local."""
         if self._symtab is None:
             return {}
         started = time.perf_counter()
         data, strtab = self._pread(self._symtab.offset, self._symtab.size), self._pread(
             self._symtab.str_offset, self._symtab.str_size
         )
-        name_at, info_at, value_at = self._sym_fields
-        table: dict[str, int] = {}
+        name_at, info_at, value_at, size_at = self._sym_fields
+        table: dict[str, tuple[int, int]] = {}
         is_global: set[str] = set()
         for entry in struct.iter_unpack(self._sym_format, data):
             offset, info = entry[name_at], entry[info_at]
@@ -226,12 +232,28 @@ class Vmlinux:
                 continue
             name = strtab[offset : strtab.index(b"\0", offset)].decode("utf-8", "replace")
             if info >> 4 == _STB_LOCAL:
-                table.setdefault(name, entry[value_at])
+                table.setdefault(name, (entry[value_at], entry[size_at]))
             elif name not in is_global:
-                table[name] = entry[value_at]
+                table[name] = (entry[value_at], entry[size_at])
                 is_global.add(name)
         log.debug("%s: %d symbols in %.3f s", self.path, len(table), time.perf_counter() - started)
         return table
+
+    @cached_property
+    def _names_by_address(self) -> dict[int, list[str]]:
+        found: dict[int, list[str]] = {}
+        for name, address in self.symbols.items():
+            found.setdefault(address, []).append(name)
+        return found
+
+    def names_at(self, address: int) -> list[str]:
+        """Every symbol at *address*, sorted (aliases share an address)."""
+        return sorted(self._names_by_address.get(address, ()))
+
+    def symbol_size(self, name: str) -> int:
+        """st_size of *name* (bytes of a function or object); KernelError if absent."""
+        self.symbol(name)
+        return self._symtab_entries[name][1]
 
     def has_symbol(self, name: str) -> bool:
         """True if .symtab has *name*."""

@@ -213,11 +213,14 @@ class SyscallTracer:
         return self._entry
 
     def handler_for(self, nr: int) -> str:
-        """The handler symbol sys_call_table[nr] points at in the vmlinux image, or "" if none."""
-        table = self.kernel.vmlinux.symbol("sys_call_table")
-        pointer = int.from_bytes(self.kernel.vmlinux.read(table + 8 * nr, 8), "little") if nr < 1024 else 0
-        names = [n for n, a in self.kernel.vmlinux.symbols.items() if a == pointer and n.startswith("__x64_sys_")]
-        return sorted(names)[0] if names else ""
+        """The handler symbol sys_call_table[nr] points at in the vmlinux image, or "" if nr
+        is beyond the table (its ELF size) or its slot holds no __x64_sys_ handler."""
+        vmlinux = self.kernel.vmlinux
+        if not 0 <= nr < vmlinux.symbol_size("sys_call_table") // 8:
+            return ""
+        pointer = int.from_bytes(vmlinux.read(vmlinux.symbol("sys_call_table") + 8 * nr, 8), "little")
+        names = [name for name in vmlinux.names_at(pointer) if name.startswith("__x64_sys_")]
+        return names[0] if names else ""
 
     def trace(self, command: str, selector: SyscallSelector, user_address: int | None = None,
               timeout: float | None = None) -> SyscallTrace:

@@ -426,6 +426,17 @@ def test_reference_symbols_agree_with_nm(reference: Kernel) -> None:
 
 
 @pytest.mark.integration
+def test_reference_symbol_sizes_and_aliases_agree_with_nm(reference: Kernel) -> None:
+    nm = subprocess.run(["nm", "-S", str(reference.vmlinux.path)], capture_output=True, text=True, check=True)
+    sizes = {f[3]: int(f[1], 16) for f in map(str.split, nm.stdout.splitlines()) if len(f) == 4}
+    for name in ("sys_call_table", "do_syscall_64", "__x64_sys_write"):
+        assert reference.vmlinux.symbol_size(name) == sizes[name], name
+    write = reference.vmlinux.symbol("__x64_sys_write")
+    assert "__x64_sys_write" in reference.vmlinux.names_at(write)
+    assert reference.vmlinux.names_at(write) == sorted(reference.vmlinux.names_at(write))
+
+
+@pytest.mark.integration
 def test_reference_sys_call_table_starts_with_read_and_write(reference: Kernel) -> None:
     vmlinux = reference.vmlinux
     first, second = struct.unpack("<QQ", vmlinux.read(vmlinux.symbol("sys_call_table"), 16))
