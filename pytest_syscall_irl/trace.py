@@ -37,6 +37,7 @@ KERNEL_STAGES = tuple(name for name in STAGES if name not in USER_STAGES)
 TRACE_REGISTERS = ("rip", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
                    "eflags", "cs", "ss", "fs_base", "gs_base", "k_gs_base", "cr3")
 MAX_SWAPGS_STEPS = 16
+NO_HANDLER = "no handler"  # SyscallTrace.handler when sys_call_table has none for the number
 
 
 class TraceError(SyscallIrlError):
@@ -230,7 +231,7 @@ class SyscallTracer:
         without it the trace starts at entry_SYSCALL_64 and the user stage is not taken.
         """
         deadline = time.monotonic() + (timeout or self.timeout)
-        result = SyscallTrace(command, selector, self.handler_for(selector.nr) or "no handler")
+        result = SyscallTrace(command, selector, self.handler_for(selector.nr) or NO_HANDLER)
         self.traces.append(result)
         pending: PendingCommand | None = None
         try:
@@ -329,7 +330,7 @@ class _Run:
         self.record("do_syscall_64", note=f"regs={regs_ptr:#x}, nr in ${nr_reg}", pt_regs_at=regs_ptr)
         self.gdb.delete_breakpoints()
         handler = self.trace.handler
-        if handler == "no handler":
+        if handler == NO_HANDLER:
             for name in ("handler", "ksys", "handler_return"):
                 self.skip(name, f"sys_call_table has no handler for nr {self.trace.selector.nr}")
             return regs_ptr
