@@ -53,18 +53,31 @@ def spawn(command: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
     return proc
 
 
+def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
+    # spawn() made the child a session (and process group) leader: its group holds
+    # whatever it started, e.g. the real QEMU under a --qemu wrapper that forks.
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def stop(proc: subprocess.Popen[Any], grace: float = 3.0) -> int:
-    """Terminate *proc* (SIGTERM, then SIGKILL after *grace* seconds) and reap it.
+    """Terminate *proc* and its process group (SIGTERM, then SIGKILL after *grace*
+    seconds) and reap it.
 
     Idempotent; returns the exit status.
     """
     if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
         try:
-            proc.terminate()
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+        # Members that ignored SIGTERM or outlived their leader. Only right after we saw
+        # the leader alive: a group id reaped long ago could name someone else's group.
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
     _live.discard(proc)
     return proc.returncode
 
@@ -73,5 +86,5 @@ def stop(proc: subprocess.Popen[Any], grace: float = 3.0) -> int:
 def _kill_leftovers() -> None:
     for proc in list(_live):
         if proc.poll() is None:
-            proc.kill()
+            _signal_group(proc, signal.SIGKILL)
             proc.wait()
