@@ -146,3 +146,68 @@ def parse_line(line: str) -> dict[str, Any]:
             payload = {"register-values": values}
             return {"type": "result", "message": "done", "payload": payload, "token": int(dump[1])}
     return parse_response(line)
+
+
+_PTYPE_OFFSET = re.compile(r"^/\*\s*(\d+)(?::\s*\d+)?\s*\|\s*\d+\s*\*/(.*)$")  # /*  136: 0 |  8 */ decl
+_PTYPE_SIZE_ONLY = re.compile(r"^/\*\s*\d+\s*\*/(.*)$")  # a union member: /*    8 */ decl
+_PTYPE_CLOSE = re.compile(r"^}\s*(\w*)\s*(?:\[[^\]]*\]\s*)*;?$")
+_DECL_FUNCTION_POINTER = re.compile(r"\(\s*\*\s*(\w+)\s*\)")
+_DECL_NAME = re.compile(r"(\w+)\s*(?:\[[^\]]*\]\s*)*$")
+
+
+class _Aggregate:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.members: dict[str, int] = {}
+
+
+def parse_ptype_offsets(text: str) -> dict[str, int]:
+    """Byte offsets of the members of the struct that GDB's ``ptype/o struct X`` printed,
+    as C names them: members of anonymous unions and structs count as the struct's own
+    (``regs->cs`` when cs sits in an anonymous union), members of named ones do not.
+
+    Raises ValueError when *text* is not ``ptype/o`` output of an aggregate.
+    """
+    stack: list[_Aggregate] = []
+    root: _Aggregate | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("/* XXX") or (line.startswith("/* total size") and line.endswith("*/")):
+            continue
+        if root is None:
+            if "type = " in line and line.endswith("{"):
+                root = _Aggregate(0)
+                stack.append(root)
+            continue
+        if not stack:
+            break
+        closing = _PTYPE_CLOSE.match(line)
+        if closing:
+            done = stack.pop()
+            if not stack:
+                break
+            name = closing.group(1)
+            if name:
+                stack[-1].members.setdefault(name, done.offset)
+            else:  # anonymous: its members are the enclosing aggregate's
+                for member, offset in done.members.items():
+                    stack[-1].members.setdefault(member, offset)
+            continue
+        with_offset = _PTYPE_OFFSET.match(line)
+        size_only = None if with_offset else _PTYPE_SIZE_ONLY.match(line)
+        if with_offset:
+            offset, decl = int(with_offset.group(1)), with_offset.group(2).strip()
+        elif size_only:
+            offset, decl = stack[-1].offset, size_only.group(1).strip()
+        else:
+            continue
+        if decl.endswith("{"):
+            stack.append(_Aggregate(offset))
+            continue
+        decl = decl.rstrip(";").split(" : ")[0].strip()  # drop a bit-field width
+        name = _DECL_FUNCTION_POINTER.search(decl) or _DECL_NAME.search(decl)
+        if name:
+            stack[-1].members.setdefault(name.group(1), offset)
+    if root is None or stack:
+        raise ValueError(f"not the complete ptype/o output of an aggregate: {text[:200]!r}")
+    return root.members

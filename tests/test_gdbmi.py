@@ -21,6 +21,7 @@ from pytest_syscall_irl.gdbmi import (
     GdbTimeoutError,
     mi_quote,
     parse_line,
+    parse_ptype_offsets,
 )
 
 FAKE_GDB = Path(__file__).with_name("fake_gdb.py")
@@ -360,3 +361,55 @@ def test_real_gdb(
     text = log.read_text()
     assert "-> " in text and "<- " in text
     assert "Fatal signal" not in text  # GDB 13 segfaults when SIGTERMed while exiting
+
+
+# A pt_regs shaped like 6.9+ with FRED: anonymous unions (cs, ss, orig_ax are still
+# regs->cs...), named structs inside them (fred_cs.cs is not regs->cs), bit-fields, an
+# array and a function pointer.
+LAYOUT_C = """
+#include <stddef.h>
+#include <stdio.h>
+struct fred_cs { unsigned long cs:16, sl:2, wfe:1; };
+struct regs {
+    unsigned long r15, r14;
+    union { unsigned long orig_ax; struct { unsigned int error_code, pad; } fred; };
+    unsigned long ip;
+    union { unsigned short cs; unsigned long csx; struct fred_cs fred_cs; };
+    struct { unsigned char lo, hi; };
+    char name[3][5];
+    int (*handler)(int, char *);
+    unsigned int bits : 3, more : 7;
+    unsigned long sp;
+};
+struct regs r;
+#define P(m) printf("%s %zu\\n", #m, offsetof(struct regs, m));
+int main(void) {
+    P(r15) P(r14) P(orig_ax) P(fred) P(ip) P(cs) P(csx) P(fred_cs) P(lo) P(hi) P(name) P(handler) P(sp)
+    /* bit-fields have no offsetof: both sit in the unit right after handler */
+    printf("bits %zu\\nmore %zu\\n", offsetof(struct regs, handler) + sizeof r.handler,
+           offsetof(struct regs, handler) + sizeof r.handler);
+    return 0;
+}
+"""
+
+
+@pytest.mark.integration
+def test_member_offsets_agree_with_the_compiler(tmp_path: Path) -> None:
+    if shutil.which("gcc") is None or not Path("/usr/bin/gdb").exists():
+        pytest.skip("needs gcc and /usr/bin/gdb")
+    (tmp_path / "layout.c").write_text(LAYOUT_C)
+    subprocess.run(["gcc", "-g", "-o", "layout", "layout.c"], cwd=tmp_path, check=True)
+    run = subprocess.run([str(tmp_path / "layout")], check=True, capture_output=True, text=True).stdout
+    compiler = {name: int(offset) for name, offset in (line.split() for line in run.splitlines())}
+    with GdbSession(tmp_path / "layout", gdb="/usr/bin/gdb", index_cache_dir=tmp_path / "index-cache") as gdb:
+        offsets = gdb.member_offsets("struct regs")
+        with pytest.raises(GdbCommandError, match="No struct type named nosuch"):
+            gdb.member_offsets("struct nosuch")
+    assert offsets == compiler
+    assert "error_code" not in offsets and offsets["cs"] == offsets["csx"] == offsets["fred_cs"]
+
+
+@pytest.mark.parametrize("text", ["", "$1 = 3", "/* offset | size */  type = struct x {\n/*  0 | 8 */  long a;\n"])
+def test_ptype_parser_rejects_what_is_not_a_whole_aggregate(text: str) -> None:
+    with pytest.raises(ValueError, match="ptype/o"):
+        parse_ptype_offsets(text)
