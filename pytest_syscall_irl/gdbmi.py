@@ -370,7 +370,14 @@ class GdbSession:
         return self.wait_for_stop(timeout)
 
     def detach(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Detach from the target, which resumes running on its own."""
+        """Detach from the target, which resumes running on its own. A running target is
+        stopped first: GDB refuses to detach from one (all-stop, async)."""
+        if self.state == "running":
+            try:
+                self.interrupt(timeout)
+            except GdbCommandError:
+                if self.state == "running":  # not a stop that raced the interrupt
+                    raise
         self.command("-target-detach", timeout)
         with self._lock:
             self._state = "detached"

@@ -78,7 +78,7 @@ class FakeGdb:
         sys.stdout.flush()
 
     def handle(self, token: str, name: str, args: list[str], raw_args: str) -> None:
-        if self.running and name != "-exec-interrupt":
+        if self.running and name not in ("-exec-interrupt", "-target-detach"):
             self.running = False  # the stop lands inside this command's response
             self.out('~"some output\\n"', f'*stopped,reason="breakpoint-hit",bkptno="7",{FRAME},thread-id="1"')
         method = getattr(self, "do_" + name.lstrip("-").replace("-", "_"), None)
@@ -110,6 +110,10 @@ class FakeGdb:
         )
 
     def do_target_detach(self, token: str, args: list[str], raw: str) -> None:
+        if self.running:  # GDB 13 in async mode
+            self.out(f'{token}^error,msg="Cannot execute this command while the target is running.\\nUse the '
+                     '\\"interrupt\\" command to stop the target\\nand then try again."')
+            return
         self.out(
             '=thread-exited,id="1",group-id="i1"',
             '=thread-group-exited,id="i1"',

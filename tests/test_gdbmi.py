@@ -165,6 +165,17 @@ def test_connect_consumes_the_stop_and_state_follows_records(gdb: GdbSession) ->
     assert state(gdb) == "detached"
 
 
+def test_detach_from_a_running_target_interrupts_it_first(gdb: GdbSession, transcript: Path) -> None:
+    # A test that ends with the guest running (gdb.resume()) must not break the detach
+    # of the gdb fixture: GDB refuses -target-detach while the target runs.
+    gdb.connect("/tmp/gdb.sock")
+    gdb.resume()
+    assert state(gdb) == "running"
+    gdb.detach()
+    assert state(gdb) == "detached"
+    assert sent(transcript)[-2:] == ["-exec-interrupt", "-target-detach"]
+
+
 def test_stop_arriving_inside_another_response_is_queued(gdb: GdbSession) -> None:
     gdb.connect("/tmp/gdb.sock")
     gdb.resume()
