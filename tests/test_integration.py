@@ -274,3 +274,22 @@ def test_a_failing_test_reports_its_guest_and_gdb_logs(pytester: pytest.Pytester
     junit = (pytester.path / "junit.xml").read_text()
     logs = re.findall(r'<property name="syscall-irl [^"]*" value="([^"]*)"', junit)
     assert len(logs) == 2 and all(Path(p).exists() for p in logs), junit
+
+
+LEAVE_RUNNING = """
+SEEN = []
+
+def test_ends_with_the_guest_running(guest, gdb):
+    SEEN.append((guest.machine.pid, gdb.pid))
+    gdb.resume()
+
+def test_next_test_gets_the_same_guest_and_gdb(guest, gdb):
+    assert (guest.machine.pid, gdb.pid) == SEEN[0], "the shared guest or GDB was replaced"
+    gdb.resume()
+    assert guest.run("echo ok").output == "ok\\n"
+"""
+
+
+def test_a_test_may_end_with_its_guest_running(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner=LEAVE_RUNNING)
+    pytester.runpytest_subprocess().assert_outcomes(passed=2)
