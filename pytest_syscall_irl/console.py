@@ -156,6 +156,11 @@ class GuestConsole:
         """Run *command* in the guest; returns its output and exit status."""
         return self.start(command).wait(timeout)
 
+    @property
+    def pending(self) -> PendingCommand | None:
+        """The command started last, if its end has not been read yet."""
+        return self._pending
+
     def drain(self, timeout: float | None = None) -> None:
         """Finish reading a command started earlier, so output never mixes."""
         if self._pending is not None:

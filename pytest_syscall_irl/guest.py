@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 BOOT_TIMEOUT = 90.0
 # A restored guest answers in well under a second; a longer wait means it is broken.
 RESTORE_TIMEOUT = 20.0
+SETTLE_TIMEOUT = 10.0  # for a command a test left running to end
 INDEX_LOCK_TIMEOUT = 600.0
 
 
@@ -102,6 +103,25 @@ class Guest:
         finally:
             if debugger.is_alive() and debugger.state != "stopped":
                 debugger.interrupt()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Make the guest ready for another test: read to the end a command the last one
+        left running (its output is dropped). False if the guest is dead, or if the
+        command did not end within *timeout* (default SETTLE_TIMEOUT): the guest is then
+        of no further use."""
+        if not self.is_alive():
+            return False
+        pending = self.console.pending
+        if pending is None:
+            return True
+        try:
+            with self.running():
+                result = pending.wait(SETTLE_TIMEOUT if timeout is None else timeout)
+        except SyscallIrlError as exc:
+            log.warning("%s: command %r left running did not end: %s", self.name, pending.command, exc)
+            return False
+        log.info("%s: command %r left running ended with status %d", self.name, pending.command, result.status)
+        return True
 
     def payload(self, name: str) -> Payload:
         """A guest program of guest/payloads/ (in the guest: payload.guest_path)."""

@@ -267,6 +267,11 @@ class _SharedGuest:
             self.guest = self.lab.boot(name=f"shared-{os.getpid()}-{self.generation}")
         return self.guest
 
+    def settle(self) -> None:
+        """After a test: a guest that cannot take the next command is replaced."""
+        if self.guest is not None and not self.guest.settle():
+            self.guest.shutdown()
+
     def close(self) -> None:
         if self.guest is not None:
             self.guest.shutdown()
@@ -280,15 +285,18 @@ def _shared_guest(syscall_irl_lab: Lab) -> Iterator[_SharedGuest]:
 
 
 @pytest.fixture
-def guest(request: pytest.FixtureRequest, _shared_guest: _SharedGuest) -> Guest:
-    """A booted guest shared by the tests of this xdist worker (booted again if one kills it).
+def guest(request: pytest.FixtureRequest, _shared_guest: _SharedGuest) -> Iterator[Guest]:
+    """A booted guest shared by the tests of this xdist worker. A command a test leaves
+    running is read to its end afterwards; a guest a test killed, or whose command does
+    not end within 10 s, is replaced for the next test.
 
         def test_echo(guest):
             assert guest.run("echo syscall_irl").output == "syscall_irl\\n"
     """
     shared = _shared_guest.get()
     _used(request.node).append(shared)
-    return shared
+    yield shared
+    _shared_guest.settle()
 
 
 @pytest.fixture

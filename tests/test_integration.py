@@ -293,3 +293,34 @@ def test_next_test_gets_the_same_guest_and_gdb(guest, gdb):
 def test_a_test_may_end_with_its_guest_running(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_inner=LEAVE_RUNNING)
     pytester.runpytest_subprocess().assert_outcomes(passed=2)
+
+
+LEAVE_A_COMMAND = """
+import time
+import pytest_syscall_irl.guest
+
+pytest_syscall_irl.guest.SETTLE_TIMEOUT = 2.0
+SEEN = []
+
+def test_leaves_a_command_that_ends(guest, gdb):
+    SEEN.append(guest.machine.pid)
+    guest.console.start("sleep 0.5; echo late")  # while GDB holds the guest stopped
+
+def test_gets_the_same_guest_ready(guest, gdb):
+    assert guest.machine.pid == SEEN[0]
+    pending = guest.console.start("echo ok")  # GDB holds the guest: nothing may be left to drain
+    gdb.resume()
+    assert pending.wait(10).output == "ok\\n"
+
+def test_leaves_a_command_that_never_ends(guest):
+    guest.console.start("sleep 1000")
+
+def test_gets_a_new_guest(guest):
+    assert guest.machine.pid != SEEN[0]
+    assert guest.run("echo ok").output == "ok\\n"
+"""
+
+
+def test_a_command_left_running_is_finished_or_its_guest_replaced(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner=LEAVE_A_COMMAND)
+    pytester.runpytest_subprocess().assert_outcomes(passed=4)

@@ -7,6 +7,17 @@ import pytest
 from pytest_syscall_irl.guest import Guest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: runs several times longer than the other tests of the suite "
+                                       "(it is scheduled first)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Longest first: under xdist, a long test dealt out last keeps one worker busy while
+    # the others sit idle at the end of the run. A stable sort keeps the rest in order.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def read_msr(guest: Guest):
     """Read an MSR inside the guest through /dev/cpu/0/msr (the `rdmsr` payload).

@@ -42,6 +42,7 @@ def test_echo_writes_syscall_irl_to_fd_1(guest, gdb, kernel):
     )
 
 
+@pytest.mark.slow  # bash is a 2 MB static binary: under TCG it starts in ~0.3 s
 def test_history_write_comes_first_and_fd_1_skips_it(guest, gdb, kernel):
     bash = guest.payload("bash").guest_path
     # What the user "types" comes from a file: a pipe would be one more write to fd 1.
@@ -54,13 +55,18 @@ def test_history_write_comes_first_and_fd_1_skips_it(guest, gdb, kernel):
     # Any write of the command line's length by bash, whatever the fd; and the classic fd == 1.
     any_fd = gdb.break_insert(f"*{ksys_write:#x}", condition=f"$rdx == {len(line)} && ($rdi & 0xffffffff) > 2")
     fd_1 = gdb.break_insert(f"*{ksys_write:#x}", condition="($rdi & 0xffffffff) == 1")
-    guest.console.start(f"HISTFILE=/tmp/history {bash} --noediting --rcfile /tmp/historyrc -i </tmp/typed 2>/dev/null")
+    pending = guest.console.start(
+        f"HISTFILE=/tmp/history {bash} --noediting --rcfile /tmp/historyrc -i </tmp/typed 2>/dev/null"
+    )
     first = gdb.continue_until_stop(timeout=30)
     history_fd, buf, count = _args(gdb)
     history = gdb.read_memory(buf, count)
     second = gdb.continue_until_stop(timeout=30)
     fd, buf, count = _args(gdb)
     echoed = gdb.read_memory(buf, count)
+    gdb.delete_breakpoints()
+    gdb.resume()
+    pending.wait(30).check()  # bash reads EOF and exits
     assert first.breakpoint == any_fd.number and history == line, (
         f"first write: breakpoint {first.breakpoint}, fd {history_fd}, {history!r}; "
         f"expected bash's history write {line!r}"
