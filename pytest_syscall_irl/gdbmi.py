@@ -541,10 +541,14 @@ class GdbSession:
         return [known[name] for name in names]
 
     def set_register(self, name: str, value: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Set register *name* (``rax``, ``eflags``) of the current frame to *value*."""
+        """Set register *name* (``rax``, ``eflags``, ``cr3``) of the current frame to *value*.
+
+        By number (``-data-write-register-values``): GDB's ``set var $cr3 = ...`` fails
+        ("Invalid cast") for registers it types as flag structs."""
         if not _IDENTIFIER.fullmatch(name):
             raise GdbError(f"not a register name: {name!r}")
-        self._gdb_set(f"var ${name} = {int(value):#x}", timeout)
+        number = self._numbers([name], timeout)[0]
+        self.command(f"-data-write-register-values x {number} {int(value) % 2**64:#x}", timeout)
 
     def evaluate(self, expression: str, timeout: float = DEFAULT_TIMEOUT) -> str:
         """GDB's value of the C *expression*, as GDB prints it (``evaluate("1+2") == "3"``)."""

@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from .console import CommandResult, GuestConsole
 from .gdbmi import GdbSession
-from .errors import ConsoleError, ImageError, SyscallIrlError
+from .errors import ConfigError, ConsoleError, ImageError, SyscallIrlError
 from .image import GuestImage, Payload, build_guest_image
 from .kernel import Kernel
 from .qemu import DEFAULT_APPEND, MachineConfig, QemuMachine, kvm_probe
@@ -136,6 +136,13 @@ class Guest:
         self.machine.shutdown()
 
 
+def check_boot_args(boot_args: str) -> None:
+    """ConfigError for kernel arguments the lab cannot honour."""
+    if "kaslr" in boot_args.replace("nokaslr", "").split():
+        raise ConfigError("boot arguments: kaslr moves the kernel away from its vmlinux addresses, "
+                          "so breakpoints would miss: drop it (guests boot with nokaslr)")
+
+
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -175,7 +182,7 @@ class Lab:
     log_root: Path
     _image: GuestImage | None = field(default=None, init=False)
     _accel: tuple[str, str] | None = field(default=None, init=False)
-    _snapshot: Snapshot | None = field(default=None, init=False)
+    _snapshots: dict[str, Snapshot] = field(default_factory=dict, init=False)  # by extra boot arguments
     _names: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
 
     @property
@@ -196,27 +203,30 @@ class Lab:
             self._accel = decide_accel(self.settings)
         return self._accel[0]
 
-    def machine_config(self) -> MachineConfig:
-        """The QEMU configuration of every guest of this lab."""
-        append = " ".join(filter(None, [DEFAULT_APPEND, self.settings.boot_args]))
+    def machine_config(self, boot_args: str = "") -> MachineConfig:
+        """The QEMU configuration of this lab's guests; *boot_args* are appended to the
+        kernel command line after the defaults and `settings.boot_args`."""
+        check_boot_args(boot_args)
+        append = " ".join(filter(None, [DEFAULT_APPEND, self.settings.boot_args, boot_args.strip()]))
         return MachineConfig(kernel=self.kernel.bzimage.path, initrd=self.image.initramfs, iso=self.image.iso,
                              append=append, accel=self.accel, qemu=self.settings.qemu)
 
-    def snapshot_key(self) -> str:
-        """The cache key of this lab's snapshot (kernel, image, QEMU, machine arguments)."""
-        config = self.machine_config()
+    def snapshot_key(self, boot_args: str = "") -> str:
+        """The cache key of a snapshot (kernel, image, QEMU, machine arguments)."""
+        config = self.machine_config(boot_args)
         return snapshot_key(config, qemu_identity(config.qemu))
 
-    def snapshot(self) -> Snapshot:
-        """The saved ready guest of this lab: from the cache, else booted and saved once
-        (one build even when several processes ask at the same time)."""
-        if self._snapshot is None:
-            key = self.snapshot_key()
-            self._snapshot = load_or_build(self.settings.cache, key, lambda state: self._save_ready_guest(key, state))
-        return self._snapshot
+    def snapshot(self, boot_args: str = "") -> Snapshot:
+        """The saved ready guest for *boot_args*: from the cache, else booted and saved
+        once (one build even when several processes ask at the same time)."""
+        if boot_args not in self._snapshots:
+            key = self.snapshot_key(boot_args)
+            self._snapshots[boot_args] = load_or_build(
+                self.settings.cache, key, lambda state: self._save_ready_guest(key, state, boot_args))
+        return self._snapshots[boot_args]
 
-    def _save_ready_guest(self, key: str, state: Path) -> SnapshotInfo:
-        guest = self._cold_boot(f"snapshot-{key}-{os.getpid()}", BOOT_TIMEOUT)
+    def _save_ready_guest(self, key: str, state: Path, boot_args: str) -> SnapshotInfo:
+        guest = self._cold_boot(f"snapshot-{key}-{os.getpid()}", BOOT_TIMEOUT, boot_args)
         try:
             # Saved idle: the agent blocked reading its next command, no debugger attached.
             guest.run("true", RESTORE_TIMEOUT).check()
@@ -228,18 +238,21 @@ class Lab:
         finally:
             guest.shutdown()
 
-    def boot(self, name: str | None = None, timeout: float = BOOT_TIMEOUT, restore: bool | None = None) -> Guest:
+    def boot(self, name: str | None = None, timeout: float = BOOT_TIMEOUT, restore: bool | None = None,
+             boot_args: str = "") -> Guest:
         """A guest at its ready console; on failure nothing is left running.
 
-        *restore* (default: `settings.snapshots`) starts it from the lab's snapshot,
-        else the kernel boots; `Guest.restored` tells which.
+        *boot_args* are extra kernel arguments (``pti=on``); guests with other arguments
+        start from a snapshot of their own. *restore* (default: `settings.snapshots`)
+        starts the guest from its snapshot, else the kernel boots; `Guest.restored`
+        tells which.
         """
         name = name or f"guest-{os.getpid()}-{next(self._names)}"
         if self.settings.snapshots if restore is None else restore:
-            return self._restore(name, self.snapshot(), timeout)
-        return self._cold_boot(name, timeout)
+            return self._restore(name, self.snapshot(boot_args), timeout, boot_args)
+        return self._cold_boot(name, timeout, boot_args)
 
-    def _cold_boot(self, name: str, timeout: float) -> Guest:
+    def _cold_boot(self, name: str, timeout: float, boot_args: str = "") -> Guest:
         def ready(machine: QemuMachine, console: GuestConsole) -> None:
             machine.resume()
             delivery = console.wait_ready(timeout)
@@ -247,9 +260,9 @@ class Lab:
                 raise ImageError(f"the guest found its payloads via {delivery!r}, expected "
                                  f"{self.image.delivery!r}: see the console log {machine.console_log}")
 
-        return self._start(name, self.machine_config(), ready)
+        return self._start(name, self.machine_config(boot_args), ready)
 
-    def _restore(self, name: str, snapshot: Snapshot, timeout: float) -> Guest:
+    def _restore(self, name: str, snapshot: Snapshot, timeout: float, boot_args: str = "") -> Guest:
         def ready(machine: QemuMachine, console: GuestConsole) -> None:
             machine.resume()
             # No READY line after a restore (the agent is waiting for a command): a no-op
@@ -257,7 +270,7 @@ class Lab:
             console.run("true", min(timeout, RESTORE_TIMEOUT)).check()
             console.delivery, console.release = snapshot.info.delivery, snapshot.info.release
 
-        return self._start(name, replace(self.machine_config(), incoming=snapshot.state), ready)
+        return self._start(name, replace(self.machine_config(boot_args), incoming=snapshot.state), ready)
 
     def _start(self, name: str, config: MachineConfig, ready: _Ready) -> Guest:
         log_dir = self.log_root / name

@@ -8,6 +8,7 @@ Fixtures: `kernel`, `guest` (shared per xdist worker), `fresh_guest` (the test's
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ import pytest
 
 from .errors import ConfigError, SyscallIrlError, tail
 from .gdbmi import GdbSession
-from .guest import Guest, Lab, LabSettings, decide_accel, warm_gdb_index
+from .guest import Guest, Lab, LabSettings, check_boot_args, decide_accel, warm_gdb_index
 from .kernel import Kernel
 from .kernel_build import cache_dir, reference_kernel
 from .trace import SyscallTracer
@@ -94,9 +95,10 @@ def resolve_settings(config: pytest.Config) -> LabSettings:
     if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise ConfigError("--accel=kvm but /dev/kvm is missing or not accessible: use --accel=auto or tcg")
     boot_args = _setting(config, "boot_args")[0] or ""
-    if "kaslr" in boot_args.replace("nokaslr", "").split():
-        raise ConfigError("--boot-args: kaslr moves the kernel away from its vmlinux addresses, "
-                          "so breakpoints would miss: drop it (guests boot with nokaslr)")
+    try:
+        check_boot_args(boot_args)
+    except ConfigError as exc:
+        raise ConfigError(f"--boot-args: {exc}") from None
     snapshots = config.getoption("syscall_irl_snapshots")
     return LabSettings(kernel=kernel, qemu=_program(config, "qemu", "qemu-system-x86_64", "qemu-system-x86"),
                        gdb=_program(config, "gdb", "gdb", "gdb"), accel=accel, boot_args=boot_args,
@@ -123,6 +125,8 @@ def _settings(config: pytest.Config) -> LabSettings:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = None
+    config.addinivalue_line("markers", "boot_args(args): boot the test's guests (guest, fresh_guest) with these "
+                            "extra kernel arguments, e.g. boot_args(\"pti=on\"); each set has its own snapshot")
 
 
 @pytest.hookimpl(trylast=True)
@@ -252,19 +256,20 @@ def make_guest(syscall_irl_lab: Lab) -> Iterator[Callable[[], Guest]]:
 
 
 class _SharedGuest:
-    """The worker's shared guest, booted again if a test killed it."""
+    """A worker's shared guest for one set of extra boot arguments, booted again if a
+    test killed it or left it unusable."""
 
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, boot_args: str, names: Iterator[int]) -> None:
         self.lab = lab
+        self.boot_args = boot_args
         self.guest: Guest | None = None
-        self.generation = 0  # a guest booted again gets a log directory of its own
+        self._names = names  # each guest booted gets a log directory of its own
 
     def get(self) -> Guest:
         if self.guest is None or not self.guest.is_alive():
             if self.guest is not None:
                 self.guest.shutdown()
-            self.generation += 1
-            self.guest = self.lab.boot(name=f"shared-{os.getpid()}-{self.generation}")
+            self.guest = self.lab.boot(name=f"shared-{os.getpid()}-{next(self._names)}", boot_args=self.boot_args)
         return self.guest
 
     def settle(self) -> None:
@@ -277,37 +282,78 @@ class _SharedGuest:
             self.guest.shutdown()
 
 
+class _SharedGuests:
+    """The worker's shared guests, one per set of extra boot arguments."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.by_args: dict[str, _SharedGuest] = {}
+        self._names = itertools.count(1)
+
+    def __getitem__(self, boot_args: str) -> _SharedGuest:
+        if boot_args not in self.by_args:
+            self.by_args[boot_args] = _SharedGuest(self.lab, boot_args, self._names)
+        return self.by_args[boot_args]
+
+    def close(self) -> None:
+        for shared in self.by_args.values():
+            shared.close()
+
+
 @pytest.fixture(scope="session")
-def _shared_guest(syscall_irl_lab: Lab) -> Iterator[_SharedGuest]:
-    shared = _SharedGuest(syscall_irl_lab)
+def _shared_guests(syscall_irl_lab: Lab) -> Iterator[_SharedGuests]:
+    shared = _SharedGuests(syscall_irl_lab)
     yield shared
     shared.close()
 
 
+def _boot_args(request: pytest.FixtureRequest) -> str:
+    """The extra kernel arguments the test asks for with @pytest.mark.boot_args."""
+    marker = request.node.get_closest_marker("boot_args")
+    if marker is None:
+        return ""
+    if len(marker.args) != 1 or not isinstance(marker.args[0], str) or marker.kwargs:
+        pytest.fail(f"@pytest.mark.boot_args takes one string of kernel arguments, e.g. "
+                    f"@pytest.mark.boot_args(\"pti=on\"); got {marker.args!r} {marker.kwargs!r}", pytrace=False)
+    boot_args = " ".join(marker.args[0].split())
+    try:
+        check_boot_args(boot_args)
+    except ConfigError as exc:
+        pytest.fail(f"@pytest.mark.boot_args({marker.args[0]!r}): {exc.message}", pytrace=False)
+    return boot_args
+
+
 @pytest.fixture
-def guest(request: pytest.FixtureRequest, _shared_guest: _SharedGuest) -> Iterator[Guest]:
-    """A booted guest shared by the tests of this xdist worker. A command a test leaves
-    running is read to its end afterwards; a guest a test killed, or whose command does
-    not end within 10 s, is replaced for the next test.
+def guest(request: pytest.FixtureRequest, _shared_guests: _SharedGuests) -> Iterator[Guest]:
+    """A booted guest shared by the tests of this xdist worker (one per set of
+    @pytest.mark.boot_args). A command a test leaves running is read to its end
+    afterwards; a guest a test killed, or whose command does not end within 10 s, is
+    replaced for the next test.
 
         def test_echo(guest):
             assert guest.run("echo syscall_irl").output == "syscall_irl\\n"
+
+        @pytest.mark.boot_args("pti=on")
+        def test_pti(guest):
+            assert "pti" in guest.run("cat /proc/cpuinfo").output.split()
     """
-    shared = _shared_guest.get()
-    _used(request.node).append(shared)
-    yield shared
-    _shared_guest.settle()
+    shared = _shared_guests[_boot_args(request)]
+    own = shared.get()
+    _used(request.node).append(own)
+    yield own
+    shared.settle()
 
 
 @pytest.fixture
 def fresh_guest(request: pytest.FixtureRequest, syscall_irl_lab: Lab) -> Iterator[Guest]:
     """A guest of this test's own, for tests that change guest state; shut down afterwards.
-    Restored from the saved ready guest, it costs ~0.15 s (TCG), so use it freely.
+    Restored from the saved ready guest, it costs ~0.15 s (TCG), so use it freely. It
+    honours @pytest.mark.boot_args like `guest`.
 
         def test_sysctl(fresh_guest):
             fresh_guest.run("echo 1 > /proc/sys/kernel/panic_on_oops").check()
     """
-    own = syscall_irl_lab.boot()
+    own = syscall_irl_lab.boot(boot_args=_boot_args(request))
     _used(request.node).append(own)
     yield own
     own.shutdown()

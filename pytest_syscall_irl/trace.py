@@ -35,7 +35,7 @@ USER_STAGES = ("user", "user_return")
 KERNEL_STAGES = tuple(name for name in STAGES if name not in USER_STAGES)
 # Registers recorded at every stage (one MI round trip).
 TRACE_REGISTERS = ("rip", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
-                   "eflags", "cs", "ss", "fs_base", "gs_base", "k_gs_base", "cr3")
+                   "eflags", "cs", "ss", "fs_base", "gs_base", "k_gs_base", "cr3", "cr4")
 MAX_SWAPGS_STEPS = 16
 NO_HANDLER = "no handler"  # SyscallTrace.handler when sys_call_table has none for the number
 
@@ -80,7 +80,7 @@ class Stage:
         r = self.registers
         text = (f"{self.name:<15} rip={r['rip']:#018x} cs={r['cs']:#04x} ss={r['ss']:#04x} "
                 f"rflags={r['eflags']:#08x} rax={r['rax']:#x} rcx={r['rcx']:#x} r11={r['r11']:#x} "
-                f"rsp={r['rsp']:#x} gs_base={r['gs_base']:#x} k_gs_base={r['k_gs_base']:#x}")
+                f"rsp={r['rsp']:#x} gs_base={r['gs_base']:#x} k_gs_base={r['k_gs_base']:#x} cr3={r['cr3']:#x}")
         return text + (f"  [{self.note}]" if self.note else "")
 
 

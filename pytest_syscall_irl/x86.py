@@ -64,6 +64,21 @@ def expected_fmask(version: tuple[int, int, int]) -> int:
     return flags("TF", "DF", "IF", "IOPL", "AC", "NT")
 
 
+# Page table isolation (arch/x86/include/asm/processor-flags.h, arch/x86/entry/calling.h):
+# the kernel and user PGDs of a process are one 8 KiB allocation, kernel half first, so
+# SWITCH_TO_USER_CR3 sets PTI_USER_PGTABLE_BIT (PAGE_SHIFT) and, with PCID, the user
+# ASID bit X86_CR3_PTI_PCID_USER_BIT; SWITCH_TO_KERNEL_CR3 clears both.
+PTI_USER_PGTABLE_BIT = 1 << 12
+PTI_USER_PCID_BIT = 1 << 11
+CR4_PCIDE = 1 << 17  # Intel SDM vol. 3, 2.5
+
+
+def pti_kernel_cr3(user_cr3: int, cr4: int) -> int:
+    """The CR3 SWITCH_TO_KERNEL_CR3 makes of *user_cr3* (PTI on), given CR4."""
+    user_bits = PTI_USER_PGTABLE_BIT | (PTI_USER_PCID_BIT if cr4 & CR4_PCIDE else 0)
+    return user_cr3 & ~user_bits
+
+
 def star_selectors(star: int) -> tuple[int, int]:
     """(kernel CS, user base selector) from MSR_STAR: SYSCALL loads CS from bits 47:32,
     SYSRET to 64-bit mode loads CS from bits 63:48 + 16 and SS from bits 63:48 + 8."""

@@ -71,6 +71,7 @@ class FakeGdb:
         self.breakpoints: dict[int, str] = {}
         self.next_breakpoint = 1
         self.memory: dict[int, int] = {}
+        self.registers = list(REGISTER_VALUES)
 
     def out(self, *lines: str) -> None:
         for line in lines:
@@ -189,9 +190,14 @@ class FakeGdb:
         self.out(f"{token}^done,register-names=[{','.join(cstring(n) for n in REGISTER_NAMES)}]")
 
     def do_data_list_register_values(self, token: str, args: list[str], raw: str) -> None:
-        numbers = [int(a) for a in args[1:]] or range(len(REGISTER_VALUES))
-        values = ",".join(f'{{number="{n}",value={cstring(REGISTER_VALUES[n])}}}' for n in numbers)
+        numbers = [int(a) for a in args[1:]] or range(len(self.registers))
+        values = ",".join(f'{{number="{n}",value={cstring(self.registers[n])}}}' for n in numbers)
         self.out(f"{token}^done,register-values=[{values}]")
+
+    def do_data_write_register_values(self, token: str, args: list[str], raw: str) -> None:
+        for number, value in zip(args[1::2], args[2::2]):
+            self.registers[int(number)] = hex(int(value, 0))
+        self.out(f"{token}^done")
 
     def do_data_read_memory_bytes(self, token: str, args: list[str], raw: str) -> None:
         start, size = int(args[0], 0), int(args[1])

@@ -217,6 +217,21 @@ FAULTS: dict[str, Fault] = {
         register("sysretq", "gs_base", lambda v: v + 0x1000),
         r"across the exit swapgs: .*expected the two to exchange",
     ),
+    "cr3-entry": Fault(
+        "test_cr3.py::test_entry_switches_to_the_kernel_page_tables",
+        register("ksys", "cr3", lambda v: v | x86.PTI_USER_PGTABLE_BIT),
+        r"ksys: CR3 0x\w+, expected the kernel PGD 0x\w+ of user CR3 0x",
+    ),
+    "cr3-exit": Fault(
+        "test_cr3.py::test_exit_returns_to_the_user_page_tables",
+        register("sysretq", "cr3", lambda v: v & ~x86.PTI_USER_PGTABLE_BIT),
+        r"sysretq: CR3 0x\w+, expected the user PGD 0x\w+ again before user mode",
+    ),
+    "cr3-no-pti": Fault(
+        "test_cr3.py::test_without_pti_the_syscall_runs_on_the_user_cr3",
+        register("handler_return", "cr3", lambda v: v ^ x86.PTI_USER_PGTABLE_BIT),
+        r"without PTI, CR3 stays the user's 0x\w+ through the syscall; it was \{'handler_return': '0x",
+    ),
     "table": Fault(
         "test_dispatch.py::test_sys_call_table_points_at_the_handler[dup]",
         table_slot("dup", "dup2"),

@@ -241,9 +241,12 @@ def test_registers_skip_unnamed_and_vector_and_then_ask_only_for_integers(
     with pytest.raises(GdbError, match="raw_registers"):
         gdb.registers(["xmm0"])
     gdb.set_register("eflags", 0x202)
-    assert "-gdb-set var $eflags = 0x202" in sent(transcript)
+    assert sent(transcript)[-1] == "-data-write-register-values x 3 0x202"  # eflags is number 3
+    assert gdb.registers(["eflags"]) == {"eflags": 0x202}, "a write must not leave a stale cached value"
     with pytest.raises(GdbError, match="not a register"):
         gdb.set_register("rax = 1; $rbx", 0)
+    with pytest.raises(GdbError, match="no such register: nope"):
+        gdb.set_register("nope", 0)
 
 
 def test_memory_disassembly_and_backtrace(gdb: GdbSession) -> None:

@@ -324,3 +324,32 @@ def test_gets_a_new_guest(guest):
 def test_a_command_left_running_is_finished_or_its_guest_replaced(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_inner=LEAVE_A_COMMAND)
     pytester.runpytest_subprocess().assert_outcomes(passed=4)
+
+
+BOOT_ARGS = """
+import pytest
+
+@pytest.mark.boot_args("sirl_probe=1")
+def test_marked(guest, fresh_guest):
+    assert "sirl_probe=1" in guest.run("cat /proc/cmdline").output.split()
+    assert "sirl_probe=1" in fresh_guest.run("cat /proc/cmdline").output.split()
+
+def test_unmarked(guest):
+    assert "sirl_probe=1" not in guest.run("cat /proc/cmdline").output.split()
+
+@pytest.mark.boot_args("quiet kaslr")
+def test_kaslr(guest):
+    pass
+
+@pytest.mark.boot_args("a", "b")
+def test_two_strings(guest):
+    pass
+"""
+
+
+def test_boot_args_marker_gives_a_test_guests_of_its_own(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner=BOOT_ARGS)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=2, errors=2)
+    result.stdout.re_match_lines([r".*boot_args\('quiet kaslr'\): boot arguments: kaslr moves the kernel.*",
+                                  r".*@pytest.mark.boot_args takes one string of kernel arguments.*"])
