@@ -15,16 +15,20 @@ import shutil
 import subprocess
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from .errors import ConfigError, SyscallIrlError, tail
-from .gdbmi import GdbSession
-from .guest import Guest, Lab, LabSettings, check_boot_args, decide_accel, warm_gdb_index
 from .kernel import Kernel
 from .kernel_build import cache_dir, reference_kernel
-from .trace import SyscallTracer
+
+if TYPE_CHECKING:
+    # Imported where first used: pytest loads this plugin in every run of its environment,
+    # and a run with no kernel tests need not pay for QEMU, GDB/MI and pexpect modules.
+    from .gdbmi import GdbSession
+    from .guest import Guest, Lab, LabSettings
+    from .trace import SyscallTracer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,7 @@ def _program(config: pytest.Config, name: str, default: str, package: str) -> st
 
 def resolve_settings(config: pytest.Config) -> LabSettings:
     """Turn the options into validated settings; ConfigError names the problem and the fix."""
+    from .guest import LabSettings, check_boot_args
     bzimage = _path(config, "kernel") or reference_kernel()
     if bzimage is None:
         raise ConfigError(NO_KERNEL)
@@ -167,6 +172,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    from .guest import decide_accel
     if not _explicit(config) and reference_kernel() is None:
         return None
     settings = _settings(config)
@@ -197,7 +203,11 @@ def _used(item: pytest.Item) -> list[Any]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
-    if report.failed:
+    if report.failed and _used(item):
+        from .gdbmi import GdbSession
+        from .guest import Guest
+        from .trace import SyscallTracer
+
         for thing in _used(item):
             if isinstance(thing, Guest):
                 origin = "restored from snapshot, boot log not included" if thing.restored else "booted"
@@ -224,6 +234,7 @@ def _read(path: Path) -> str:
 @pytest.fixture(scope="session")
 def syscall_irl_lab(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Lab:
     """The resolved settings and guest maker of this run (one per xdist worker)."""
+    from .guest import Lab
     return Lab(_settings(pytestconfig), tmp_path_factory.getbasetemp() / "syscall-irl")
 
 
@@ -309,6 +320,7 @@ def _shared_guests(syscall_irl_lab: Lab) -> Iterator[_SharedGuests]:
 
 def _boot_args(request: pytest.FixtureRequest) -> str:
     """The extra kernel arguments the test asks for with @pytest.mark.boot_args."""
+    from .guest import check_boot_args
     marker = request.node.get_closest_marker("boot_args")
     if marker is None:
         return ""
@@ -368,6 +380,8 @@ def _gdb_session(syscall_irl_lab: Lab) -> Iterator[list[GdbSession]]:
 
 
 def _gdb_for(lab: Lab, holder: list[GdbSession]) -> GdbSession:
+    from .gdbmi import GdbSession
+    from .guest import warm_gdb_index
     # One GDB per worker: the vmlinux symbols load once. A dead one is replaced.
     if holder and not holder[0].is_alive():
         holder.pop().close()
@@ -424,6 +438,7 @@ def syscall_trace(request: pytest.FixtureRequest, kernel: Kernel, gdb: GdbSessio
             trace = syscall_trace.payload("syscall_irl", nr="write", args={0: 1, 2: 12})
             assert trace["entry"]["rip"] == kernel.vmlinux.symbol("entry_SYSCALL_64")
     """
+    from .trace import SyscallTracer
     tracer = SyscallTracer(gdb, kernel, _target(request))
     _used(request.node).append(tracer)
     return tracer

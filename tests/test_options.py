@@ -141,3 +141,23 @@ def test_guests_restore_from_snapshot_unless_told_not_to(pytester: pytest.Pytest
     result = pytester.runpytest_subprocess(*args)
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     result.stdout.fnmatch_lines(["syscall-irl: guests restored*" if restored else "syscall-irl: guests cold-booted*"])
+
+
+HEAVY = ("qemu.qmp", "pexpect", "pycdlib", "pygdbmi", "pytest_syscall_irl.guest", "pytest_syscall_irl.gdbmi")
+REPORT_MODULES = """
+import sys
+
+def pytest_sessionfinish(session):
+    loaded = [name for name in {heavy!r} if name in sys.modules]
+    print("heavy modules:", ",".join(loaded) or "none")
+"""
+
+
+def test_a_run_without_kernel_tests_loads_no_qemu_or_gdb_modules(pytester: pytest.Pytester) -> None:
+    # The plugin is loaded by every pytest run of its environment. (The report header,
+    # which -q leaves out, does resolve the default kernel and loads them.)
+    pytester.makeconftest(REPORT_MODULES.format(heavy=HEAVY))
+    pytester.makepyfile(test_x="def test_fails():\n    assert 1 == 2\n")
+    result = pytester.runpytest_subprocess("-s", "-q")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*heavy modules: none*"])
