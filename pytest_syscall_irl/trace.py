@@ -35,7 +35,7 @@ USER_STAGES = ("user", "user_return")
 KERNEL_STAGES = tuple(name for name in STAGES if name not in USER_STAGES)
 # Registers recorded at every stage (one MI round trip).
 TRACE_REGISTERS = ("rip", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
-                   "eflags", "cs", "ss", "fs_base", "gs_base", "k_gs_base", "cr3", "cr4")
+                   "r12", "r13", "r14", "r15", "eflags", "cs", "ss", "fs_base", "gs_base", "k_gs_base", "cr3", "cr4")
 MAX_SWAPGS_STEPS = 16
 NO_HANDLER = "no handler"  # SyscallTrace.handler when sys_call_table has none for the number
 

@@ -118,6 +118,13 @@ def decode_pt_regs(data: bytes, offsets: Mapping[str, int] = PT_REGS_OFFSETS) ->
     return {name: int.from_bytes(data[off:off + 8], "little") for name, off in offsets.items()}
 
 
+def top_of_stack_padding(fred: bool) -> int:
+    """Bytes between pt_regs and the top of a task's kernel stack
+    (TOP_OF_KERNEL_STACK_PADDING, arch/x86/include/asm/thread_info.h): 0 on x86_64, 16
+    with CONFIG_X86_FRED (6.9+), where the FRED event data follows pt_regs."""
+    return 16 if fred else 0
+
+
 def do_syscall_64_args(version: tuple[int, int, int]) -> tuple[str, str]:
     """Registers holding (regs, nr) at do_syscall_64 entry (arch/x86/entry/common.c):
     5.8-5.13 take (nr, regs), 5.14+ take (regs, nr)."""

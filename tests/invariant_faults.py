@@ -232,6 +232,27 @@ FAULTS: dict[str, Fault] = {
         register("handler_return", "cr3", lambda v: v ^ x86.PTI_USER_PGTABLE_BIT),
         r"without PTI, CR3 stays the user's 0x\w+ through the syscall; it was \{'handler_return': '0x",
     ),
+    "regs-saved": Fault(
+        "test_registers.py::test_pt_regs_holds_every_user_register",
+        pt_regs("r13", lambda v: v ^ 1),
+        r"pt_regs->r13 0x4444444444444445, expected user r13 0x4444444444444444",
+    ),
+    "regs-cleared": Fault(
+        "test_registers.py::test_entry_clears_user_values_before_the_c_code",
+        register("do_syscall_64", "r14", lambda v: 0x5555_5555_5555_5555),
+        r"at do_syscall_64 these registers still hold user values: \{'r14': '0x5555555555555555'\}",
+    ),
+    "regs-restored": Fault(
+        "test_registers.py::test_user_registers_survive_the_syscall",
+        register("user_return", "rbx", lambda v: v + 1),
+        r"back in user mode these registers changed across the syscall: \{'rbx': '0x1111111111111112 "
+        r"\(was 0x1111111111111111\)'\}",
+    ),
+    "regs-stack": Fault(
+        "test_registers.py::test_pt_regs_is_at_the_top_of_the_kernel_stack",
+        register("do_syscall_64", "rsp", lambda v: v - 16),
+        r"RSP at do_syscall_64 is 0x\w+, expected regs 0x\w+ - 8",
+    ),
     "table": Fault(
         "test_dispatch.py::test_sys_call_table_points_at_the_handler[dup]",
         table_slot("dup", "dup2"),
