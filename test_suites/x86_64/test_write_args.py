@@ -61,6 +61,10 @@ def test_history_write_comes_first_and_fd_1_skips_it(guest, gdb, kernel):
     first = gdb.continue_until_stop(timeout=30)
     history_fd, buf, count = _args(gdb)
     history = gdb.read_memory(buf, count)
+    # Seen once in ~100 runs: resumed from this ksys_write with the breakpoint still in,
+    # the same call (same fd and buffer) was reported again. The question now is only
+    # which write the fd == 1 breakpoint stops on next.
+    gdb.delete_breakpoint(any_fd.number)
     second = gdb.continue_until_stop(timeout=30)
     fd, buf, count = _args(gdb)
     echoed = gdb.read_memory(buf, count)
