@@ -124,6 +124,7 @@ class GdbSession:
         self._closed = False
         self._async: queue.Queue[object] = queue.Queue()
         self._tail: deque[str] = deque(maxlen=200)
+        self._started = time.monotonic()  # transcript lines carry seconds since then
         self._auto_continue: set[int] = set()  # breakpoints whose commands end in continue
         self._register_names: list[str] | None = None
         self._scalar_registers: list[int] | None = None
@@ -182,7 +183,8 @@ class GdbSession:
     # ---- I/O -----------------------------------------------------------------
 
     def _record(self, prefix: str, line: str) -> None:
-        entry = prefix + line
+        # "  12.345 -> 7-exec-continue": a stall shows as a jump in the first column.
+        entry = f"{time.monotonic() - self._started:8.3f} {prefix}{line}"
         with self._transcript_lock:
             self._tail.append(entry)
             if self._transcript is not None:

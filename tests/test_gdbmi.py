@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -48,10 +49,14 @@ def gdb(fake_gdb: str, transcript: Path) -> Iterator[GdbSession]:
     session.close()
 
 
+def lines_of(transcript: Path) -> list[str]:
+    """The lines of *transcript* without their time column."""
+    return [line.split(" ", 1)[1] for line in (raw.lstrip() for raw in transcript.read_text().splitlines())]
+
+
 def sent(transcript: Path) -> list[str]:
     """The MI commands in *transcript*, tokens stripped."""
-    lines = transcript.read_text().splitlines()
-    return [line[3:].lstrip("0123456789") for line in lines if line.startswith("-> ")]
+    return [line[3:].lstrip("0123456789") for line in lines_of(transcript) if line.startswith("-> ")]
 
 
 def state(gdb: GdbSession) -> str:
@@ -115,7 +120,8 @@ def test_tokens_match_results_and_transcript_has_both_directions(
     assert gdb.evaluate("x") == "x"
     result = gdb.command("-data-evaluate-expression y")
     assert result.payload == {"value": "y"}
-    lines = transcript.read_text().splitlines()
+    lines = lines_of(transcript)
+    assert all(re.match(r" *\d+\.\d{3} (->|<-|<2) ", raw) for raw in transcript.read_text().splitlines())
     token = int(lines[lines.index(next(l for l in lines if l.endswith("expression y")))][3:].split("-")[0])
     assert f'<- {token}^done,value="y"' in lines
     assert f"-> {token - 1}-data-evaluate-expression " + '"x"' in lines
@@ -299,7 +305,7 @@ def test_gdb_dying_raises_with_exit_code_and_tail(gdb: GdbSession) -> None:
 def test_stderr_goes_to_the_transcript(gdb: GdbSession, transcript: Path) -> None:
     gdb.command(f"-fake-stderr {mi_quote('warning: something odd')}")
     gdb.close()
-    assert "<2 warning: something odd" in transcript.read_text().splitlines()
+    assert "<2 warning: something odd" in lines_of(transcript)
 
 
 def test_close_is_idempotent_and_leaves_no_process(gdb: GdbSession, transcript: Path) -> None:
