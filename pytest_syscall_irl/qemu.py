@@ -27,7 +27,11 @@ from .errors import QemuError, tail
 
 log = logging.getLogger(__name__)
 
-DEFAULT_APPEND = "console=ttyS0 nokaslr panic=-1 printk.time=1"
+# tsc=reliable: under TCG the TSC follows host time while jiffies follow the timer
+# interrupts the emulated CPU gets round to, so on a loaded host the clocksource
+# watchdog sees a skew, marks the TSC unstable and switches clocksource; that switch
+# stalled guests for ~7 s (guest messages mid-way through command output, too).
+DEFAULT_APPEND = "console=ttyS0 nokaslr panic=-1 printk.time=1 tsc=reliable"
 SOCKET_WAIT = 10.0
 EXIT_GRACE = 2.0  # how long a QEMU whose QMP just disconnected may take to exit
 SAVE_TIMEOUT = 60.0
