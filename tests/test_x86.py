@@ -60,3 +60,16 @@ def test_entry_code_found_by_disassembly() -> None:
             Instruction(0x20c, "sysretq", "entry_SYSCALL_64", 268),
             Instruction(0x300, "swapgs", "entry_SYSCALL_64", 512)]
     assert EntryCode.find(0x100, code) == EntryCode(0x100, 0x100, 0x200, 0x20C)
+
+
+@pytest.mark.parametrize(("user_cr3", "cr4", "kernel_cr3"), [
+    (0x261000, 0x6B0, 0x260000),  # no PCID: only the PGD half changes (seen on QEMU's default CPU)
+    (0x261805, 0x6B0 | x86.CR4_PCIDE, 0x260005),  # PCID: the user ASID bit goes too
+    (0x261805, 0x6B0, 0x260805),  # bit 11 is no ASID bit without CR4.PCIDE
+])
+def test_pti_kernel_cr3(user_cr3: int, cr4: int, kernel_cr3: int) -> None:
+    assert x86.pti_kernel_cr3(user_cr3, cr4) == kernel_cr3
+
+
+def test_top_of_stack_padding() -> None:
+    assert (x86.top_of_stack_padding(False), x86.top_of_stack_padding(True)) == (0, 16)
