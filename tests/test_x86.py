@@ -69,7 +69,3 @@ def test_entry_code_found_by_disassembly() -> None:
 ])
 def test_pti_kernel_cr3(user_cr3: int, cr4: int, kernel_cr3: int) -> None:
     assert x86.pti_kernel_cr3(user_cr3, cr4) == kernel_cr3
-
-
-def test_top_of_stack_padding() -> None:
-    assert (x86.top_of_stack_padding(False), x86.top_of_stack_padding(True)) == (0, 16)
