@@ -311,15 +311,14 @@ class _Run:
         else:
             self.skip("user", "no user address given (trace started at entry_SYSCALL_64)")
         user = self.trace.stages.get("user")
-        self.record("entry")
-        self.step_past(code.entry_swapgs, "after_swapgs")
+        self.step_past(self.record("entry")["rip"], code.entry_swapgs, "after_swapgs")
         self.gdb.delete_breakpoints()
         regs_ptr = self.kernel_stages()
         self.exit_stages(regs_ptr, user)
 
     def step_off(self, address: int) -> None:
-        """Execute the instruction at *address* (a `syscall`, a `sysretq`: neither stays
-        put). Once, under load, a step from the user breakpoint came back with the PC
+        """Execute the instruction at *address* (a `syscall`, a `swapgs`, a `sysretq`: none
+        stays put). Once, under load, a step from the user breakpoint came back with the PC
         unchanged and the `syscall` not executed (QEMU 7.2, GDB 13); a step that went
         nowhere is taken again, with a warning in the log."""
         for attempt in range(1, MAX_STEP_ATTEMPTS + 1):
@@ -330,13 +329,14 @@ class _Run:
         raise TraceError(f"the instruction at {address:#x} did not execute in {MAX_STEP_ATTEMPTS} steps; "
                          f"so far:\n{self.trace}")
 
-    def step_past(self, address: int, name: str) -> None:
+    def step_past(self, rip: int | None, address: int, name: str) -> None:
+        """Step from *rip* until the instruction at *address* has executed, then record *name*."""
         for _ in range(MAX_SWAPGS_STEPS):
-            rip = self.gdb.registers(["rip"])["rip"]
-            self.gdb.stepi(timeout=self.left())
             if rip == address:
+                self.step_off(address)
                 self.record(name)
                 return
+            rip = self.gdb.stepi(timeout=self.left()).address
         self.skip(name, f"swapgs at {address:#x} not reached in {MAX_SWAPGS_STEPS} steps")
 
     def kernel_stages(self) -> int:

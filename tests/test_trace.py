@@ -22,6 +22,9 @@ class Stepper:
         self.steps += 1
         return SimpleNamespace(address=self.addresses.pop(0))
 
+    def registers(self, names: Any) -> dict[str, int]:
+        return dict.fromkeys(names, 0)
+
 
 def _run(gdb: Stepper) -> _Run:
     trace = SyscallTrace("cmd", SyscallSelector(1), "__x64_sys_write")
@@ -44,3 +47,18 @@ def test_an_instruction_that_never_executes_is_an_error() -> None:
     gdb = Stepper(*[0x401000] * MAX_STEP_ATTEMPTS)
     with pytest.raises(TraceError, match=r"instruction at 0x401000 did not execute in 3 steps"):
         _run(gdb).step_off(0x401000)
+
+
+def test_the_swapgs_step_is_taken_again_when_it_went_nowhere() -> None:
+    entry, swapgs, after = 0xFFFFFFFF81200080, 0xFFFFFFFF81200083, 0xFFFFFFFF81200086
+    gdb = Stepper(swapgs, swapgs, after)
+    run = _run(gdb)
+    run.step_past(entry, swapgs, "after_swapgs")
+    assert gdb.steps == 3 and run.trace["after_swapgs"].taken
+
+
+def test_swapgs_never_reached_is_a_stage_not_taken() -> None:
+    gdb = Stepper(*[0x1000 + i for i in range(32)])
+    run = _run(gdb)
+    run.step_past(0x1000, 0xDEAD, "after_swapgs")
+    assert not run.trace["after_swapgs"].taken
