@@ -17,37 +17,38 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _pid_written_to(pidfile: Path) -> int:
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline, f"nothing wrote its pid to {pidfile}"
+        time.sleep(0.01)
+    return int(pidfile.read_text())
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not _alive(pid)
+
+
 def test_stop_takes_down_what_a_forking_wrapper_started(tmp_path: Path) -> None:
     # A --qemu wrapper that forks (`time qemu ...`, `strace qemu ...`) instead of exec'ing.
     pidfile = tmp_path / "grandchild"
     wrapper = procs.spawn(["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not pidfile.exists() or not pidfile.read_text().strip():
-        assert time.monotonic() < deadline, "wrapper never started its child"
-        time.sleep(0.01)
-    grandchild = int(pidfile.read_text())
+    grandchild = _pid_written_to(pidfile)
     assert _alive(grandchild)
     procs.stop(wrapper, grace=2)
-    deadline = time.monotonic() + 5
-    while _alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not _alive(grandchild), f"pid {grandchild}, started by the stopped wrapper, is still running"
+    assert _gone_within(grandchild, 5), f"pid {grandchild}, started by the stopped wrapper, is still running"
 
 
 def test_stop_kills_a_group_member_that_ignores_sigterm(tmp_path: Path) -> None:
     pidfile = tmp_path / "stubborn"
     script = f"sh -c 'trap \"\" TERM; echo $$ > {pidfile}; while :; do sleep 0.05; done' & wait"
     wrapper = procs.spawn(["sh", "-c", script], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not pidfile.exists() or not pidfile.read_text().strip():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    stubborn = int(pidfile.read_text())
-    started = time.monotonic()
+    stubborn = _pid_written_to(pidfile)
     procs.stop(wrapper, grace=0.5)
-    while _alive(stubborn) and time.monotonic() - started < 5:
-        time.sleep(0.01)
-    assert not _alive(stubborn)
+    assert _gone_within(stubborn, 5)
 
 
 def test_stop_is_idempotent_and_returns_the_status() -> None:
