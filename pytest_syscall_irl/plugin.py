@@ -388,9 +388,11 @@ def _gdb_for(lab: Lab, holder: list[GdbSession]) -> GdbSession:
     if not holder:
         # The first worker to get here fills GDB's index cache; the others wait and load fast.
         warm_gdb_index(lab.settings)
+        lab.log_root.mkdir(parents=True, exist_ok=True)
         transcript = lab.log_root / f"gdb-{os.getpid()}.mi.log"
+        # The symbols load in the background while the caller gets its guest ready.
         holder.append(GdbSession(lab.kernel.vmlinux.path, gdb=lab.settings.gdb, transcript_path=transcript,
-                                 index_cache_dir=lab.settings.gdb_index_cache))
+                                 index_cache_dir=lab.settings.gdb_index_cache, background=True))
     return holder[0]
 
 
@@ -412,8 +414,8 @@ def gdb(request: pytest.FixtureRequest, syscall_irl_lab: Lab, _gdb_session: list
             stop = gdb.continue_until_stop(timeout=30)
             assert gdb.registers()["rdx"] == 12
     """
+    session = _gdb_for(syscall_irl_lab, _gdb_session)  # first: it starts while the guest does
     target = _target(request)
-    session = _gdb_for(syscall_irl_lab, _gdb_session)
     _used(request.node).append(session)
     session.connect(target.gdb_socket)
     target.debugger = session

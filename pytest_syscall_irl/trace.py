@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +26,7 @@ from .errors import SyscallIrlError
 from .gdbmi import GdbSession, Instruction, StopEvent
 from .guest import Guest
 from .kernel import Kernel
+from .qemu import MachineConfig
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,9 @@ class EntryCode:
 
 Fault = Callable[[GdbSession], Optional[Callable[[], None]]]
 _LAYOUTS: dict[Path, dict[str, int]] = {}  # vmlinux -> struct pt_regs offsets
+# (vmlinux, machine) -> the entry code as the booted kernel patched it (alternatives
+# follow the CPU model and the boot arguments; a restored guest has its saver's memory).
+_ENTRY_CODES: dict[tuple[Path, MachineConfig], EntryCode] = {}
 
 
 def syscall_number(name_or_nr: int | str) -> int:
@@ -164,7 +168,6 @@ class SyscallTracer:
         self.timeout = timeout
         self.traces: list[SyscallTrace] = []
         self.faults: dict[str, list[Fault]] = {}
-        self._entry: EntryCode | None = None
 
     @property
     def pt_regs_layout(self) -> dict[str, int]:
@@ -213,10 +216,15 @@ class SyscallTracer:
 
     @property
     def entry_code(self) -> EntryCode:
-        if self._entry is None:
+        """entry_SYSCALL_64 disassembled from the guest's memory (boot-time alternatives
+        patch it), once per vmlinux and machine configuration in this process: the
+        disassembly costs GDB about 14 ms, and every guest of one configuration runs the
+        same patched code (tests patch data, never kernel text)."""
+        key = (self.kernel.vmlinux.path, replace(self.guest.machine.config, incoming=None))
+        if key not in _ENTRY_CODES:
             entry = self.kernel.vmlinux.symbol("entry_SYSCALL_64")
-            self._entry = EntryCode.find(entry, self.gdb.disassemble("entry_SYSCALL_64"))
-        return self._entry
+            _ENTRY_CODES[key] = EntryCode.find(entry, self.gdb.disassemble("entry_SYSCALL_64"))
+        return _ENTRY_CODES[key]
 
     def handler_for(self, nr: int) -> str:
         """The handler symbol sys_call_table[nr] points at in the vmlinux image, or "" if nr

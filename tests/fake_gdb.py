@@ -11,7 +11,8 @@ the token. What it does that the unit tests rely on:
 - ``-data-evaluate-expression`` echoes the unquoted expression back as the value, so a
   quoting round trip is visible; ``(unsigned long)&NAME`` answers from SYMBOLS; an
   expression naming ``nosuch`` gets GDB's ``^error``.
-- ``-fake-sleep SECONDS`` answers late; ``-fake-die CODE`` exits without answering;
+- ``-fake-sleep SECONDS`` answers late; ``-fake-wait-file PATH`` answers once PATH
+  exists; ``-fake-die CODE`` exits without answering;
   ``-fake-stderr TEXT`` writes TEXT to stderr.
 - FAKE_GDB_HANG=1: ignore SIGTERM and never answer ``-gdb-exit`` (a wedged GDB).
 - FAKE_GDB_ARGV=FILE: write the command line there (one argument per line).
@@ -228,6 +229,11 @@ class FakeGdb:
 
     def do_fake_sleep(self, token: str, args: list[str], raw: str) -> None:
         time.sleep(float(args[0]))
+        self.out(f"{token}^done")
+
+    def do_fake_wait_file(self, token: str, args: list[str], raw: str) -> None:
+        while not os.path.exists(args[0]):
+            time.sleep(0.01)
         self.out(f"{token}^done")
 
     def do_fake_die(self, token: str, args: list[str], raw: str) -> None:

@@ -329,6 +329,39 @@ def test_close_kills_a_wedged_gdb(fake_gdb: str, monkeypatch: pytest.MonkeyPatch
     assert not alive(session.pid)
 
 
+def test_background_setup_runs_while_the_caller_goes_on(fake_gdb: str, tmp_path: Path, transcript: Path) -> None:
+    gate = tmp_path / "gate"
+    # The fake holds the set-up at the gate: the constructor returned all the same.
+    session = GdbSession("/k/vmlinux", gdb=fake_gdb, transcript_path=transcript,
+                         init_commands=[f"-fake-wait-file {gate}"], background=True)
+    try:
+        assert '-file-exec-and-symbols "/k/vmlinux"' not in sent(transcript)
+        gate.touch()
+        assert session.command("-data-evaluate-expression x").payload == {"value": "x"}  # after the set-up
+        commands = sent(transcript)
+        assert commands.index('-file-exec-and-symbols "/k/vmlinux"') < commands.index("-data-evaluate-expression x")
+    finally:
+        session.close()
+
+
+def test_background_setup_failure_is_raised_by_the_first_command(fake_gdb: str) -> None:
+    session = GdbSession("/k/vmlinux", gdb=fake_gdb, init_commands=["-fake-die 3"], background=True)
+    with pytest.raises(GdbError, match="GDB exited while handling '-fake-die 3'"):
+        session.evaluate("x")
+    assert not session.is_alive() and not alive(session.pid)
+    with pytest.raises(GdbError, match="session is closed"):
+        session.evaluate("x")
+
+
+def test_close_during_background_setup_stops_gdb(fake_gdb: str, tmp_path: Path) -> None:
+    session = GdbSession("/k/vmlinux", gdb=fake_gdb, init_commands=[f"-fake-wait-file {tmp_path / 'never'}"],
+                         background=True)
+    session.close(timeout=1.0)
+    assert not alive(session.pid)
+    with pytest.raises(GdbError, match="session is closed"):
+        session.evaluate("x")
+
+
 def test_missing_gdb_executable() -> None:
     with pytest.raises(GdbError, match="cannot start GDB"):
         GdbSession(gdb="/nonexistent/gdb")
