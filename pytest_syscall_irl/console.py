@@ -21,12 +21,15 @@ from typing import IO
 import pexpect
 from pexpect import fdpexpect
 
-from .errors import ConsoleError, GuestPanic, tail
+from .errors import ConsoleError, ConsoleTimeout, GuestPanic, tail
 
 log = logging.getLogger(__name__)
 
 READY = re.compile(r"SIRL\{READY:(\w+):(\S+)\}")
-PANIC = re.compile(r"Kernel panic - not syncing|\bOops\b[:\s]|\bBUG: |general protection fault")
+# A kernel GP fault reads "general protection fault: 0000 [#1]" or "..., probably for
+# non-canonical address ...: 0000 [#1]"; a user one is a "traps: prog[pid] general
+# protection fault ip:..." line, which is no crash of the kernel.
+PANIC = re.compile(r"Kernel panic - not syncing|\bOops\b[:\s]|\bBUG: |general protection fault[:,]")
 KERNEL_LINE = re.compile(r"^\s*\[\s*\d+\.\d+\] ")
 # After a panic line, keep reading this long to capture the trace that follows it.
 PANIC_GRACE = 1.0
@@ -62,11 +65,22 @@ class PendingCommand:
         self.ident = ident
         self.command = command
         self.result: CommandResult | None = None
+        self.begun = False  # its begin marker has been read
 
     def wait(self, timeout: float | None = None) -> CommandResult:
         """Read the command's output until its end marker; returns its result."""
         if self.result is None:
             self.result = self.console._finish(self, timeout)
+        return self.result
+
+    def poll(self) -> CommandResult | None:
+        """The command's result if it has ended, else None, without waiting (reads what
+        the guest has printed so far)."""
+        if self.result is None:
+            try:
+                self.result = self.console._finish(self, 0)
+            except ConsoleTimeout:
+                return None
         return self.result
 
 
@@ -113,8 +127,8 @@ class GuestConsole:
         try:
             index = self.child.expect([pattern, PANIC], timeout=timeout)
         except pexpect.TIMEOUT as exc:
-            raise ConsoleError(f"guest console: no {pattern.pattern!r} within {timeout:.0f} s",
-                               log_tail=tail(self._seen())) from exc
+            raise ConsoleTimeout(f"guest console: no {pattern.pattern!r} within {timeout:.0f} s",
+                                 log_tail=tail(self._seen())) from exc
         except pexpect.EOF as exc:
             raise ConsoleError("guest console closed (QEMU exited?)", log_tail=tail(self._seen())) from exc
         if index == 1:
@@ -168,7 +182,9 @@ class GuestConsole:
 
     def _finish(self, pending: PendingCommand, timeout: float | None) -> CommandResult:
         ident = pending.ident
-        self.expect(re.compile(r"SIRL\{%d:B\}\r*\n" % ident), timeout)
+        if not pending.begun:
+            self.expect(re.compile(r"SIRL\{%d:B\}\r*\n" % ident), timeout)
+            pending.begun = True
         end = self.expect(re.compile(r"SIRL\{%d:E:(\d+)\}" % ident), timeout)
         output = clean_output(str(self.child.before or ""))
         if self._pending is pending:

@@ -70,3 +70,7 @@ class ConsoleError(SyscallIrlError):
 
 class GuestPanic(ConsoleError):
     """The guest kernel printed a panic, an Oops or a BUG."""
+
+
+class ConsoleTimeout(ConsoleError):
+    """The guest console did not print what was awaited in time."""

@@ -47,6 +47,7 @@ class LabSettings:
     boot_args: str
     cache: Path
     snapshots: bool = True  # start guests from a saved ready state (see snapshot.py)
+    payload_dirs: tuple[Path, ...] = ()  # the user's guest programs, beside guest/payloads/
 
     @property
     def gdb_index_cache(self) -> Path:
@@ -65,6 +66,11 @@ class Guest:
     boot_seconds: float = 0.0
     debugger: GdbSession | None = None  # set while a GDB session is attached
     restored: bool = False  # started from the lab's snapshot rather than booted
+
+    @property
+    def config(self) -> MachineConfig:
+        """The QEMU configuration the guest runs with."""
+        return self.machine.config
 
     @property
     def gdb_socket(self) -> Path:
@@ -182,7 +188,8 @@ class Lab:
     log_root: Path
     _image: GuestImage | None = field(default=None, init=False)
     _accel: tuple[str, str] | None = field(default=None, init=False)
-    _snapshots: dict[str, Snapshot] = field(default_factory=dict, init=False)  # by extra boot arguments
+    # By (extra boot arguments, CPU model).
+    _snapshots: dict[tuple[str, str | None], Snapshot] = field(default_factory=dict, init=False)
     _names: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
 
     @property
@@ -193,7 +200,8 @@ class Lab:
     def image(self) -> GuestImage:
         """The guest image for this kernel (built once, cached by content)."""
         if self._image is None:
-            self._image = build_guest_image(self.settings.cache, payloads_on_iso=self.kernel.payloads_on_iso)
+            self._image = build_guest_image(self.settings.cache, payloads_on_iso=self.kernel.payloads_on_iso,
+                                            payload_dirs=self.settings.payload_dirs)
         return self._image
 
     @property
@@ -203,30 +211,32 @@ class Lab:
             self._accel = decide_accel(self.settings)
         return self._accel[0]
 
-    def machine_config(self, boot_args: str = "") -> MachineConfig:
+    def machine_config(self, boot_args: str = "", cpu: str | None = None) -> MachineConfig:
         """The QEMU configuration of this lab's guests; *boot_args* are appended to the
-        kernel command line after the defaults and `settings.boot_args`."""
+        kernel command line after the defaults and `settings.boot_args`; *cpu* is QEMU's
+        CPU model (default: QEMU's)."""
         check_boot_args(boot_args)
         append = " ".join(filter(None, [DEFAULT_APPEND, self.settings.boot_args, boot_args.strip()]))
         return MachineConfig(kernel=self.kernel.bzimage.path, initrd=self.image.initramfs, iso=self.image.iso,
-                             append=append, accel=self.accel, qemu=self.settings.qemu)
+                             append=append, accel=self.accel, qemu=self.settings.qemu, cpu=cpu or None)
 
-    def snapshot_key(self, boot_args: str = "") -> str:
+    def snapshot_key(self, boot_args: str = "", cpu: str | None = None) -> str:
         """The cache key of a snapshot (kernel, image, QEMU, machine arguments)."""
-        config = self.machine_config(boot_args)
+        config = self.machine_config(boot_args, cpu)
         return snapshot_key(config, qemu_identity(config.qemu))
 
-    def snapshot(self, boot_args: str = "") -> Snapshot:
-        """The saved ready guest for *boot_args*: from the cache, else booted and saved
-        once (one build even when several processes ask at the same time)."""
-        if boot_args not in self._snapshots:
-            key = self.snapshot_key(boot_args)
-            self._snapshots[boot_args] = load_or_build(
-                self.settings.cache, key, lambda state: self._save_ready_guest(key, state, boot_args))
-        return self._snapshots[boot_args]
+    def snapshot(self, boot_args: str = "", cpu: str | None = None) -> Snapshot:
+        """The saved ready guest for *boot_args* and *cpu*: from the cache, else booted
+        and saved once (one build even when several processes ask at the same time)."""
+        variant = (boot_args, cpu or None)
+        if variant not in self._snapshots:
+            key = self.snapshot_key(boot_args, cpu)
+            self._snapshots[variant] = load_or_build(
+                self.settings.cache, key, lambda state: self._save_ready_guest(key, state, boot_args, cpu))
+        return self._snapshots[variant]
 
-    def _save_ready_guest(self, key: str, state: Path, boot_args: str) -> SnapshotInfo:
-        guest = self._cold_boot(f"snapshot-{key}-{os.getpid()}", BOOT_TIMEOUT, boot_args)
+    def _save_ready_guest(self, key: str, state: Path, boot_args: str, cpu: str | None) -> SnapshotInfo:
+        guest = self._cold_boot(f"snapshot-{key}-{os.getpid()}", BOOT_TIMEOUT, boot_args, cpu)
         try:
             # Saved idle: the agent blocked reading its next command, no debugger attached.
             guest.run("true", RESTORE_TIMEOUT).check()
@@ -239,20 +249,20 @@ class Lab:
             guest.shutdown()
 
     def boot(self, name: str | None = None, timeout: float = BOOT_TIMEOUT, restore: bool | None = None,
-             boot_args: str = "") -> Guest:
+             boot_args: str = "", cpu: str | None = None) -> Guest:
         """A guest at its ready console; on failure nothing is left running.
 
-        *boot_args* are extra kernel arguments (``pti=on``); guests with other arguments
-        start from a snapshot of their own. *restore* (default: `settings.snapshots`)
-        starts the guest from its snapshot, else the kernel boots; `Guest.restored`
-        tells which.
+        *boot_args* are extra kernel arguments (``pti=on``), *cpu* a QEMU CPU model
+        (``qemu64,vendor=GenuineIntel``); guests of other arguments or CPU start from a
+        snapshot of their own. *restore* (default: `settings.snapshots`) starts the
+        guest from its snapshot, else the kernel boots; `Guest.restored` tells which.
         """
         name = name or f"guest-{os.getpid()}-{next(self._names)}"
         if self.settings.snapshots if restore is None else restore:
-            return self._restore(name, self.snapshot(boot_args), timeout, boot_args)
-        return self._cold_boot(name, timeout, boot_args)
+            return self._restore(name, self.snapshot(boot_args, cpu), timeout, boot_args, cpu)
+        return self._cold_boot(name, timeout, boot_args, cpu)
 
-    def _cold_boot(self, name: str, timeout: float, boot_args: str = "") -> Guest:
+    def _cold_boot(self, name: str, timeout: float, boot_args: str = "", cpu: str | None = None) -> Guest:
         def ready(machine: QemuMachine, console: GuestConsole) -> None:
             machine.resume()
             delivery = console.wait_ready(timeout)
@@ -260,9 +270,10 @@ class Lab:
                 raise ImageError(f"the guest found its payloads via {delivery!r}, expected "
                                  f"{self.image.delivery!r}: see the console log {machine.console_log}")
 
-        return self._start(name, self.machine_config(boot_args), ready)
+        return self._start(name, self.machine_config(boot_args, cpu), ready)
 
-    def _restore(self, name: str, snapshot: Snapshot, timeout: float, boot_args: str = "") -> Guest:
+    def _restore(self, name: str, snapshot: Snapshot, timeout: float, boot_args: str = "",
+                 cpu: str | None = None) -> Guest:
         def ready(machine: QemuMachine, console: GuestConsole) -> None:
             machine.resume()
             # No READY line after a restore (the agent is waiting for a command): a no-op
@@ -270,7 +281,7 @@ class Lab:
             console.run("true", min(timeout, RESTORE_TIMEOUT)).check()
             console.delivery, console.release = snapshot.info.delivery, snapshot.info.release
 
-        return self._start(name, replace(self.machine_config(boot_args), incoming=snapshot.state), ready)
+        return self._start(name, replace(self.machine_config(boot_args, cpu), incoming=snapshot.state), ready)
 
     def _start(self, name: str, config: MachineConfig, ready: _Ready) -> Guest:
         log_dir = self.log_root / name

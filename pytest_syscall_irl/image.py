@@ -55,6 +55,18 @@ class Payload:
     def guest_path(self) -> str:
         return f"{GUEST_PAYLOAD_DIR}/{self.name}"
 
+    @property
+    def bits(self) -> int:
+        """64 for an x86_64 program, 32 for an i386 one (its ELF class)."""
+        with open(self.path, "rb") as f:
+            return int(ELFFile(f).elfclass)
+
+    @property
+    def entry(self) -> int:
+        """The program's entry point (ELF e_entry): where execve starts it."""
+        with open(self.path, "rb") as f:
+            return int(ELFFile(f).header["e_entry"])
+
     def symbol(self, name: str) -> int:
         """Address of symbol *name* (payloads are static and non-PIE: the address in the guest)."""
         with open(self.path, "rb") as f:
@@ -63,6 +75,16 @@ class Payload:
         if not found:
             raise ImageError(f"payload {self.name} has no symbol {name!r}")
         return int(found[0]["st_value"])
+
+    def read(self, address: int, size: int) -> bytes:
+        """*size* bytes of the program image at *address* (from its loadable segments)."""
+        with open(self.path, "rb") as f:
+            for segment in ELFFile(f).iter_segments():
+                start, filesz = segment["p_vaddr"], segment["p_filesz"]
+                if segment["p_type"] == "PT_LOAD" and start <= address and address + size <= start + filesz:
+                    f.seek(segment["p_offset"] + address - start)
+                    return f.read(size)
+        raise ImageError(f"payload {self.name}: {address:#x}+{size} is not in a loaded segment")
 
 
 @dataclass(frozen=True)
@@ -81,7 +103,8 @@ class GuestImage:
     def payload(self, name: str) -> Payload:
         """The payload compiled from guest/payloads/<name>.c."""
         if name not in self.payloads:
-            raise ImageError(f"no guest payload {name!r}: add guest/payloads/{name}.c "
+            raise ImageError(f"no guest payload {name!r}: add {name}.c to guest/payloads/ or to a directory "
+                             f"given with --payloads "
                              f"(have: {', '.join(sorted(self.payloads))})")
         return Payload(name, self.payloads[name])
 
@@ -152,16 +175,73 @@ def initramfs_entries(busybox: str, init: bytes, agent: bytes, payloads: dict[st
 
 # --- payloads and ISO --------------------------------------------------------------
 
-def payload_sources(guest_dir: Path = GUEST_DIR) -> dict[str, Path]:
-    """The C sources of the guest payloads, by program name."""
-    return {src.stem: src for src in sorted((guest_dir / "payloads").glob("*.c"))}
+I386_SUFFIX = ".i386.c"
+# i386 programs are freestanding (guest/payloads/sirl32.h has their _start): musl-gcc
+# builds only x86_64, and gcc -m32 needs no 32-bit libraries when nothing is linked in.
+I386_FLAGS = ["-m32", "-static", "-nostdlib", "-ffreestanding", "-fno-pic", "-no-pie", "-fno-stack-protector",
+              "-fno-asynchronous-unwind-tables"]
+COMMON_FLAGS = ["-O2", "-g", "-Wall", "-Werror"]
 
 
-def _compile(musl_gcc: str, source: Path, out: Path) -> None:
-    command = [musl_gcc, "-static", "-O2", "-g", "-Wall", "-Werror", "-o", str(out), str(source)]
+@dataclass(frozen=True)
+class ProgramSource:
+    """A guest program to build (a C file) or to ship as it is (a static ELF file)."""
+
+    name: str
+    path: Path
+
+    @property
+    def prebuilt(self) -> bool:
+        return not self.path.name.endswith(".c")
+
+    @property
+    def i386(self) -> bool:
+        return self.path.name.endswith(I386_SUFFIX)
+
+
+def _program_name(path: Path) -> str | None:
+    """The guest name of a file of a payload directory, None if it is not a program:
+    NAME.c (x86_64, musl), NAME.i386.c (i386, freestanding), or a static ELF file."""
+    if path.name.endswith(I386_SUFFIX):
+        return path.name[: -len(I386_SUFFIX)]
+    if path.suffix == ".c":
+        return path.stem
+    if not path.suffix and path.is_file():
+        with open(path, "rb") as f:
+            return path.name if f.read(4) == b"\x7fELF" else None
+    return None
+
+
+def payload_sources(guest_dir: Path = GUEST_DIR, extra_dirs: Iterable[Path] = ()) -> dict[str, ProgramSource]:
+    """The guest payloads by program name: guest/payloads/ and every extra directory.
+    Two programs of one name are an error: which one a test means would be a guess."""
+    found: dict[str, ProgramSource] = {}
+    for directory in [guest_dir / "payloads", *extra_dirs]:
+        if not directory.is_dir():
+            raise ImageError(f"payload directory {directory} does not exist: pass a directory of C files "
+                             f"(NAME.c, NAME{I386_SUFFIX}) or static ELF programs")
+        for path in sorted(directory.iterdir()):
+            name = _program_name(path)
+            if name is None:
+                continue
+            if name in found:
+                raise ImageError(f"two guest programs named {name!r}: {found[name].path} and {path}; rename one")
+            found[name] = ProgramSource(name, path)
+    return found
+
+
+def _compile(musl_gcc: str, program: ProgramSource, out: Path, include: Path) -> None:
+    if program.prebuilt:
+        shutil.copyfile(program.path, out)
+        os.chmod(out, 0o755)
+        return
+    if program.i386:
+        command = ["gcc", *I386_FLAGS, *COMMON_FLAGS, f"-I{include}", "-o", str(out), str(program.path)]
+    else:
+        command = [musl_gcc, "-static", *COMMON_FLAGS, f"-I{include}", "-o", str(out), str(program.path)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise ImageError(f"cannot compile guest payload {source.name}", command=command,
+        raise ImageError(f"cannot compile guest program {program.path}", command=command,
                          exit_code=result.returncode, log_tail=result.stderr)
 
 
@@ -215,30 +295,36 @@ def cached(directory: Path) -> Iterator[Path | None]:
             raise
 
 
-def build_programs(cache: Path, guest_dir: Path = GUEST_DIR, musl_gcc: str = MUSL_GCC) -> dict[str, Path]:
-    """Compile the guest agent and every payload (static, musl); cached by sources and
-    compiler. Returns the payloads by name, and the agent as AGENT."""
-    sources = {**payload_sources(guest_dir), AGENT: guest_dir / "agent.c"}
+def build_programs(cache: Path, guest_dir: Path = GUEST_DIR, musl_gcc: str = MUSL_GCC,
+                   extra_dirs: Iterable[Path] = ()) -> dict[str, Path]:
+    """Compile the guest agent and every payload (x86_64 static with musl, i386
+    freestanding), from guest/payloads/ and *extra_dirs*; cached by sources and
+    compilers. Returns the payloads by name, and the agent as AGENT."""
+    extra_dirs = [Path(d) for d in extra_dirs]
+    programs = {**payload_sources(guest_dir, extra_dirs), AGENT: ProgramSource(AGENT, guest_dir / "agent.c")}
     if shutil.which(musl_gcc) is None:
         raise ImageError(f"{musl_gcc} not found: install it with `apt-get install musl-tools`")
-    # Every file of the payload directory counts: the programs share headers.
-    inputs = sorted(p for p in (guest_dir / "payloads").iterdir() if p.is_file()) + [sources[AGENT]]
-    key = _digest(_tool_identity([musl_gcc, "--version"]), *(p.name.encode() + p.read_bytes() for p in inputs))
+    # Every file of the payload directories counts: the programs share headers.
+    inputs = [p for d in [guest_dir / "payloads", *extra_dirs] for p in sorted(d.iterdir()) if p.is_file()]
+    key = _digest(_tool_identity([musl_gcc, "--version"]), _tool_identity(["gcc", "--version"]),
+                  *(p.name.encode() + p.read_bytes() for p in [*inputs, guest_dir / "agent.c"]))
     directory = cache / "programs" / key
     with cached(directory) as staging:
         if staging is not None:
-            for name, src in sources.items():
-                log.info("compiling guest program %s", name)
-                _compile(musl_gcc, src, staging / name)
-    return {name: directory / name for name in sources}
+            for name, program in programs.items():
+                log.info("building guest program %s", name)
+                _compile(musl_gcc, program, staging / name, guest_dir / "payloads")
+    return {name: directory / name for name in programs}
 
 
 def build_guest_image(cache: Path, *, payloads_on_iso: bool, guest_dir: Path = GUEST_DIR,
-                      busybox: str = BUSYBOX, musl_gcc: str = MUSL_GCC) -> GuestImage:
-    """Build (or reuse) the guest image for a kernel that can (or cannot) mount the ISO."""
+                      busybox: str = BUSYBOX, musl_gcc: str = MUSL_GCC,
+                      payload_dirs: Iterable[Path] = ()) -> GuestImage:
+    """Build (or reuse) the guest image for a kernel that can (or cannot) mount the ISO,
+    with the built-in payloads and those of *payload_dirs*."""
     if not os.access(busybox, os.X_OK):
         raise ImageError(f"{busybox} not found: install it with `apt-get install busybox-static`")
-    programs = build_programs(cache, guest_dir, musl_gcc)
+    programs = build_programs(cache, guest_dir, musl_gcc, payload_dirs)
     agent = programs.pop(AGENT).read_bytes()
     payloads = {**programs, **{name: Path(path) for name, path in HOST_PAYLOADS.items() if os.path.exists(path)}}
     init = (guest_dir / "init").read_bytes()

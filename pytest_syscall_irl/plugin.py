@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     # and a run with no kernel tests need not pay for QEMU, GDB/MI and pexpect modules.
     from .gdbmi import GdbSession
     from .guest import Guest, Lab, LabSettings
-    from .trace import SyscallTracer
+    from .tracer import SyscallTracer
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         flag = "--" + name.replace("_", "-")
         group.addoption(flag, dest=f"syscall_irl_{name}", metavar=name.upper(), help=text, **extra)
         parser.addini(f"syscall_irl_{name}", f"default for {flag}: {text}")
+    group.addoption("--payloads", dest="syscall_irl_payloads", action="append", metavar="DIR", default=None,
+                    help="a directory of your own guest programs (NAME.c, NAME.i386.c, static ELF files), "
+                         "shipped to /payloads/ beside the built-in ones; may be given several times.")
+    parser.addini("syscall_irl_payloads", "default for --payloads: directories of guest programs, relative to "
+                  "the ini file.", type="paths", default=[])
     group.addoption("--no-snapshots", dest="syscall_irl_snapshots", action="store_false", default=None,
                     help="cold-boot every guest instead of restoring a saved ready guest (default: restore).")
     parser.addini("syscall_irl_snapshots", "default for --no-snapshots: restore guests from a saved ready "
@@ -108,12 +113,27 @@ def resolve_settings(config: pytest.Config) -> LabSettings:
     return LabSettings(kernel=kernel, qemu=_program(config, "qemu", "qemu-system-x86_64", "qemu-system-x86"),
                        gdb=_program(config, "gdb", "gdb", "gdb"), accel=accel, boot_args=boot_args,
                        cache=cache_dir(),
-                       snapshots=bool(config.getini("syscall_irl_snapshots") if snapshots is None else snapshots))
+                       snapshots=bool(config.getini("syscall_irl_snapshots") if snapshots is None else snapshots),
+                       payload_dirs=_payload_dirs(config))
+
+
+def _payload_dirs(config: pytest.Config) -> tuple[Path, ...]:
+    """--payloads (relative to the invocation directory), else the ini's list; each must
+    be a directory."""
+    given = config.getoption("syscall_irl_payloads")
+    dirs = ([(config.invocation_params.dir / os.path.expanduser(d)).resolve() for d in given] if given
+            else [Path(d).resolve() for d in config.getini("syscall_irl_payloads")])
+    for directory in dirs:
+        if not directory.is_dir():
+            where = "--payloads" if given else "syscall_irl_payloads in the ini file"
+            raise ConfigError(f"{where}: {directory} is not a directory: name a directory of guest programs "
+                              f"(NAME.c, NAME.i386.c or static ELF files)")
+    return tuple(dirs)
 
 
 def _explicit(config: pytest.Config) -> bool:
     return any(_setting(config, name)[0] for name, _, _ in OPTIONS) or \
-        config.getoption("syscall_irl_snapshots") is not None
+        config.getoption("syscall_irl_snapshots") is not None or bool(config.getoption("syscall_irl_payloads"))
 
 
 def _settings(config: pytest.Config) -> LabSettings:
@@ -132,6 +152,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = None
     config.addinivalue_line("markers", "boot_args(args): boot the test's guests (guest, fresh_guest) with these "
                             "extra kernel arguments, e.g. boot_args(\"pti=on\"); each set has its own snapshot")
+    config.addinivalue_line("markers", "cpu(model): boot the test's guests (guest, fresh_guest) with this QEMU CPU "
+                            "model, e.g. cpu(\"qemu64,vendor=GenuineIntel\"); each model has its own snapshot")
 
 
 @pytest.hookimpl(trylast=True)
@@ -206,7 +228,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and _used(item):
         from .gdbmi import GdbSession
         from .guest import Guest
-        from .trace import SyscallTracer
+        from .tracer import SyscallTracer
 
         for thing in _used(item):
             if isinstance(thing, Guest):
@@ -267,12 +289,12 @@ def make_guest(syscall_irl_lab: Lab) -> Iterator[Callable[[], Guest]]:
 
 
 class _SharedGuest:
-    """A worker's shared guest for one set of extra boot arguments, booted again if a
-    test killed it or left it unusable."""
+    """A worker's shared guest for one set of extra boot arguments and CPU model, booted
+    again if a test killed it or left it unusable."""
 
-    def __init__(self, lab: Lab, boot_args: str, names: Iterator[int]) -> None:
+    def __init__(self, lab: Lab, variant: tuple[str, str | None], names: Iterator[int]) -> None:
         self.lab = lab
-        self.boot_args = boot_args
+        self.boot_args, self.cpu = variant
         self.guest: Guest | None = None
         self._names = names  # each guest booted gets a log directory of its own
 
@@ -280,7 +302,8 @@ class _SharedGuest:
         if self.guest is None or not self.guest.is_alive():
             if self.guest is not None:
                 self.guest.shutdown()
-            self.guest = self.lab.boot(name=f"shared-{os.getpid()}-{next(self._names)}", boot_args=self.boot_args)
+            self.guest = self.lab.boot(name=f"shared-{os.getpid()}-{next(self._names)}", boot_args=self.boot_args,
+                                       cpu=self.cpu)
         return self.guest
 
     def settle(self) -> None:
@@ -294,17 +317,17 @@ class _SharedGuest:
 
 
 class _SharedGuests:
-    """The worker's shared guests, one per set of extra boot arguments."""
+    """The worker's shared guests, one per set of extra boot arguments and CPU model."""
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
-        self.by_args: dict[str, _SharedGuest] = {}
+        self.by_args: dict[tuple[str, str | None], _SharedGuest] = {}
         self._names = itertools.count(1)
 
-    def __getitem__(self, boot_args: str) -> _SharedGuest:
-        if boot_args not in self.by_args:
-            self.by_args[boot_args] = _SharedGuest(self.lab, boot_args, self._names)
-        return self.by_args[boot_args]
+    def __getitem__(self, variant: tuple[str, str | None]) -> _SharedGuest:
+        if variant not in self.by_args:
+            self.by_args[variant] = _SharedGuest(self.lab, variant, self._names)
+        return self.by_args[variant]
 
     def close(self) -> None:
         for shared in self.by_args.values():
@@ -335,6 +358,17 @@ def _boot_args(request: pytest.FixtureRequest) -> str:
     return boot_args
 
 
+def _cpu(request: pytest.FixtureRequest) -> str | None:
+    """The QEMU CPU model the test asks for with @pytest.mark.cpu."""
+    marker = request.node.get_closest_marker("cpu")
+    if marker is None:
+        return None
+    if len(marker.args) != 1 or not isinstance(marker.args[0], str) or not marker.args[0].strip() or marker.kwargs:
+        pytest.fail(f"@pytest.mark.cpu takes one QEMU CPU model, e.g. @pytest.mark.cpu(\"qemu64,vendor=GenuineIntel\")"
+                    f"; got {marker.args!r} {marker.kwargs!r}", pytrace=False)
+    return str(marker.args[0]).strip()
+
+
 @pytest.fixture
 def guest(request: pytest.FixtureRequest, _shared_guests: _SharedGuests) -> Iterator[Guest]:
     """A booted guest shared by the tests of this xdist worker (one per set of
@@ -349,7 +383,7 @@ def guest(request: pytest.FixtureRequest, _shared_guests: _SharedGuests) -> Iter
         def test_pti(guest):
             assert "pti" in guest.run("cat /proc/cpuinfo").output.split()
     """
-    shared = _shared_guests[_boot_args(request)]
+    shared = _shared_guests[(_boot_args(request), _cpu(request))]
     own = shared.get()
     _used(request.node).append(own)
     yield own
@@ -365,7 +399,7 @@ def fresh_guest(request: pytest.FixtureRequest, syscall_irl_lab: Lab) -> Iterato
         def test_sysctl(fresh_guest):
             fresh_guest.run("echo 1 > /proc/sys/kernel/panic_on_oops").check()
     """
-    own = syscall_irl_lab.boot(boot_args=_boot_args(request))
+    own = syscall_irl_lab.boot(boot_args=_boot_args(request), cpu=_cpu(request))
     _used(request.node).append(own)
     yield own
     own.shutdown()
@@ -440,7 +474,7 @@ def syscall_trace(request: pytest.FixtureRequest, kernel: Kernel, gdb: GdbSessio
             trace = syscall_trace.payload("syscall_irl", nr="write", args={0: 1, 2: 12})
             assert trace["entry"]["rip"] == kernel.vmlinux.symbol("entry_SYSCALL_64")
     """
-    from .trace import SyscallTracer
+    from .tracer import SyscallTracer
     tracer = SyscallTracer(gdb, kernel, _target(request))
     _used(request.node).append(tracer)
     return tracer

@@ -51,6 +51,7 @@ class MachineConfig:
     qemu: str = "qemu-system-x86_64"
     memory_mb: int = 256
     cpus: int = 1
+    cpu: str | None = None  # QEMU's -cpu model (default: QEMU's own, qemu64 under TCG)
     extra_args: tuple[str, ...] = ()
     # A saved machine state to start from (see QemuMachine.save_state) instead of booting:
     # every other field must equal those of the machine that saved it.
@@ -84,6 +85,7 @@ def _machine_args(config: MachineConfig) -> list[str]:
     accel = config.accel if config.accel == "kvm" else "tcg"
     return [
         "-accel", accel,
+        *(["-cpu", config.cpu] if config.cpu else []),
         "-m", f"{config.memory_mb}M",
         "-smp", str(config.cpus),
         "-nodefaults", "-display", "none", "-nic", "none",

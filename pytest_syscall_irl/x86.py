@@ -6,7 +6,9 @@ it comes from, so a reader can check it without trusting us.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 # Segment selectors (arch/x86/include/asm/segment.h, GDT_ENTRY_* * 8 + RPL).
 KERNEL_CS = 0x10
@@ -20,6 +22,9 @@ MSR_STAR = 0xC0000081
 MSR_LSTAR = 0xC0000082
 MSR_CSTAR = 0xC0000083
 MSR_SYSCALL_MASK = 0xC0000084
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
 
 ENOSYS = 38
 
@@ -105,6 +110,41 @@ PT_REGS_SIZE = 8 * len(PT_REGS_FIELDS)
 # Syscall argument registers, in order (x86_64 ABI: rcx is clobbered by SYSCALL, so r10).
 SYSCALL_ARG_REGISTERS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 PT_REGS_ARGS = ("di", "si", "dx", "r10", "r8", "r9")
+
+# The frame IRETQ pops, from RSP up (Intel SDM vol. 3, 6.14.1): RIP, CS, RFLAGS, RSP, SS.
+IRET_FRAME_FIELDS = ("ip", "cs", "flags", "sp", "ss")
+IA32_SYSCALL_VECTOR = 0x80
+IDT_GATE_SIZE = 16
+GATE_INTERRUPT, GATE_TRAP = 0xE, 0xF
+
+
+def decode_iret_frame(data: bytes) -> dict[str, int]:
+    """The five 8-byte words of an IRET frame as {ip, cs, flags, sp, ss}."""
+    if len(data) < 40:
+        raise ValueError(f"an IRET frame is 40 bytes, got {len(data)}")
+    return {name: int.from_bytes(data[8 * i:8 * i + 8], "little") for i, name in enumerate(IRET_FRAME_FIELDS)}
+
+
+@dataclass(frozen=True)
+class IdtGate:
+    """A 64-bit IDT gate descriptor (Intel SDM vol. 3, 6.14.1, figure 6-8)."""
+
+    offset: int
+    selector: int
+    ist: int
+    type: int  # 0xE interrupt gate, 0xF trap gate
+    dpl: int
+    present: bool
+
+
+def decode_idt_gate(data: bytes) -> IdtGate:
+    """Decode the 16 bytes of one IDT entry."""
+    if len(data) < IDT_GATE_SIZE:
+        raise ValueError(f"an IDT gate is {IDT_GATE_SIZE} bytes, got {len(data)}")
+    low, selector, bits, middle, high = struct.unpack_from("<HHHHI", data)
+    return IdtGate(offset=low | middle << 16 | high << 32, selector=selector, ist=bits & 7,
+                   type=(bits >> 8) & 0xF, dpl=(bits >> 13) & 3, present=bool(bits >> 15))
+
 
 # Syscall numbers used by the suites (arch/x86/entry/syscalls/syscall_64.tbl).
 SYSCALL_NUMBERS: Mapping[str, int] = {"read": 0, "write": 1, "getpid": 39, "dup": 32, "getppid": 110}

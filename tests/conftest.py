@@ -9,3 +9,7 @@ from pytest_syscall_irl.kernel_build import cache_dir
 # pytester moves HOME for the runs it makes: pin the cache (and the reference kernel in it)
 # for them, before any test starts.
 os.environ.setdefault("SYSCALL_IRL_CACHE", str(cache_dir()))
+
+# A user's suite with its own guest programs: run by test_user_suite.py with --payloads,
+# as a user would run it, not collected with the plugin's own tests.
+collect_ignore = ["user_suite"]

@@ -1,100 +1,242 @@
-"""The tracer's stepping, against a stand-in for the GDB session."""
+"""The tracer's walk, against typed stand-ins for the debugger and the guest (the
+protocols of tracer.py): stepping, the entry code cache, failing fast when the command
+ends first, and cleanup that never replaces the real error."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from pytest_syscall_irl.gdbmi import Instruction
+from pytest_syscall_irl.console import CommandResult
+from pytest_syscall_irl.errors import GdbError, SyscallIrlError
+from pytest_syscall_irl.gdbmi import GdbTimeoutError
+from pytest_syscall_irl.gdbmi_records import Breakpoint, Frame, Instruction, StopEvent
+from pytest_syscall_irl.image import Payload
 from pytest_syscall_irl.qemu import MachineConfig
-from pytest_syscall_irl.trace import (MAX_STEP_ATTEMPTS, EntryCode, SyscallSelector, SyscallTrace, SyscallTracer,
-                                      TraceError, _Run)
+from pytest_syscall_irl.roads import SYSCALL64
+from pytest_syscall_irl.trace import SyscallSelector, SyscallTrace, TraceError
+from pytest_syscall_irl.tracer import MAX_STEP_ATTEMPTS, EntryCode, SyscallTracer, _Walk
 
 
-class Stepper:
-    """stepi() reports the given addresses in turn."""
-
-    def __init__(self, *addresses: int) -> None:
-        self.addresses = list(addresses)
-        self.steps = 0
-
-    def stepi(self, timeout: float) -> Any:
-        self.steps += 1
-        return SimpleNamespace(address=self.addresses.pop(0))
-
-    def registers(self, names: Any) -> dict[str, int]:
-        return dict.fromkeys(names, 0)
+def _stop(address: int, breakpoint: int | None = None) -> StopEvent:
+    return StopEvent("breakpoint-hit", breakpoint, address, None, 1, None, {})
 
 
-def _run(gdb: Stepper) -> _Run:
-    trace = SyscallTrace("cmd", SyscallSelector(1), "__x64_sys_write")
-    return _Run(SimpleNamespace(gdb=gdb, faults={}), trace, time.monotonic() + 60)  # type: ignore[arg-type]
+@dataclass
+class FakeDebugger:
+    """A debugger whose target never stops unless told: stepi() reports *steps* in turn."""
+
+    steps: list[int] = field(default_factory=list)
+    instructions: list[Instruction] = field(default_factory=list)
+    fail_delete: bool = False
+    state: str = "stopped"
+    stepped: int = 0
+    disassembled: int = 0
+    inserted: list[str] = field(default_factory=list)
+
+    def registers(self, names: Sequence[str] | None = None, timeout: float = 0) -> dict[str, int]:
+        return dict.fromkeys(names or ("rip",), 0)
+
+    def read_memory(self, address: int, size: int, timeout: float = 0) -> bytes:
+        return bytes(size)
+
+    def evaluate(self, expression: str, timeout: float = 0) -> str:
+        return "0"
+
+    def break_insert(self, location: str, condition: str | None = None, hardware: bool = False,
+                     temporary: bool = False, timeout: float = 0) -> Breakpoint:
+        self.inserted.append(location)
+        return Breakpoint(len(self.inserted), "breakpoint", None, None, condition, temporary, (), {})
+
+    def delete_breakpoint(self, number: int, timeout: float = 0) -> None:
+        pass
+
+    def delete_breakpoints(self, timeout: float = 0) -> None:
+        if self.fail_delete and self.state == "running":
+            raise GdbError("GDB rejected '-break-delete': Cannot execute this command while the target is running")
+
+    def resume(self, timeout: float = 0) -> None:
+        self.state = "running"
+
+    def wait_for_stop(self, timeout: float = 0) -> StopEvent:
+        time.sleep(min(timeout, 0.01))
+        raise GdbTimeoutError(f"target did not stop within {timeout:g} s")
+
+    def stepi(self, timeout: float = 0) -> StopEvent:
+        self.stepped += 1
+        return _stop(self.steps.pop(0))
+
+    def interrupt(self, timeout: float = 0) -> StopEvent:
+        self.state = "stopped"
+        return _stop(0)
+
+    def disassemble(self, start: str | int, end: int | None = None, timeout: float = 0) -> list[Instruction]:
+        self.disassembled += 1
+        return self.instructions
+
+    def backtrace(self, timeout: float = 0) -> list[Frame]:
+        return []
+
+    def member_offsets(self, aggregate: str, timeout: float = 0) -> dict[str, int]:
+        return {}
 
 
-def test_a_step_that_went_nowhere_is_taken_again() -> None:
-    gdb = Stepper(0x401000, 0xFFFFFFFF81200080)
-    _run(gdb).step_off(0x401000)
-    assert gdb.steps == 2
+@dataclass
+class FakeCommand:
+    """A guest command that ends after *polls* polls, with *result*."""
+
+    command: str
+    result: CommandResult
+    polls: int = 0
+
+    def wait(self, timeout: float | None = None) -> CommandResult:
+        return self.result
+
+    def poll(self) -> CommandResult | None:
+        self.polls -= 1
+        return self.result if self.polls < 0 else None
 
 
-def test_a_step_that_moved_is_taken_once() -> None:
-    gdb = Stepper(0xFFFFFFFF81200080)
-    _run(gdb).step_off(0x401000)
-    assert gdb.steps == 1
+@dataclass
+class FakeConsole:
+    status: int = 0
+    output: str = "done\n"
+    polls: int = 2
+
+    def start(self, command: str) -> FakeCommand:
+        return FakeCommand(command, CommandResult(command, self.output, self.status), self.polls)
 
 
-def test_an_instruction_that_never_executes_is_an_error() -> None:
-    gdb = Stepper(*[0x401000] * MAX_STEP_ATTEMPTS)
+@dataclass
+class FakeGuest:
+    config: MachineConfig
+    console: FakeConsole = field(default_factory=FakeConsole)
+
+    def payload(self, name: str) -> Payload:
+        raise AssertionError("no payloads here")
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        yield
+
+
+class FakeVmlinux:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.release = "6.1.0"
+
+    def symbol(self, name: str) -> int:
+        return 0x100
+
+    def has_symbol(self, name: str) -> bool:
+        return name in ("sys_call_table", "current_task", "entry_SYSCALL_64")
+
+    def symbol_size(self, name: str) -> int:
+        return 8
+
+    def read(self, address: int, size: int) -> bytes:
+        return bytes(size)
+
+    def names_at(self, address: int) -> list[str]:
+        return []
+
+
+@dataclass
+class FakeKernel:
+    vmlinux: Any
+    dwarf: bool = False
+    version_tuple: tuple[int, int, int] = (6, 1, 0)
+
+
+def _config(tmp_path: Path, append: str = "console=ttyS0") -> MachineConfig:
+    return MachineConfig(kernel=tmp_path / "bzImage", initrd=tmp_path / "initrd", append=append)
+
+
+def _tracer(gdb: FakeDebugger, tmp_path: Path, config: MachineConfig | None = None,
+            console: FakeConsole | None = None, vmlinux: str = "vmlinux") -> SyscallTracer:
+    guest = FakeGuest(config or _config(tmp_path), console or FakeConsole())
+    return SyscallTracer(gdb, FakeKernel(FakeVmlinux(tmp_path / vmlinux)), guest)  # type: ignore[arg-type]
+
+
+def _walk(gdb: FakeDebugger, tmp_path: Path) -> _Walk:
+    trace = SyscallTrace("cmd", SyscallSelector(1), SYSCALL64, "__x64_sys_write")
+    return _Walk(_tracer(gdb, tmp_path), trace, time.monotonic() + 60)
+
+
+def test_a_step_that_went_nowhere_is_taken_again(tmp_path: Path) -> None:
+    gdb = FakeDebugger(steps=[0x401000, 0xFFFFFFFF81200080])
+    _walk(gdb, tmp_path).step_off(0x401000)
+    assert gdb.stepped == 2
+
+
+def test_a_step_that_moved_is_taken_once(tmp_path: Path) -> None:
+    gdb = FakeDebugger(steps=[0xFFFFFFFF81200080])
+    assert _walk(gdb, tmp_path).step_off(0x401000).address == 0xFFFFFFFF81200080
+    assert gdb.stepped == 1
+
+
+def test_an_instruction_that_never_executes_is_an_error(tmp_path: Path) -> None:
+    gdb = FakeDebugger(steps=[0x401000] * MAX_STEP_ATTEMPTS)
     with pytest.raises(TraceError, match=r"instruction at 0x401000 did not execute in 3 steps"):
-        _run(gdb).step_off(0x401000)
+        _walk(gdb, tmp_path).step_off(0x401000)
 
 
-def test_the_swapgs_step_is_taken_again_when_it_went_nowhere() -> None:
+def test_the_swapgs_step_is_taken_again_when_it_went_nowhere(tmp_path: Path) -> None:
     entry, swapgs, after = 0xFFFFFFFF81200080, 0xFFFFFFFF81200083, 0xFFFFFFFF81200086
-    gdb = Stepper(swapgs, swapgs, after)
-    run = _run(gdb)
-    run.step_past(entry, swapgs, "after_swapgs")
-    assert gdb.steps == 3 and run.trace["after_swapgs"].taken
+    gdb = FakeDebugger(steps=[swapgs, swapgs, after])
+    walk = _walk(gdb, tmp_path)
+    walk.step_past(entry, swapgs, "after_swapgs")
+    assert gdb.stepped == 3 and walk.trace["after_swapgs"].taken
 
 
-def test_swapgs_never_reached_is_a_stage_not_taken() -> None:
-    gdb = Stepper(*[0x1000 + i for i in range(32)])
-    run = _run(gdb)
-    run.step_past(0x1000, 0xDEAD, "after_swapgs")
-    assert not run.trace["after_swapgs"].taken
+def test_swapgs_never_reached_is_a_stage_not_taken(tmp_path: Path) -> None:
+    gdb = FakeDebugger(steps=[0x1000 + i for i in range(32)])
+    walk = _walk(gdb, tmp_path)
+    walk.step_past(0x1000, 0xDEAD, "after_swapgs")
+    assert not walk.trace["after_swapgs"].taken
 
 
-class Disassembler:
-    """disassemble() returns a minimal entry_SYSCALL_64 and counts its calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def disassemble(self, where: str) -> list[Instruction]:
-        self.calls += 1
-        return [Instruction(0x100, "swapgs", where, 0), Instruction(0x1f0, "swapgs", where, 240),
-                Instruction(0x200, "sysretq", where, 256)]
-
-
-def _tracer(gdb: Disassembler, vmlinux: Path, config: MachineConfig) -> SyscallTracer:
-    kernel = SimpleNamespace(vmlinux=SimpleNamespace(path=vmlinux, symbol=lambda name: 0x100))
-    guest = SimpleNamespace(machine=SimpleNamespace(config=config), console=None)
-    return SyscallTracer(gdb, kernel, guest)  # type: ignore[arg-type]
+ENTRY = [Instruction(0x100, "swapgs", "entry_SYSCALL_64", 0), Instruction(0x1F0, "swapgs", "entry_SYSCALL_64", 240),
+         Instruction(0x200, "sysretq", "entry_SYSCALL_64", 256)]
 
 
 def test_entry_code_is_disassembled_once_per_kernel_and_machine(tmp_path: Path) -> None:
-    gdb = Disassembler()
-    config = MachineConfig(kernel=tmp_path / "bzImage", initrd=tmp_path / "initrd", append="console=ttyS0")
-    restored = replace(config, incoming=tmp_path / "state")
-    assert _tracer(gdb, tmp_path / "vmlinux", config).entry_code == EntryCode(0x100, 0x100, 0x1F0, 0x200)
-    _tracer(gdb, tmp_path / "vmlinux", restored).entry_code  # restored from a guest of that config
-    assert gdb.calls == 1
+    gdb = FakeDebugger(instructions=ENTRY)
+    config = _config(tmp_path)
+    assert _tracer(gdb, tmp_path, config).entry_code() == EntryCode(0x100, 0x100, 0x1F0, 0x200)
+    _tracer(gdb, tmp_path, replace(config, incoming=tmp_path / "state")).entry_code()  # restored from that config
+    assert gdb.disassembled == 1
     # Other boot arguments patch the entry code otherwise (pti=on), and so may another vmlinux.
-    _tracer(gdb, tmp_path / "vmlinux", replace(config, append="console=ttyS0 pti=on")).entry_code
-    _tracer(gdb, tmp_path / "other-vmlinux", config).entry_code
-    assert gdb.calls == 3
+    _tracer(gdb, tmp_path, _config(tmp_path, "console=ttyS0 pti=on")).entry_code()
+    _tracer(gdb, tmp_path, config, vmlinux="other-vmlinux").entry_code()
+    assert gdb.disassembled == 3
+
+
+def test_a_command_that_ends_first_fails_the_trace_at_once_saying_why(tmp_path: Path) -> None:
+    console = FakeConsole(status=3, output="no such file\n", polls=2)
+    tracer = _tracer(FakeDebugger(), tmp_path, console=console)
+    start = time.monotonic()
+    with pytest.raises(TraceError) as raised:
+        tracer.command("cat /nonexistent", nr=0, args={0: 7}, timeout=60)
+    assert time.monotonic() - start < 5  # not the 60 s timeout
+    message = str(raised.value)
+    assert "`cat /nonexistent` ended with status 3 before making the selected syscall" in message
+    assert "nr=0 arg0=0x7" in message and "no such file" in message
+
+
+def test_cleanup_never_replaces_the_error_being_raised(tmp_path: Path) -> None:
+    gdb = FakeDebugger(fail_delete=True)
+    tracer = _tracer(gdb, tmp_path, console=FakeConsole(polls=10**9))
+    with pytest.raises(TraceError, match="did not finish in time"):
+        tracer.command("sleep 100", nr=1, timeout=0.3)
+    assert gdb.state == "stopped"  # interrupted before its breakpoints were deleted
+
+
+def test_syscall_errors_are_syscall_irl_errors() -> None:
+    assert issubclass(TraceError, SyscallIrlError)

@@ -7,7 +7,8 @@ import struct
 import pytest
 
 from pytest_syscall_irl import x86
-from pytest_syscall_irl.trace import EntryCode, SyscallSelector
+from pytest_syscall_irl.trace import SyscallSelector
+from pytest_syscall_irl.tracer import EntryCode
 from pytest_syscall_irl.gdbmi import Instruction
 
 
@@ -47,8 +48,13 @@ def test_do_syscall_64_argument_order() -> None:
 
 
 def test_selector_condition_names_every_argument_register() -> None:
-    condition = SyscallSelector(1, {0: 1, 2: 12, 3: -1}).condition()
+    condition = SyscallSelector(1, {0: 1, 2: 12, 3: -1}).register_condition()
     assert condition == "$rax == 0x1 && $rdi == 0x1 && $rdx == 0xc && $r10 == 0xffffffffffffffff"
+
+
+def test_ia32_selector_compares_the_low_halves() -> None:
+    condition = SyscallSelector(20, {0: -1}).register_condition(("rbx", "rcx"), bits=32)
+    assert condition == "($rax & 0xffffffff) == 0x14 && ($rbx & 0xffffffff) == 0xffffffff"
 
 
 def test_entry_code_found_by_disassembly() -> None:

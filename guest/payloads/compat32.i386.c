@@ -1,0 +1,24 @@
+/*
+ * compat32 WAY NR [ARG...]: a 32-bit process makes syscall NR (i386 numbers) with up to
+ * six arguments by WAY: int80, syscall or sysenter (see sirl32.h), and prints what it
+ * returned. A CPU that does not accept the instruction in compatibility mode raises
+ * #UD: the process dies of SIGILL (status 132).
+ */
+#include "sirl32.h"
+
+int sirl_main(int argc, char **argv)
+{
+    long args[6] = {0, 0, 0, 0, 0, 0};
+    int way;
+
+    if (argc < 3) {
+        sirl32_puts("usage: compat32 int80|syscall|sysenter NR [ARG...]\n");
+        return 2;
+    }
+    way = argv[1][0] == 'i' ? SIRL32_INT80 : argv[1][1] == 'y' && argv[1][3] == 'c' ? SIRL32_SYSCALL
+        : SIRL32_SYSENTER;
+    for (int i = 0; i < 6 && 3 + i < argc; i++)
+        args[i] = sirl32_number(argv[3 + i]);
+    sirl32_print_long(sirl32_call(way, sirl32_number(argv[2]), args));
+    return 0;
+}

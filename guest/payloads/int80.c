@@ -1,0 +1,27 @@
+/*
+ * int80 NR [ARG...]: a 64-bit process makes the 32-bit syscall NR (i386 numbers) with
+ * `int $0x80` (ebx, ecx, edx, esi, edi, ebp: up to six arguments, 32 bits each), and
+ * prints what came back in eax. The instruction is labelled sirl_syscall_insn.
+ */
+#include "sirl.h"
+
+int main(int argc, char **argv)
+{
+    long nr = sirl_arg(argc, argv, 1, 20 /* getpid */);
+    long a0 = sirl_arg(argc, argv, 2, 0), a1 = sirl_arg(argc, argv, 3, 0), a2 = sirl_arg(argc, argv, 4, 0);
+    long a3 = sirl_arg(argc, argv, 5, 0), a4 = sirl_arg(argc, argv, 6, 0), a5 = sirl_arg(argc, argv, 7, 0);
+    long ret;
+
+    __asm__ volatile(
+        "pushq %%rbp\n\t"
+        "movq %[a5], %%rbp\n"
+        ".globl sirl_syscall_insn\n"
+        "sirl_syscall_insn:\n\t"
+        "int $0x80\n\t"
+        "popq %%rbp"
+        : "=a"(ret)
+        : "a"(nr), "b"(a0), "c"(a1), "d"(a2), "S"(a3), "D"(a4), [a5] "r"(a5)
+        : "memory", "r8", "r9", "r10", "r11");
+    printf("%d\n", (int)ret);
+    return 0;
+}

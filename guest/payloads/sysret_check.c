@@ -1,0 +1,109 @@
+/*
+ * sysret_check MODE: rt_sigreturn to a crafted user context that breaks exactly one of
+ * the conditions under which the kernel may return with SYSRET (6.1 entry_64.S; C in
+ * do_syscall_64 since 6.7), so the kernel must return by IRET:
+ *
+ *   rcx          RCX != RIP (RCX set to RIP + 1; the interrupted code had just made a
+ *                syscall, which clobbers RCX, so it does not care)
+ *   r11          R11 != RFLAGS (likewise clobbered by that syscall)
+ *   rf           RFLAGS.RF set (SYSRET cannot restore RF)
+ *   noncanonical RIP = 0x800000000000, the first non-canonical address: SYSRET there
+ *                faults in ring 0 on Intel CPUs; IRET faults in user context, and the
+ *                process dies of SIGSEGV (status 139)
+ *   cs32         CS = __USER32_CS (0x23), RIP = compat_code below: the process then runs
+ *                32-bit code, which exits with status 4 (5 if it ran as 64-bit code)
+ *   none         the context as it was: an ordinary, SYSRET-eligible rt_sigreturn
+ *
+ * The rt_sigreturn is made from our own restorer (rt_sigaction with SA_RESTORER, raw),
+ * at the label sirl_syscall_insn. Prints "<mode> rcx=<hex> r11=<hex>" as it resumes.
+ */
+#define _GNU_SOURCE /* REG_* of ucontext_t */
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <stdlib.h>
+#include <ucontext.h>
+
+#define SA_RESTORER_FLAG 0x04000000
+#define USER32_CS 0x23UL
+#define RF (1UL << 16)
+
+struct kernel_sigaction {
+    void (*handler)(int, siginfo_t *, void *);
+    unsigned long flags;
+    void (*restorer)(void);
+    unsigned long mask;
+};
+
+void sirl_restore(void);
+void compat_code(void);
+
+__asm__(".text\n"
+        ".globl sirl_restore\n"
+        "sirl_restore:\n\t"
+        "movl $15, %eax\n" /* rt_sigreturn */
+        ".globl sirl_syscall_insn\n"
+        "sirl_syscall_insn:\n\t"
+        "syscall\n\t"
+        "hlt\n"
+        /* 32-bit: b8 05 00 00 00 mov $5,%eax; 48 dec %eax (64-bit: a REX prefix of the nop) */
+        ".globl compat_code\n"
+        "compat_code:\n\t"
+        ".byte 0xb8, 0x05, 0x00, 0x00, 0x00\n\t"
+        ".byte 0x48, 0x90\n\t"
+        ".byte 0x89, 0xc3\n\t"                     /* mov %eax,%ebx */
+        ".byte 0xb8, 0x01, 0x00, 0x00, 0x00\n\t"   /* mov $1,%eax: exit */
+        ".byte 0xcd, 0x80\n\t"                     /* int $0x80 */
+        "hlt\n");
+
+static const char *mode;
+
+static long raw3(long nr, long a0, long a1, long a2, long a3)
+{
+    register long r10 __asm__("r10") = a3;
+    long ret;
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(nr), "D"(a0), "S"(a1), "d"(a2), "r"(r10) : "rcx", "r11", "memory");
+    return ret;
+}
+
+static void on_usr1(int sig, siginfo_t *info, void *context)
+{
+    greg_t *g = ((ucontext_t *)context)->uc_mcontext.gregs;
+    (void)sig;
+    (void)info;
+    if (!strcmp(mode, "rcx"))
+        g[REG_RCX] = g[REG_RIP] + 1;
+    else if (!strcmp(mode, "r11"))
+        g[REG_R11] = g[REG_EFL] ^ 0x801; /* CF and OF flipped */
+    else if (!strcmp(mode, "rf"))
+        g[REG_EFL] |= RF;
+    else if (!strcmp(mode, "noncanonical"))
+        g[REG_RIP] = 0x800000000000L;
+    else if (!strcmp(mode, "cs32")) {
+        g[REG_RIP] = (greg_t)(unsigned long)compat_code;
+        g[REG_CSGSFS] = (g[REG_CSGSFS] & ~0xffffL) | USER32_CS;
+    }
+}
+
+int main(int argc, char **argv)
+{
+    struct kernel_sigaction sa;
+    unsigned long rcx, r11;
+
+    mode = argc > 1 ? argv[1] : "none";
+    memset(&sa, 0, sizeof(sa));
+    sa.handler = on_usr1;
+    sa.flags = SA_SIGINFO | SA_RESTORER_FLAG;
+    sa.restorer = sirl_restore;
+    if (raw3(13 /* rt_sigaction */, SIGUSR1, (long)&sa, 0, 8))
+        return 2;
+    /* kill(getpid(), SIGUSR1) by hand: RCX and R11 right after it are what sigreturn gave back */
+    __asm__ volatile("syscall\n\t"
+                     "movq %%rcx, %[rcx]\n\t"
+                     "movq %%r11, %[r11]"
+                     : [rcx] "=m"(rcx), [r11] "=m"(r11)
+                     : "a"(62L), "D"(raw3(39 /* getpid */, 0, 0, 0, 0)), "S"((long)SIGUSR1)
+                     : "rcx", "r11", "memory", "cc");
+    printf("%s rcx=%#lx r11=%#lx\n", mode, rcx, r11);
+    return 0;
+}

@@ -1,0 +1,158 @@
+"""The 32-bit ways into the kernel: `int $0x80` (from 64- and 32-bit code), the 32-bit
+`syscall` (MSR_CSTAR) and `sysenter` (the MSR_IA32_SYSENTER_* triple), as syscall_init
+programs them and as the CPU takes them.
+
+Which instruction a 32-bit process may use depends on the CPU vendor: AMD-style CPUs
+take `syscall` in compatibility mode and refuse `sysenter`; Intel-style CPUs the other
+way round (and the kernel leaves MSR_CSTAR unwritten there since 6.1.y). QEMU's default
+TCG CPU, qemu64, is AMD-style: the sysenter tests ask for an Intel vendor string.
+"""
+
+import pytest
+
+from pytest_syscall_irl import roads, x86
+from pytest_syscall_irl.trace import KERNEL_STAGES
+
+INTEL = "qemu64,vendor=GenuineIntel"
+# Six distinct 32-bit values, so a swapped or dropped argument register cannot pass.
+SIX = {i: 0x1111_1111 * (i + 1) for i in range(6)}
+ARGV = [f"{SIX[i]:#x}" for i in range(6)]
+LOW = 0xFFFF_FFFF
+
+
+def _ia32_nr(kernel, name):
+    return roads.SyscallNames(kernel.vmlinux, roads.IA32).number(name)
+
+
+@pytest.fixture
+def int80_trace(request, syscall_trace, kernel):
+    """getppid (i386 number) by `int $0x80` from a 64-bit or a 32-bit program, with six arguments."""
+    nr = str(_ia32_nr(kernel, "getppid"))
+    if request.param == 64:
+        return syscall_trace.payload("int80", nr, *ARGV, nr="getppid", args=SIX)
+    return syscall_trace.payload("compat32", "int80", nr, *ARGV, nr="getppid", args=SIX, at="sirl_int80_insn")
+
+
+def _fast_trace(syscall_trace, kernel, way):
+    # The vDSO convention (sirl32.h): ebp holds ecx (syscall) or esp (sysenter), argument 6
+    # is read from the user stack, so only arguments 0..4 are selected on registers.
+    nr = str(_ia32_nr(kernel, "getppid"))
+    label = "sirl_syscall_insn" if way == "syscall" else "sirl_sysenter_insn"
+    args = {i: SIX[i] for i in (0, 2, 3, 4)}
+    return syscall_trace.payload("compat32", way, nr, *ARGV, nr="getppid", args=args, at=label)
+
+
+# --- int $0x80 -------------------------------------------------------------------------
+
+
+def test_idt_vector_0x80_is_the_int80_entry(kernel, gdb):
+    table = kernel.vmlinux.symbol("idt_table")
+    gate = x86.decode_idt_gate(gdb.read_memory(table + x86.IDT_GATE_SIZE * x86.IA32_SYSCALL_VECTOR, 16))
+    name = roads.INT80.entry_symbol(kernel.vmlinux)
+    entry = kernel.vmlinux.symbol(name)
+    assert gate.offset == entry, f"IDT[0x80] points at {gate.offset:#x}, expected {name} {entry:#x}"
+    assert gate.present and gate.dpl == 3, f"IDT[0x80] present={gate.present} DPL={gate.dpl}: user mode must reach it"
+    assert gate.selector == x86.KERNEL_CS, f"IDT[0x80] selector {gate.selector:#x}, expected __KERNEL_CS"
+
+
+@pytest.mark.parametrize("int80_trace", [64, 32], indirect=True, ids=["from-64-bit", "from-32-bit"])
+def test_int80_enters_at_the_gate_in_ring_0(int80_trace, kernel):
+    entry = kernel.vmlinux.symbol(roads.INT80.entry_symbol(kernel.vmlinux))
+    assert int80_trace["entry"]["rip"] == entry, (
+        f"after int $0x80 the CPU is at {int80_trace['entry']['rip']:#x}, expected the int80 entry {entry:#x}"
+    )
+    for stage in int80_trace.taken(KERNEL_STAGES):
+        assert x86.rpl(stage["cs"]) == 0, f"{stage.name}: CS {stage['cs']:#x} has RPL {x86.rpl(stage['cs'])}"
+
+
+@pytest.mark.parametrize("int80_trace", [64, 32], indirect=True, ids=["from-64-bit", "from-32-bit"])
+def test_int80_pt_regs_hold_the_ia32_number_and_arguments(int80_trace, kernel):
+    pt_regs, user = int80_trace.dispatch.pt_regs, int80_trace["user"]
+    assert pt_regs["cs"] == user["cs"], f"pt_regs->cs {pt_regs['cs']:#x}, expected the caller's CS {user['cs']:#x}"
+    assert user["cs"] in (x86.USER_CS, x86.USER32_CS), f"the caller ran with CS {user['cs']:#x}"
+    nr = _ia32_nr(kernel, "getppid")
+    number = pt_regs["orig_ax"] if pt_regs["orig_ax"] != 2**64 - 1 else pt_regs["ax"]
+    assert number & LOW == nr, f"pt_regs holds syscall number {number:#x}, expected i386 getppid {nr}"
+    for index, field in enumerate(roads.IA32.pt_regs_args):
+        assert pt_regs[field] & LOW == SIX[index], (
+            f"pt_regs->{field} {pt_regs[field]:#x}, expected ia32 argument {index} = {SIX[index]:#x}"
+        )
+
+
+@pytest.mark.parametrize("int80_trace", [64, 32], indirect=True, ids=["from-64-bit", "from-32-bit"])
+def test_int80_runs_the_ia32_handler_and_returns_in_eax(int80_trace, kernel):
+    handler = kernel.vmlinux.symbol("__ia32_sys_getppid")
+    assert int80_trace["handler"]["rip"] == handler, (
+        f"the CPU ran {int80_trace['handler']['rip']:#x}, expected __ia32_sys_getppid {handler:#x}"
+    )
+    returned = int80_trace["handler_return"]["rax"] & LOW
+    assert int80_trace["user_return"]["rax"] & LOW == returned, (
+        f"user EAX {int80_trace['user_return']['rax'] & LOW:#x}, expected the handler's {returned:#x}"
+    )
+    assert int80_trace.output == f"{returned}\n", f"the program printed {int80_trace.output!r}"
+    assert int80_trace.exit == "iret", f"int $0x80 returns by IRET, not {int80_trace.exit}"
+
+
+# --- syscall_init's MSRs ---------------------------------------------------------------
+
+
+def test_cstar_is_the_compat_syscall_entry(read_msr, kernel):
+    """On the default, AMD-style CPU (Intel-style ones leave CSTAR unwritten)."""
+    vmlinux = kernel.vmlinux
+    name = next((n for n in ("entry_SYSCALL_compat", "entry_SYSCALL32_ignore", "ignore_sysret")
+                 if vmlinux.has_symbol(n)), None)
+    assert name is not None, "the kernel has no compat syscall entry and no entry that ignores one"
+    cstar = read_msr(x86.MSR_CSTAR)
+    assert cstar == vmlinux.symbol(name), f"MSR_CSTAR {cstar:#x}, expected {name} {vmlinux.symbol(name):#x}"
+
+
+@pytest.mark.cpu(INTEL)
+def test_sysenter_msrs(read_msr, kernel, gdb, syscall_trace):
+    vmlinux = kernel.vmlinux
+    if not vmlinux.has_symbol("entry_SYSENTER_compat"):
+        pytest.skip("kernel without IA32 emulation: syscall_init leaves SYSENTER invalid")
+    cs, eip = read_msr(x86.MSR_IA32_SYSENTER_CS), read_msr(x86.MSR_IA32_SYSENTER_EIP)
+    assert cs == x86.KERNEL_CS, f"MSR_IA32_SYSENTER_CS {cs:#x}, expected __KERNEL_CS {x86.KERNEL_CS:#x}"
+    entry = vmlinux.symbol("entry_SYSENTER_compat")
+    assert eip == entry, f"MSR_IA32_SYSENTER_EIP {eip:#x}, expected entry_SYSENTER_compat {entry:#x}"
+    # The top of CPU 0's entry stack, which is also its TSS.sp0 (cpu_init: load_sp0).
+    per_cpu = int.from_bytes(gdb.read_memory(vmlinux.symbol("__per_cpu_offset"), 8), "little")
+    sp0 = int.from_bytes(gdb.read_memory(per_cpu + vmlinux.symbol("cpu_tss_rw") + 4, 8), "little")
+    esp = read_msr(x86.MSR_IA32_SYSENTER_ESP)
+    assert esp == sp0, f"MSR_IA32_SYSENTER_ESP {esp:#x}, expected the top of CPU 0's entry stack {sp0:#x} (TSS.sp0)"
+    # SYSENTER loads RSP from the MSR (Intel SDM, SYSENTER): the CPU's view of it.
+    landed = _fast_trace(syscall_trace, kernel, "sysenter")["entry"]["rsp"]
+    assert landed == esp, f"RSP right after sysenter {landed:#x}, expected MSR_IA32_SYSENTER_ESP {esp:#x}"
+
+
+# --- 32-bit syscall and sysenter -------------------------------------------------------
+
+
+@pytest.mark.parametrize("way", [
+    "syscall",
+    pytest.param("sysenter", marks=pytest.mark.cpu(INTEL)),
+])
+def test_compat_fast_entry(way, syscall_trace, kernel):
+    trace = _fast_trace(syscall_trace, kernel, way)
+    road = roads.SYSCALL32 if way == "syscall" else roads.SYSENTER32
+    name = road.entry_symbol(kernel.vmlinux)
+    assert trace["entry"]["rip"] == kernel.vmlinux.symbol(name), (
+        f"after a 32-bit {way} the CPU is at {trace['entry']['rip']:#x}, expected {name}\n{trace}"
+    )
+    for stage in trace.taken(KERNEL_STAGES):
+        assert x86.rpl(stage["cs"]) == 0, f"{stage.name}: CS {stage['cs']:#x} has RPL {x86.rpl(stage['cs'])}"
+    pt_regs = trace["handler"].pt_regs
+    assert (pt_regs["cs"], pt_regs["ss"]) == (x86.USER32_CS, x86.USER_DS), (
+        f"pt_regs cs:ss {pt_regs['cs']:#x}:{pt_regs['ss']:#x}, expected __USER32_CS:__USER_DS"
+    )
+    assert pt_regs["orig_ax"] & LOW == _ia32_nr(kernel, "getppid"), f"pt_regs->orig_ax {pt_regs['orig_ax']:#x}"
+    for index, field in enumerate(roads.IA32.pt_regs_args):
+        assert pt_regs[field] & LOW == SIX[index], (
+            f"pt_regs->{field} {pt_regs[field]:#x} at the handler, expected ia32 argument {index} = {SIX[index]:#x}"
+        )
+    returned = trace["handler_return"]["rax"] & LOW
+    assert trace.exit == "sysretl", f"an eligible 32-bit {way} returns by SYSRETL, not {trace.exit or '?'}\n{trace}"
+    assert trace["dispatch_return"]["rax"] & 0xFF, "do_fast_syscall_32 said IRET for an eligible call"
+    assert trace["user_return"]["rax"] & LOW == returned and trace.output == f"{returned}\n", (
+        f"user EAX {trace['user_return']['rax'] & LOW:#x}, printed {trace.output!r}, the handler returned {returned:#x}"
+    )

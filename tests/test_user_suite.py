@@ -1,0 +1,32 @@
+"""The trace instrument as a user meets it: a suite of plain pytest functions in a
+directory of its own, outside this package, with its own guest programs (C, 64- and
+32-bit) given with --payloads, run on the reference kernel in QEMU with GDB.
+
+These run in CI (the root conftest fails them there if they skip)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_syscall_irl.kernel_build import reference_kernel
+
+pytestmark = pytest.mark.integration
+
+USER_SUITE = Path(__file__).with_name("user_suite")
+
+
+def test_a_users_own_suite_and_programs(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    if reference_kernel() is None:
+        pytest.skip("reference kernel not built: syscall-irl kernel build")
+    suite = tmp_path / "my-kernel-checks"  # outside the package, as a user's would be
+    shutil.copytree(USER_SUITE, suite)
+    result = pytester.run(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-ra", "-n", "2",
+                          f"--rootdir={suite}", f"--payloads={suite / 'payloads'}", str(suite), timeout=600)
+    out = result.stdout.str()
+    assert result.ret == pytest.ExitCode.OK, out
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 7 and "skipped" not in outcomes, out
