@@ -54,6 +54,13 @@ State = Literal["running", "stopped", "detached"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+TAIL_LINE_CHARS = 400
+
+
+def _cut(line: str) -> str:
+    if len(line) <= TAIL_LINE_CHARS:
+        return line
+    return f"{line[:TAIL_LINE_CHARS]}... ({len(line) - TAIL_LINE_CHARS} more characters in the transcript file)"
 
 
 class GdbCommandError(GdbError):
@@ -225,8 +232,9 @@ class GdbSession:
                 self._transcript.write(entry + "\n")
 
     def transcript_tail(self, lines: int = 40) -> str:
-        """The last *lines* lines of the MI transcript."""
-        return tail("\n".join(self._tail), lines)
+        """The last *lines* lines of the MI transcript, each cut to TAIL_LINE_CHARS (a
+        disassembly or a register dump is kilobytes on one line; the file keeps it whole)."""
+        return tail("\n".join(_cut(line) for line in self._tail), lines)
 
     def _read_stdout(self) -> None:
         stdout = self._proc.stdout

@@ -328,6 +328,7 @@ class _Walk:
         self.task = 0  # the task_struct followed, from the first stop
         self.dispatch_sp = 0  # RSP at the C entry's first instruction: its return address
         self.regs_ptr = 0
+        self.armed: dict[int, str] = {}  # exit breakpoint number -> stage
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -588,38 +589,44 @@ class _Walk:
         pt = self.read_pt_regs(regs_ptr)
         ip, sp = pt["ip"], pt["sp"]
         self.regs_ptr = regs_ptr
-        armed: dict[int, str] = {}
-
-        def arm(name: str, location: str, condition: str, hardware: bool = False) -> None:
-            armed[self.gdb.break_insert(location, condition=condition, hardware=hardware).number] = name
-
         # Back in compatibility mode only ESP is the program's (QEMU keeps RSP's upper half zero).
         user_sp = f"$rsp == {sp:#x}" if pt["cs"] != x86.USER32_CS else f"($rsp & 0xffffffff) == {sp & 0xFFFFFFFF:#x}"
-        arm("user_return", f"*{ip:#x}", f"$rip == {ip:#x} && {user_sp} && ($cs & 3) == 3", hardware=True)
+        self.arm("user_return", f"*{ip:#x}", f"$rip == {ip:#x} && {user_sp} && ($cs & 3) == 3", hardware=True)
         if self.dispatch_sp:
             # What the C entry returns (do_syscall_64's bool since 6.7: may it SYSRET?).
             back = int.from_bytes(self.gdb.read_memory(self.dispatch_sp, 8), "little")
-            arm("dispatch_return", f"*{back:#x}", f"$rsp == {self.dispatch_sp + 8:#x}")
+            self.arm("dispatch_return", f"*{back:#x}", f"$rsp == {self.dispatch_sp + 8:#x}")
         for way in self.road.exits:
             if way.name == "iret":
                 if self.vmlinux.has_symbol(IRET_PATH_SYMBOL):
-                    arm("iret_path", self.at(IRET_PATH_SYMBOL), f"$rsp == {regs_ptr:#x}")
-                if self.vmlinux.has_symbol(IRETQ_SYMBOL):
-                    arm("iretq", self.at(IRETQ_SYMBOL),
-                        f"*(unsigned long *)$rsp == {ip:#x} && *(unsigned long *)($rsp + 24) == {sp:#x}")
+                    self.arm("iret_path", self.at(IRET_PATH_SYMBOL), f"$rsp == {regs_ptr:#x}")
+                else:
+                    self.arm_iretq(ip, sp)
                 continue
             code = self.t.entry_code(SYSRET_CODE[way.name])
             cond = f"$rcx == {ip:#x} && $rsp == {sp:#x}"
             if code.exit_swapgs is not None:
-                arm("exit_swapgs", f"*{code.exit_swapgs:#x}", cond)
+                self.arm("exit_swapgs", f"*{code.exit_swapgs:#x}", cond)
             if code.sysret is not None:
-                arm(way.name, f"*{code.sysret:#x}", cond)
-        self.follow_exit(armed)
+                self.arm(way.name, f"*{code.sysret:#x}", cond)
+        self.follow_exit(ip, sp)
 
-    def follow_exit(self, armed: dict[int, str]) -> None:
+    def arm(self, name: str, location: str, condition: str, hardware: bool = False) -> None:
+        self.armed[self.gdb.break_insert(location, condition=condition, hardware=hardware).number] = name
+
+    def arm_iretq(self, ip: int, sp: int) -> None:
+        """The `iretq` of the common exit, qualified by the frame it pops. Armed only once
+        the IRET path is taken: every interrupt returns through it, and a debug stop at
+        each (QEMU 7.2 flushes its translations at every one) starves the guest; from
+        the IRET path on, interrupts are off."""
+        if self.vmlinux.has_symbol(IRETQ_SYMBOL):
+            self.arm("iretq", self.at(IRETQ_SYMBOL),
+                     f"*(unsigned long *)$rsp == {ip:#x} && *(unsigned long *)($rsp + 24) == {sp:#x}")
+
+    def follow_exit(self, ip: int, sp: int) -> None:
         while "user_return" not in self.trace.stages:
             stop = self.stop()
-            name = armed.get(stop.breakpoint or -1)
+            name = self.armed.get(stop.breakpoint or -1)
             if name is None:
                 raise TraceError(f"unexpected stop {stop.reason} at {stop.address:#x}; so far:\n{self.trace}")
             if name in ("sysretq", "sysretl"):
@@ -631,6 +638,7 @@ class _Walk:
                 self.record(name, note="frame = what iretq pops", frame=True)
             elif name == "iret_path":
                 self.record(name, note="pt_regs = what the IRET exit restores", pt_regs_at=self.regs_ptr)
+                self.arm_iretq(ip, sp)
             elif name == "dispatch_return":
                 self.record(name, note=f"rax = what {self.trace.dispatch.name} returned")
             else:

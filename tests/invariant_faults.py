@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pytest_syscall_irl import x86
+from pytest_syscall_irl import roads, x86
 
 Apply = Callable[[pytest.FixtureRequest], None]
 
@@ -42,20 +42,68 @@ def register(stage: str, name: str, change: Callable[[int], int]) -> Apply:
     return apply
 
 
-def pt_regs(field: str, change: Callable[[int], int]) -> Apply:
-    """At do_syscall_64, struct pt_regs holds change(value) in *field*."""
+def pt_regs(field: str, change: Callable[[int], int], stage: str = "do_syscall_64") -> Apply:
+    """At *stage* (a C entry, or the handler: both take pt_regs first), struct pt_regs
+    holds change(value) in *field*; a C entry stage named "dispatch" is the one of the
+    road the test takes, found from the kernel (do_int80_emulation, ...)."""
 
     def apply(request: pytest.FixtureRequest) -> None:
-        version = request.getfixturevalue("kernel").version_tuple
+        kernel = request.getfixturevalue("kernel")
+        at = roads.INT80.dispatch_symbol(kernel.vmlinux) if stage == "dispatch" else stage
+        regs_reg = x86.do_syscall_64_args(kernel.version_tuple)[0] if at == "do_syscall_64" else "rdi"
 
         def fault(gdb: Any) -> Callable[[], None]:
-            regs_reg = x86.do_syscall_64_args(version)[0]
             where = gdb.registers([regs_reg])[regs_reg] + x86.PT_REGS_OFFSETS[field]
             old = gdb.read_memory(where, 8)
             gdb.write_memory(where, (change(int.from_bytes(old, "little")) % 2**64).to_bytes(8, "little"))
             return lambda: gdb.write_memory(where, old)
 
-        request.getfixturevalue("syscall_trace").inject("do_syscall_64", fault)
+        request.getfixturevalue("syscall_trace").inject(at, fault)
+
+    return apply
+
+
+def exit_anyway(sysret: bool, **fields: Callable[[dict[str, int]], int]) -> Apply:
+    """When the C entry returns, pt_regs gets the *fields* computed from it and the C
+    entry's answer says SYSRET (rax = 1, read since 6.7) or IRET (rax = 0): a kernel that
+    skips an eligibility check, or one that leaves eligible calls by IRET. Not undone:
+    the exit must see it."""
+
+    def apply(request: pytest.FixtureRequest) -> None:
+        def fault(gdb: Any) -> None:
+            regs = gdb.registers(["rsp"])["rsp"]  # the C entry was called with RSP = pt_regs
+            values = x86.decode_pt_regs(gdb.read_memory(regs, x86.PT_REGS_SIZE))
+            for field, compute in fields.items():
+                gdb.write_memory(regs + x86.PT_REGS_OFFSETS[field], (compute(values) % 2**64).to_bytes(8, "little"))
+            gdb.set_register("rax", int(sysret))
+
+        request.getfixturevalue("syscall_trace").inject("dispatch_return", fault)
+
+    return apply
+
+
+def kernel_variable(expression: str, value: str) -> Apply:
+    """For the test's duration the kernel variable *expression* (a GDB lvalue, read
+    through DWARF) holds *value*."""
+
+    def apply(request: pytest.FixtureRequest) -> None:
+        gdb = request.getfixturevalue("gdb")
+        old = gdb.evaluate(expression)
+        gdb.evaluate(f"{expression} = {value}")
+        request.addfinalizer(lambda: gdb.evaluate(f"{expression} = {old}"))
+
+    return apply
+
+
+def idt_gate_moved(vector: int, by: int) -> Apply:
+    """IDT[*vector*] in the kernel's idt_table points *by* bytes further for the test."""
+
+    def apply(request: pytest.FixtureRequest) -> None:
+        gdb, kernel = request.getfixturevalue("gdb"), request.getfixturevalue("kernel")
+        where = kernel.vmlinux.symbol("idt_table") + x86.IDT_GATE_SIZE * vector
+        old = gdb.read_memory(where, 2)  # offset bits 15:0
+        gdb.write_memory(where, ((int.from_bytes(old, "little") + by) & 0xFFFF).to_bytes(2, "little"))
+        request.addfinalizer(lambda: gdb.write_memory(where, old))
 
     return apply
 
@@ -116,7 +164,16 @@ HISTORY_WRITE = (
     f"*(unsigned long *)($rdi + {x86.PT_REGS_OFFSETS['dx']}) == 17 && "
     f"*(unsigned long *)($rdi + {x86.PT_REGS_OFFSETS['di']}) > 2"
 )
-DF, AC = x86.flags("DF"), x86.flags("AC")
+DF, AC, TF, RF = x86.flags("DF"), x86.flags("AC"), x86.flags("TF"), x86.flags("RF")
+CLOCK_MODE = "tk_core.timekeeper.tkr_mono.clock->vdso_clock_mode"  # the clocksource's vDSO mode
+VSYSCALL_MODE = "*(int *)&vsyscall_mode"  # enum { EMULATE, XONLY, NONE }
+SYSRET = "sysret_eligibility.py::"
+COMPAT = "compat_entries.py::"
+MUST_IRET = r": the kernel must return by IRET, it left by sysretq"
+
+
+def _same_ip(regs: dict[str, int]) -> int:
+    return regs["ip"]
 
 FAULTS: dict[str, Fault] = {
     "rpl-kernel": Fault(
@@ -289,6 +346,118 @@ FAULTS: dict[str, Fault] = {
         "test_write_args.py::test_history_write_comes_first_and_fd_1_skips_it",
         in_kernel(PT_WRITE, HISTORY_WRITE, f"set var *(unsigned long *)($rdi + {x86.PT_REGS_OFFSETS['di']}) = 1"),
         r"first write: breakpoint \d+, fd 1, b'echo syscall_irl\\n'; expected bash's history write",
+        traced=False,
+    ),
+    "sysret-eligible": Fault(
+        "test_" + SYSRET + "test_an_eligible_syscall_leaves_by_sysretq",
+        exit_anyway(False, cx=lambda r: r["ip"] + 1),
+        r"write\(1, \.\.\., 12\) is SYSRET-eligible, yet the kernel left by iret",
+    ),
+    "sysret-eligible-sigreturn": Fault(
+        "test_" + SYSRET + "test_an_eligible_sigreturn_leaves_by_sysretq",
+        exit_anyway(False),
+        r"an rt_sigreturn to the untouched context is SYSRET-eligible, yet the kernel left by iret",
+    ),
+    "sysret-rcx": Fault(
+        "test_" + SYSRET + "test_rcx_other_than_rip_leaves_by_iret",
+        exit_anyway(True, cx=_same_ip),
+        r"RCX != RIP" + MUST_IRET,
+    ),
+    "sysret-r11": Fault(
+        "test_" + SYSRET + "test_r11_other_than_rflags_leaves_by_iret",
+        exit_anyway(True, r11=lambda r: r["flags"]),
+        r"R11 != RFLAGS" + MUST_IRET,
+    ),
+    "sysret-rf": Fault(
+        "test_" + SYSRET + "test_rf_set_leaves_by_iret",
+        exit_anyway(True, flags=lambda r: r["flags"] & ~RF, r11=lambda r: r["flags"] & ~RF),
+        r"RF set \(SYSRET cannot restore it\)" + MUST_IRET,
+    ),
+    "sysret-tf": Fault(
+        "test_" + SYSRET + "test_tf_set_leaves_by_iret_and_traps_after_one_instruction",
+        exit_anyway(True, flags=lambda r: r["flags"] & ~TF, r11=lambda r: r["flags"] & ~TF),
+        r"TF set \(SYSRET would trap at once\)" + MUST_IRET,
+    ),
+    "sysret-canonical": Fault(
+        "test_" + SYSRET + "test_non_canonical_rip_leaves_by_iret_and_faults_in_user_context",
+        exit_anyway(True, ip=lambda r: 0x7FFF_0000_0000, cx=lambda r: 0x7FFF_0000_0000),
+        r"RIP 0x800000000000 is not canonical" + MUST_IRET,
+    ),
+    "sysret-cs": Fault(
+        "test_" + SYSRET + "test_a_32_bit_cs_leaves_by_iret_into_compatibility_mode",
+        exit_anyway(True, cs=lambda r: x86.USER_CS),
+        r"CS is __USER32_CS" + MUST_IRET,
+    ),
+    "sysret-execve": Fault(
+        "test_" + SYSRET + "test_execve_returns_to_the_new_program_by_iret",
+        exit_anyway(True, cx=_same_ip, r11=lambda r: r["flags"]),
+        r"execve replaced RIP \(RCX is the old program's\)" + MUST_IRET,
+    ),
+    "idt-0x80": Fault(
+        "test_" + COMPAT + "test_idt_vector_0x80_is_the_int80_entry",
+        idt_gate_moved(x86.IA32_SYSCALL_VECTOR, 0x10),
+        r"IDT\[0x80\] points at 0x\w+, expected \w+int80\w* 0x",
+        traced=False,
+    ),
+    "int80-entry": Fault(
+        "test_" + COMPAT + "test_int80_enters_at_the_gate_in_ring_0[from-64-bit]",
+        register("entry", "rip", lambda rip: rip + 4),
+        r"after int \$0x80 the CPU is at 0x\w+, expected the int80 entry 0x",
+    ),
+    "int80-pt_regs": Fault(
+        "test_" + COMPAT + "test_int80_pt_regs_hold_the_ia32_number_and_arguments[from-32-bit]",
+        pt_regs("bx", lambda v: v ^ 0x100, stage="dispatch"),
+        r"pt_regs->bx 0x11111011, expected ia32 argument 0 = 0x11111111",
+    ),
+    "int80-eax": Fault(
+        "test_" + COMPAT + "test_int80_runs_the_ia32_handler_and_returns_in_eax[from-64-bit]",
+        register("user_return", "rax", lambda v: v + 1),
+        r"user EAX 0x\w+, expected the handler's 0x",
+    ),
+    "cstar": Fault(
+        "test_" + COMPAT + "test_cstar_is_the_compat_syscall_entry",
+        msr_redirect(x86.MSR_CSTAR, x86.MSR_LSTAR),
+        r"MSR_CSTAR 0x\w+, expected entry_SYSCALL_compat 0x",
+        traced=False,
+    ),
+    "sysenter-msrs": Fault(
+        "test_" + COMPAT + "test_sysenter_msrs",
+        msr_redirect(x86.MSR_IA32_SYSENTER_EIP, x86.MSR_LSTAR),
+        r"MSR_IA32_SYSENTER_EIP 0x\w+, expected entry_SYSENTER_compat 0x",
+        traced=False,
+    ),
+    "compat-syscall-args": Fault(
+        "test_" + COMPAT + "test_compat_fast_entry[syscall]",
+        pt_regs("dx", lambda v: v ^ 0x100, stage="handler"),
+        r"pt_regs->dx 0x33333233 at the handler, expected ia32 argument 2 = 0x33333333",
+    ),
+    "compat-sysenter-exit": Fault(
+        "test_" + COMPAT + "test_compat_fast_entry[sysenter]",
+        exit_anyway(False),
+        r"an eligible 32-bit sysenter returns by SYSRETL, not iret",
+    ),
+    "vdso": Fault(
+        "test_vdso.py::test_vdso_calls_never_enter_the_kernel[clock_gettime]",
+        kernel_variable(CLOCK_MODE, "0"),
+        r"clock_gettime: 3 calls through the vDSO and 1 raw syscall reached entry_SYSCALL_64 4 times, expected 1",
+        traced=False,
+    ),
+    "vdso-fallback": Fault(
+        "test_vdso.py::test_vdso_falls_back_to_the_syscall_without_a_vdso_clocksource",
+        kernel_variable(CLOCK_MODE, "1"),
+        r"with jiffies the vDSO must fall back to the syscall: .* 1 times, expected 4",
+        traced=False,
+    ),
+    "vsyscall-emulated": Fault(
+        "test_vdso.py::test_the_vsyscall_page_is_emulated_without_a_syscall[xonly]",
+        kernel_variable(VSYSCALL_MODE, "2"),
+        r"vsyscall=xonly: the caller exited 139",
+        traced=False,
+    ),
+    "vsyscall-none": Fault(
+        "test_vdso.py::test_without_the_vsyscall_page_the_caller_dies",
+        kernel_variable(VSYSCALL_MODE, "1"),
+        r"vsyscall=none: the caller exited 0, expected death by SIGSEGV \(139\)",
         traced=False,
     ),
 }

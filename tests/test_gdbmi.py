@@ -466,3 +466,12 @@ def test_member_offsets_agree_with_the_compiler(tmp_path: Path) -> None:
 def test_ptype_parser_rejects_what_is_not_a_whole_aggregate(text: str) -> None:
     with pytest.raises(ValueError, match="ptype/o"):
         parse_ptype_offsets(text)
+
+
+def test_transcript_tails_cut_long_lines_and_the_file_keeps_them(gdb: GdbSession, transcript: Path) -> None:
+    long = "y" * 5000
+    assert gdb.evaluate(long) == long  # the fake echoes the expression: a 5 KB line each way
+    tail_text = gdb.transcript_tail(10)
+    assert max(len(line) for line in tail_text.splitlines()) < 500
+    assert "more characters in the transcript file" in tail_text
+    assert long in transcript.read_text()

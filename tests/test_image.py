@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_syscall_irl.errors import ImageError
 from pytest_syscall_irl.image import CpioEntry, build_guest_image, cpio_newc
 
 
@@ -61,3 +62,31 @@ def test_concurrent_builds_build_once(tmp_path: Path) -> None:
         images = list(pool.map(lambda _: build_guest_image(tmp_path, payloads_on_iso=True), range(4)))
     assert len({img.initramfs for img in images}) == 1
     assert len(list((tmp_path / "images").iterdir())) == 2  # the image dir and its lock file
+
+
+def test_users_programs_64_and_32_bit_and_prebuilt(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "hello.c").write_text('#include <stdio.h>\nint main(void) { puts("hi"); return 0; }\n')
+    (mine / "hello32.i386.c").write_text('#include "sirl32.h"\nint sirl_main(int c, char **v) '
+                                         '{ (void)c; (void)v; sirl32_puts("hi\\n"); return 0; }\n')
+    (mine / "notes.txt").write_text("not a program")
+    image = build_guest_image(tmp_path / "cache", payloads_on_iso=True, payload_dirs=[mine])
+    assert image.payload("hello").bits == 64 and image.payload("hello32").bits == 32
+    assert image.payload("syscall_irl").bits == 64  # the built-in ones are still there
+    assert "notes.txt" not in image.payloads and "notes" not in image.payloads
+    # A static ELF file is shipped as it is, under its own name; the key covers it.
+    shutil.copy(image.payloads["hello32"], mine / "prebuilt")
+    again = build_guest_image(tmp_path / "cache", payloads_on_iso=True, payload_dirs=[mine])
+    assert again.payload("prebuilt").read(again.payload("prebuilt").entry, 1) and again.iso != image.iso
+
+
+def test_two_programs_of_one_name_are_an_error(tmp_path: Path) -> None:
+    (tmp_path / "syscall_irl.c").write_text("int main(void) { return 0; }\n")
+    with pytest.raises(ImageError, match=r"two guest programs named 'syscall_irl'"):
+        build_guest_image(tmp_path / "cache", payloads_on_iso=True, payload_dirs=[tmp_path])
+
+
+def test_a_missing_payload_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"payload directory .*nowhere does not exist"):
+        build_guest_image(tmp_path / "cache", payloads_on_iso=True, payload_dirs=[tmp_path / "nowhere"])

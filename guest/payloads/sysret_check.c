@@ -14,6 +14,9 @@
  *                32-bit code, which exits with status 4 (5 if it ran as 64-bit code)
  *   none         the context as it was: an ordinary, SYSRET-eligible rt_sigreturn
  *
+ * In every mode the other conditions hold (RCX follows a new RIP, R11 new RFLAGS), so
+ * the one broken condition is the only reason for IRET.
+ *
  * The rt_sigreturn is made from our own restorer (rt_sigaction with SA_RESTORER, raw),
  * at the label sirl_syscall_insn. Prints "<mode> rcx=<hex> r11=<hex>" as it resumes.
  */
@@ -71,16 +74,18 @@ static void on_usr1(int sig, siginfo_t *info, void *context)
     greg_t *g = ((ucontext_t *)context)->uc_mcontext.gregs;
     (void)sig;
     (void)info;
+    /* The kill syscall left RCX == RIP and R11 == RFLAGS: each mode keeps every other
+     * condition true (RCX follows a new RIP, R11 new RFLAGS). */
     if (!strcmp(mode, "rcx"))
         g[REG_RCX] = g[REG_RIP] + 1;
     else if (!strcmp(mode, "r11"))
         g[REG_R11] = g[REG_EFL] ^ 0x801; /* CF and OF flipped */
     else if (!strcmp(mode, "rf"))
-        g[REG_EFL] |= RF;
+        g[REG_R11] = g[REG_EFL] |= RF;
     else if (!strcmp(mode, "noncanonical"))
-        g[REG_RIP] = 0x800000000000L;
+        g[REG_RCX] = g[REG_RIP] = 0x800000000000L;
     else if (!strcmp(mode, "cs32")) {
-        g[REG_RIP] = (greg_t)(unsigned long)compat_code;
+        g[REG_RCX] = g[REG_RIP] = (greg_t)(unsigned long)compat_code;
         g[REG_CSGSFS] = (g[REG_CSGSFS] & ~0xffffL) | USER32_CS;
     }
 }
