@@ -21,7 +21,8 @@ from pytest_syscall_irl.image import Payload
 from pytest_syscall_irl.qemu import MachineConfig
 from pytest_syscall_irl.roads import SYSCALL64
 from pytest_syscall_irl.trace import SyscallSelector, SyscallTrace, TraceError
-from pytest_syscall_irl.tracer import MAX_STEP_ATTEMPTS, EntryCode, SyscallTracer, _Walk
+from pytest_syscall_irl.tracer import EntryCode, SyscallTracer
+from pytest_syscall_irl.walk import MAX_STEP_ATTEMPTS, Walk
 
 
 def _stop(address: int, breakpoint: int | None = None) -> StopEvent:
@@ -164,9 +165,9 @@ def _tracer(gdb: FakeDebugger, tmp_path: Path, config: MachineConfig | None = No
     return SyscallTracer(gdb, FakeKernel(FakeVmlinux(tmp_path / vmlinux)), guest)  # type: ignore[arg-type]
 
 
-def _walk(gdb: FakeDebugger, tmp_path: Path) -> _Walk:
+def _walk(gdb: FakeDebugger, tmp_path: Path) -> Walk:
     trace = SyscallTrace("cmd", SyscallSelector(1), SYSCALL64, "__x64_sys_write")
-    return _Walk(_tracer(gdb, tmp_path), trace, time.monotonic() + 60)
+    return Walk(_tracer(gdb, tmp_path), trace, time.monotonic() + 60)
 
 
 def test_a_step_that_went_nowhere_is_taken_again(tmp_path: Path) -> None:
