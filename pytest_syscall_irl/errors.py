@@ -60,6 +60,10 @@ class QemuError(SyscallIrlError):
     """QEMU failed to start, exited early, or misbehaved."""
 
 
+class StateLoadError(QemuError):
+    """QEMU could not load a saved machine state (a damaged or foreign snapshot)."""
+
+
 class GdbError(SyscallIrlError):
     """GDB failed, timed out, or answered an MI command with ^error."""
 
@@ -70,3 +74,7 @@ class ConsoleError(SyscallIrlError):
 
 class GuestPanic(ConsoleError):
     """The guest kernel printed a panic, an Oops or a BUG."""
+
+
+class SyscallIrlWarning(UserWarning):
+    """Something was wrong and has been repaired (a damaged cache rebuilt): worth knowing."""

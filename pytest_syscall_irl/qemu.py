@@ -23,7 +23,7 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from . import procs
-from .errors import QemuError, tail
+from .errors import QemuError, StateLoadError, tail
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class QemuMachine:
         incoming = self.config.incoming
         if incoming is not None and not os.access(incoming, os.R_OK):
             # QEMU would wait for the state forever: `cat` fails, the stream is just empty.
-            raise QemuError(f"saved machine state {incoming} is missing or unreadable", command=self.command)
+            raise StateLoadError(f"saved machine state {incoming} is missing or unreadable", command=self.command)
 
     def _wait_for_socket(self, path: Path) -> None:
         deadline = time.monotonic() + SOCKET_WAIT
@@ -288,7 +288,9 @@ class QemuMachine:
             # disconnect a moment before the process is gone, so give it that moment.
             if self.wait(EXIT_GRACE) is None:
                 raise
-            raise self._failure(f"QEMU could not load the saved state {self.config.incoming}") from exc
+            failure = self._failure(f"QEMU could not load the saved state {self.config.incoming}")
+            raise StateLoadError(failure.message, command=failure.command, exit_code=failure.exit_code,
+                                 log_tail=failure.log_tail) from exc
 
     def save_state(self, path: Path, timeout: float = SAVE_TIMEOUT) -> None:
         """Stop the vCPUs and write the whole machine state to *path* (QEMU migration).
