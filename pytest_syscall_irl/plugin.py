@@ -369,7 +369,12 @@ def guest(request: pytest.FixtureRequest, _shared_guests: _SharedGuests) -> Iter
     own = shared.get()
     _used(request.node).append(own)
     yield own
-    shared.settle()
+    # After Ctrl-C (pytest sets INTERRUPTED before the teardowns) nothing waits on a guest:
+    # the command the interrupted test left running may never end.
+    if request.session.exitstatus == pytest.ExitCode.INTERRUPTED:
+        shared.close()
+    else:
+        shared.settle()
 
 
 @pytest.fixture

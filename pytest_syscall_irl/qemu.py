@@ -154,12 +154,32 @@ def sweep_socket_dirs(base: Path) -> None:
             shutil.rmtree(directory, ignore_errors=True)
 
 
+_socket_dirs: set[Path] = set()  # this process's, removed at exit if a machine did not
+
+
+def _remove_socket_dirs() -> None:
+    for directory in list(_socket_dirs):
+        shutil.rmtree(directory, ignore_errors=True)
+        _socket_dirs.discard(directory)
+
+
+def _socket_base() -> Path:
+    # $TMPDIR when its paths stay short (unix socket paths are limited to ~108 bytes, and
+    # pytest's tmp paths can exceed that), else /tmp.
+    base = Path(tempfile.gettempdir())
+    return base if len(str(base)) <= 48 or not os.path.isdir("/tmp") else Path("/tmp")
+
+
 def private_socket_dir() -> Path:
     """A fresh 0700 directory, named after its owner pid, with a path short enough for
-    unix sockets (pytest's tmp paths can exceed the ~108 bytes)."""
-    base = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())
+    unix sockets; removed at exit (or SIGTERM) if its machine's shutdown did not run."""
+    base = _socket_base()
     sweep_socket_dirs(base)
-    return Path(tempfile.mkdtemp(prefix=f"sirl-{os.getpid()}-", dir=base))
+    if not _socket_dirs:
+        procs.on_exit(_remove_socket_dirs)
+    directory = Path(tempfile.mkdtemp(prefix=f"sirl-{os.getpid()}-", dir=base))
+    _socket_dirs.add(directory)
+    return directory
 
 
 @dataclass
@@ -347,6 +367,7 @@ class QemuMachine:
                 pass
             self._qmp = None
         shutil.rmtree(self.sockets.directory, ignore_errors=True)
+        _socket_dirs.discard(self.sockets.directory)
 
     def __enter__(self) -> QemuMachine:
         return self
