@@ -227,13 +227,21 @@ class QemuMachine:
             self._wait_for_socket(self.sockets.qmp)
             self._qmp = self._connect_qmp()
             self._qmp.settimeout(SOCKET_WAIT)
-        except QemuError:
+        except QemuError as exc:
             self.shutdown()
-            raise
+            raise self._load_failure(exc) from exc.__cause__
         except Exception as exc:
             failure = self._failure(f"QEMU failed to start: {exc}")
             self.shutdown()
-            raise failure from exc
+            raise self._load_failure(failure) from exc
+
+    def _load_failure(self, failure: QemuError) -> QemuError:
+        # A state QEMU cannot load can make it exit before QMP even answers.
+        if self.config.incoming is None or isinstance(failure, StateLoadError) or \
+                "load of migration failed" not in (failure.log_tail or ""):
+            return failure
+        return StateLoadError(f"QEMU could not load the saved state {self.config.incoming}: {failure.message}",
+                              command=failure.command, exit_code=failure.exit_code, log_tail=failure.log_tail)
 
     def _check_incoming(self) -> None:
         incoming = self.config.incoming

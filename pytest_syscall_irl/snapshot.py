@@ -57,7 +57,7 @@ class Snapshot:
 
     directory: Path
     info: SnapshotInfo
-    made: int = 0  # st_mtime_ns of the state when read: tells this snapshot from a rebuilt one
+    made: int = 0  # the directory's inode: a rebuild is a new directory (damage in place is not)
 
     @property
     def key(self) -> str:
@@ -77,7 +77,9 @@ class Snapshot:
         except (OSError, ValueError, KeyError, TypeError):
             return None
         try:
-            return cls(directory, info, (directory / STATE_FILE).stat().st_mtime_ns)
+            if not (directory / STATE_FILE).is_file():
+                return None
+            return cls(directory, info, directory.stat().st_ino)
         except OSError:
             return None
 

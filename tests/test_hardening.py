@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -193,3 +194,29 @@ def test_a_cache_directory_that_cannot_be_written_gives_the_fix(tmp_path: Path) 
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"cannot write to the cache directory .*SYSCALL_IRL_CACHE"):
         check_cache_dir(tmp_path / "file" / "cache")
+
+
+@pytest.mark.integration
+def test_a_guest_silent_on_its_console_is_reported_within_the_bound(tmp_path: Path) -> None:
+    # The real QEMU and kernel with the console elsewhere: the serial line stays silent,
+    # as under a KVM that hangs before the first instruction.
+    from pytest_syscall_irl.console import GuestConsole
+    from pytest_syscall_irl.errors import ConsoleError
+    from pytest_syscall_irl.image import build_guest_image
+    from pytest_syscall_irl.qemu import MachineConfig, QemuMachine
+
+    bzimage = kernel_build.reference_kernel()
+    if bzimage is None:
+        pytest.skip("reference kernel not built (syscall-irl kernel build)")
+    image = build_guest_image(kernel_build.cache_dir(), payloads_on_iso=True)
+    config = MachineConfig(kernel=bzimage, initrd=image.initramfs, append="console=tty0 nokaslr")
+    with QemuMachine(config, tmp_path / "logs") as machine:
+        machine.launch()
+        console = GuestConsole(machine.sockets.console)
+        console.connect()
+        machine.resume()
+        start = time.monotonic()
+        with pytest.raises(ConsoleError, match="printed nothing at all on its console within 3 s"):
+            console.wait_ready(90, silence=3)
+        assert time.monotonic() - start < 10
+        console.close()

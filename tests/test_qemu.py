@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -103,3 +104,26 @@ def test_shutdown_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     machine.shutdown()  # idempotent
+
+
+LEAVER = """
+import sys, time
+from pytest_syscall_irl.qemu import private_socket_dir
+print(private_socket_dir(), flush=True)
+if sys.argv[1] == "exit":
+    sys.exit(0)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how, status", [("exit", 0), ("sigterm", -signal.SIGTERM)])
+def test_socket_dirs_are_removed_when_their_process_leaves(how: str, status: int) -> None:
+    # A machine's shutdown removes its own; this is for those whose shutdown never ran.
+    child = subprocess.Popen([sys.executable, "-c", LEAVER, how], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    directory = Path(child.stdout.readline().strip())
+    assert directory.is_dir()
+    if how == "sigterm":
+        child.send_signal(signal.SIGTERM)
+    assert child.wait(10) == status  # SIGTERM still ends it by SIGTERM
+    assert not directory.exists()
