@@ -91,7 +91,7 @@ def _naming_origin(config: pytest.Config, *names: str) -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        origins = [origin for origin in map(lambda n: _ini_origin(config, n), names) if origin]
+        origins = [origin for origin in (_ini_origin(config, name) for name in names) if origin]
         if origins:
             raise ConfigError(f"{'; '.join(origins)}: {exc.message}") from None
         raise

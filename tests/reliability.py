@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_syscall_irl.kernel_build import cache_dir, reference_kernel
+from pytest_syscall_irl.qemu import sweep_socket_dirs
 
 MARKER = "SIRL_RELIABILITY_CASE"
 USAGE_ERROR, INTERRUPTED, FAILED, PASSED = 4, 2, 1, 0
@@ -78,6 +79,7 @@ class Run:
     seconds: float
     output: str
     tcp_while_running: list[str] = field(default_factory=list)
+    stale: list[Path] = field(default_factory=list)  # socket dirs left after the exit
 
 
 @dataclass
@@ -183,9 +185,9 @@ def _leftovers(case: Case, work: Path, run: Run) -> list[str]:
         time.sleep(0.05)
     found = [f"process {pid} ({Path(f'/proc/{pid}/comm').read_text().strip()})" for pid in _ours(marker)]
     found += [f"TCP listener ({who})" for who in run.tcp_while_running + _tcp_listeners(_ours(marker))]
-    dirs = sorted((work / "t").glob("sirl-*"))
-    if dirs and not case.swept:
-        found += [f"socket dir {d.name}" for d in dirs]
+    if case.swept:  # what the process could not remove, the next run's sweep must
+        sweep_socket_dirs(work / "t")
+    found += [f"socket dir {d.name}" for d in sorted((work / "t").glob("sirl-*"))]
     return found
 
 
@@ -201,6 +203,7 @@ def run_case(case: Case, cache: Path) -> tuple[bool, str]:
         if case.prepare is not None:
             case.prepare(own_cache)
         run = _run(case, work, own_cache)
+        run.stale = sorted((work / "t").glob("sirl-*"))
         leftovers = _leftovers(case, work, run)
         expected = case.expect if isinstance(case.expect, tuple) else (case.expect,)
         problems = []
@@ -212,7 +215,7 @@ def run_case(case: Case, cache: Path) -> tuple[bool, str]:
             problems.append(f"took more than {case.max_seconds:.0f} s")
         if "Traceback" in run.output and run.code == USAGE_ERROR:
             problems.append("traceback in a usage error")
-        swept = " (socket dirs: swept by the next run)" if case.swept and list((work / "t").glob("sirl-*")) else ""
+        swept = f" ({len(run.stale)} socket dirs swept, as the next run does)" if run.stale else ""
         line = (f"{'OK ' if not problems and not leftovers else 'BAD'} {case.name:<28} exit {run.code} in "
                 f"{run.seconds:5.1f} s; leftovers: {', '.join(leftovers) or 'none'}{swept}")
         if problems:
