@@ -150,8 +150,27 @@ class GuestConsole:
             pass
         return tail(text.replace("\r", ""), 60)
 
-    def wait_ready(self, timeout: float = 60.0) -> str:
-        """Wait for the agent's ready line; returns the payload delivery it found."""
+    def wait_ready(self, timeout: float = 60.0, silence: float | None = None) -> str:
+        """Wait for the agent's ready line; returns the payload delivery it found.
+
+        With *silence*, a guest that prints nothing at all within that many seconds is
+        reported at once rather than after *timeout*: it is not booting slowly, it is not
+        running (a KVM that hangs) or not talking on this console.
+        """
+        if silence is not None and silence < timeout:
+            started = time.monotonic()
+            try:
+                self.child.expect(re.compile(".", re.DOTALL), timeout=silence)
+                # Put the byte back: with `quiet` it may be the start of the READY line.
+                self.child.buffer = str(self.child.after) + self.child.buffer
+            except pexpect.TIMEOUT as exc:
+                raise ConsoleError(f"the guest printed nothing at all on its console within {silence:.0f} s "
+                                   "(a cold boot prints its first line in ~1.5 s under TCG): the vCPU is not "
+                                   "running (under KVM: see --accel=tcg) or the kernel has no serial console "
+                                   "(CONFIG_SERIAL_8250_CONSOLE)") from exc
+            except pexpect.EOF as exc:
+                raise ConsoleError("guest console closed before the guest printed anything (QEMU exited?)") from exc
+            timeout -= time.monotonic() - started
         match = self.expect(READY, timeout)
         self.delivery, self.release = match.group(1), match.group(2)
         return self.delivery

@@ -60,6 +60,10 @@ class QemuError(SyscallIrlError):
     """QEMU failed to start, exited early, or misbehaved."""
 
 
+class StateLoadError(QemuError):
+    """QEMU could not load a saved machine state (a damaged or foreign snapshot)."""
+
+
 class GdbError(SyscallIrlError):
     """GDB failed, timed out, or answered an MI command with ^error."""
 
@@ -74,3 +78,7 @@ class GuestPanic(ConsoleError):
 
 class ConsoleTimeout(ConsoleError):
     """The guest console did not print what was awaited in time."""
+
+
+class SyscallIrlWarning(UserWarning):
+    """Something was wrong and has been repaired (a damaged cache rebuilt): worth knowing."""

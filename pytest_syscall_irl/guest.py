@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -21,15 +22,19 @@ from filelock import FileLock
 
 from .console import CommandResult, GuestConsole
 from .gdbmi import GdbSession
-from .errors import ConfigError, ConsoleError, ImageError, SyscallIrlError
+from .errors import ConfigError, ConsoleError, ImageError, QemuError, StateLoadError, SyscallIrlError, SyscallIrlWarning
 from .image import GuestImage, Payload, build_guest_image
-from .kernel import Kernel
+from .integrity import atomic_write, manifest_problem, write_manifest
+from .kernel import Kernel, split_cmdline
 from .qemu import DEFAULT_APPEND, MachineConfig, QemuMachine, kvm_probe
-from .snapshot import Snapshot, SnapshotInfo, load_or_build, qemu_identity, snapshot_key
+from .snapshot import Snapshot, SnapshotInfo, discard_unloadable, load_or_build, qemu_identity, snapshot_key
 
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 90.0
+# A cold boot prints its first console line ~1.5 s after QEMU starts (TCG, a 14 MB
+# distro kernel, load average 4 on 2 cores); ten times that and it is not booting at all.
+FIRST_OUTPUT_TIMEOUT = 15.0
 # A restored guest answers in well under a second; a longer wait means it is broken.
 RESTORE_TIMEOUT = 20.0
 SETTLE_TIMEOUT = 10.0  # for a command a test left running to end
@@ -142,11 +147,25 @@ class Guest:
         self.machine.shutdown()
 
 
+# Parameters that would undo what the lab's own command line sets up (kernel's spelling:
+# dashes and underscores are the same), with why.
+_LAB_PARAMS = {
+    "kaslr": "guests boot with nokaslr, so that breakpoints sit at the vmlinux addresses (on x86 nokaslr wins): "
+             "drop it",
+    "rdinit": "the lab's agent must be the guest's /init: drop it",
+}
+
+
 def check_boot_args(boot_args: str) -> None:
-    """ConfigError for kernel arguments the lab cannot honour."""
-    if "kaslr" in boot_args.replace("nokaslr", "").split():
-        raise ConfigError("boot arguments: kaslr moves the kernel away from its vmlinux addresses, "
-                          "so breakpoints would miss: drop it (guests boot with nokaslr)")
+    """ConfigError for kernel arguments the lab cannot honour, read as the kernel reads
+    them (quotes group; an unbalanced quote is an error)."""
+    for param, value in split_cmdline(boot_args):
+        name = param.replace("-", "_")
+        if name in _LAB_PARAMS:
+            raise ConfigError(f"boot arguments: {param}: {_LAB_PARAMS[name]}")
+        if name == "console" and not (value or "").startswith("ttyS0"):
+            raise ConfigError(f"boot arguments: console={value}: the lab drives the guest on ttyS0, and the last "
+                              "console= becomes the agent's /dev/console: drop it")
 
 
 def _boot_id() -> str:
@@ -156,21 +175,46 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def decide_accel(settings: LabSettings) -> tuple[str, str]:
-    """(accelerator, why) for *settings*: "auto" probes KVM once per host boot."""
-    if settings.accel != "auto":
-        return settings.accel, "requested"
+KVM_VERDICTS = ("kvm", "tcg")
+
+
+def kvm_verdict(settings: LabSettings) -> tuple[bool, str]:
+    """(usable, finding) of the KVM probe: run once per host boot and QEMU, shared by every
+    process through a marker file; a marker that does not parse is probed again."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg", "auto: no usable /dev/kvm"
+        return False, "no usable /dev/kvm"
     # The probe costs seconds where KVM hangs: once per host boot, shared by all workers.
     marker = settings.cache / "kvm-probe" / f"{_boot_id()}-{Path(settings.qemu).name}"
     marker.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(marker) + ".lock"):
-        if not marker.exists():
+        verdict, _, why = (marker.read_text() if marker.exists() else "").partition("\n")
+        if verdict not in KVM_VERDICTS or not why.strip():
+            if marker.exists():
+                log.warning("KVM probe marker %s is damaged: probing again", marker)
             usable, why = kvm_probe(settings.qemu, settings.kernel.bzimage.path)
-            marker.write_text(("kvm" if usable else "tcg") + "\n" + why)
-        accel, why = marker.read_text().split("\n", 1)
-    return accel, f"auto: {why}"
+            verdict = "kvm" if usable else "tcg"
+            atomic_write(marker, f"{verdict}\n{why}")
+    return verdict == "kvm", why.strip()
+
+
+def decide_accel(settings: LabSettings) -> tuple[str, str]:
+    """(accelerator, why) for *settings*: "auto" probes KVM once per host boot."""
+    if settings.accel != "auto":
+        return settings.accel, "requested"
+    usable, why = kvm_verdict(settings)
+    return ("kvm" if usable else "tcg"), f"auto: {why}"
+
+
+def check_accel(settings: LabSettings) -> None:
+    """ConfigError for an accelerator that is not one, or KVM where the probe saw it fail."""
+    if settings.accel not in ("auto", "kvm", "tcg"):
+        raise ConfigError(f"accelerator {settings.accel!r}: use auto, kvm or tcg")
+    if settings.accel != "kvm":
+        return
+    usable, why = kvm_verdict(settings)
+    if not usable:
+        raise ConfigError(f"--accel=kvm, but KVM does not work here: {why}; use --accel=tcg (or auto, which "
+                          "takes KVM only where a KVM guest really boots)")
 
 
 _Ready = Callable[[QemuMachine, GuestConsole], None]
@@ -236,7 +280,8 @@ class Lab:
         return self._snapshots[variant]
 
     def _save_ready_guest(self, key: str, state: Path, boot_args: str, cpu: str | None) -> SnapshotInfo:
-        guest = self._cold_boot(f"snapshot-{key}-{os.getpid()}", BOOT_TIMEOUT, boot_args, cpu)
+        # Each attempt logs to its own directory: a retry must not overwrite the failure's logs.
+        guest = self._cold_boot(f"snapshot-{key}-{os.getpid()}-{next(self._names)}", BOOT_TIMEOUT, boot_args, cpu)
         try:
             # Saved idle: the agent blocked reading its next command, no debugger attached.
             guest.run("true", RESTORE_TIMEOUT).check()
@@ -259,13 +304,32 @@ class Lab:
         """
         name = name or f"guest-{os.getpid()}-{next(self._names)}"
         if self.settings.snapshots if restore is None else restore:
-            return self._restore(name, self.snapshot(boot_args, cpu), timeout, boot_args, cpu)
+            return self._restore_or_rebuild(name, timeout, boot_args, cpu)
         return self._cold_boot(name, timeout, boot_args, cpu)
+
+    def _restore_or_rebuild(self, name: str, timeout: float, boot_args: str, cpu: str | None) -> Guest:
+        """Restore from the snapshot; one QEMU cannot load is discarded and built again, once."""
+        snapshot = self.snapshot(boot_args, cpu)
+        try:
+            return self._restore(name, snapshot, timeout, boot_args, cpu)
+        except StateLoadError as exc:
+            warnings.warn(SyscallIrlWarning(f"QEMU could not load the guest snapshot {snapshot.directory} "
+                                            f"(damaged?): building it again. {exc.message}"), stacklevel=2)
+            self._snapshots.pop((boot_args, cpu or None), None)
+            discard_unloadable(snapshot)
+        snapshot = self.snapshot(boot_args, cpu)
+        try:
+            return self._restore(f"{name}-rebuilt", snapshot, timeout, boot_args, cpu)
+        except StateLoadError as exc:
+            raise QemuError(f"QEMU cannot load the guest snapshot {snapshot.directory} even after it was built "
+                            f"again: cold-boot every guest with --no-snapshots, and report it (logs: "
+                            f"{self.log_root / (name + '-rebuilt')})", command=exc.command, exit_code=exc.exit_code,
+                            log_tail=exc.log_tail) from exc
 
     def _cold_boot(self, name: str, timeout: float, boot_args: str = "", cpu: str | None = None) -> Guest:
         def ready(machine: QemuMachine, console: GuestConsole) -> None:
             machine.resume()
-            delivery = console.wait_ready(timeout)
+            delivery = console.wait_ready(timeout, silence=FIRST_OUTPUT_TIMEOUT)
             if delivery != self.image.delivery:
                 raise ImageError(f"the guest found its payloads via {delivery!r}, expected "
                                  f"{self.image.delivery!r}: see the console log {machine.console_log}")
@@ -331,10 +395,20 @@ def warm_gdb_index(settings: LabSettings) -> bool:
         return False
     directory = settings.gdb_index_cache
     directory.mkdir(parents=True, exist_ok=True)
+    manifest = directory / f"{build_id}.sirl-manifest"
     with FileLock(str(directory) + ".lock", timeout=INDEX_LOCK_TIMEOUT):
-        if any(directory.glob(f"{build_id}.*")):
-            return False
+        index = sorted(p for p in directory.glob(f"{build_id}.*") if p != manifest)
+        if index:
+            problem = manifest_problem(manifest)
+            if problem is None:
+                return False
+            # GDB would load a damaged index as it is: drop it, GDB writes a new one.
+            warnings.warn(SyscallIrlWarning(f"GDB index cache of {vmlinux} in {directory} is damaged ({problem}): "
+                                            "building it again"), stacklevel=2)
+            for path in index:
+                path.unlink()
         start = time.monotonic()
         GdbSession(vmlinux, gdb=settings.gdb, index_cache_dir=directory).close()
+        write_manifest(manifest, sorted(p for p in directory.glob(f"{build_id}.*") if p != manifest))
         log.info("GDB index of %s cached in %.1f s", vmlinux, time.monotonic() - start)
     return True

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 from filelock import FileLock
 
-from .errors import ImageError
+from .errors import ImageError, SyscallIrlWarning
+from .integrity import directory_problem, seal_directory
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ AGENT = "sirl-agent"
 # bash (bash-static) has the history support Debian's busybox ash lacks.
 HOST_PAYLOADS = {"bash": "/bin/bash-static"}
 LOCK_TIMEOUT = 600.0
+# Bump when what a cached directory holds changes (2: each has a manifest).
+CACHE_FORMAT = b"sirl-cache-2"
 
 
 GUEST_PAYLOAD_DIR = "/payloads"
@@ -263,7 +267,7 @@ def build_iso(payloads: dict[str, Path], out: Path) -> None:
 # --- cache -------------------------------------------------------------------------
 
 def _digest(*parts: bytes) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(CACHE_FORMAT)
     for part in parts:
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
@@ -279,20 +283,36 @@ def _tool_identity(command: list[str]) -> bytes:
 
 @contextmanager
 def cached(directory: Path) -> Iterator[Path | None]:
-    """Build-once protocol: yields None when *directory* is complete, else a staging dir
-    whose contents become *directory* (atomically) when the block ends without error."""
+    """Build-once protocol: yields None when *directory* is complete and intact, else a
+    staging dir whose contents become *directory* (atomically, with a manifest of their
+    sizes and digests) when the block ends without error. A directory whose files no
+    longer match their manifest is discarded, with a warning, and built again."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory) + ".lock", timeout=LOCK_TIMEOUT):
         if directory.is_dir():
-            yield None
-            return
+            problem = directory_problem(directory)
+            if problem is None:
+                yield None
+                return
+            warnings.warn(SyscallIrlWarning(f"cached {directory} is damaged ({problem}): building it again"),
+                          stacklevel=3)
+            discard(directory)
         staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
         try:
             yield staging
+            seal_directory(staging)
             os.rename(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+def discard(directory: Path) -> None:
+    """Remove *directory* from the cache: renamed aside first (atomic), so that a reader
+    never sees it half-deleted; the caller holds its build lock."""
+    trash = Path(tempfile.mkdtemp(prefix=directory.name + ".damaged.", dir=directory.parent))
+    os.rename(directory, trash / directory.name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def build_programs(cache: Path, guest_dir: Path = GUEST_DIR, musl_gcc: str = MUSL_GCC,

@@ -82,6 +82,27 @@ def version_tuple(release: str) -> tuple[int, int, int]:
     return int(match[1]), int(match[2]), int(match[3] or 0)
 
 
+def split_cmdline(cmdline: str) -> list[tuple[str, str | None]]:
+    """(param, value) pairs of a kernel command line, split as the kernel does
+    (next_arg() in lib/cmdline.c): double quotes group spaces (`param="a b"` or
+    `"param=a b"`) and are dropped from the value; a parameter without `=` has value None.
+    ConfigError for an unbalanced quote, which would swallow the rest of the line."""
+    pairs: list[tuple[str, str | None]] = []
+    rest = cmdline.strip()
+    while rest:
+        word, in_quote, i = "", False, 0
+        while i < len(rest) and (in_quote or not rest[i].isspace()):
+            in_quote ^= rest[i] == '"'
+            word, i = word + rest[i], i + 1
+        if in_quote:
+            raise ConfigError(f"unbalanced double quote in {word!r}: the kernel would take everything after it "
+                              "as one value; close the quote (param=\"a b\")")
+        param, equals, value = word.partition("=")
+        pairs.append((param.replace('"', ""), value.removeprefix('"').removesuffix('"') if equals else None))
+        rest = rest[i:].lstrip()
+    return pairs
+
+
 def _read_head(path: Path, what: str, size: int, fix: str) -> bytes:
     if not path.exists():
         raise ConfigError(f"{what} {path} does not exist: {fix}")
@@ -90,8 +111,11 @@ def _read_head(path: Path, what: str, size: int, fix: str) -> bytes:
     try:
         with path.open("rb") as f:
             return f.read(size)
+    except PermissionError as exc:
+        raise ConfigError(f"cannot read {what} {path}: permission denied: make it readable "
+                          f"(chmod a+r {path}) or run as a user who may read it") from exc
     except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}: {fix}") from exc
 
 
 def _describe(head: bytes) -> str:
@@ -125,7 +149,9 @@ class BzImage:
                 f"{path} is not an x86 bzImage (no 0xAA55 boot flag and 'HdrS' setup header; "
                 f"{_describe(head)}): --kernel wants arch/x86/boot/bzImage"
             )
-        return cls(path, _setup_version(path, head))
+        image = cls(path, _setup_version(path, head))
+        _check_layout(path, head)
+        return image
 
     @property
     def release(self) -> str:
@@ -148,6 +174,46 @@ def _setup_version(path: Path, head: bytes) -> str:
     if not text[:1].isdigit():
         raise ConfigError(f"{path}: bzImage kernel_version string {text[:60]!r} is not a version")
     return text
+
+
+# The compressed kernel's formats (arch/x86/boot/compressed/Makefile, lib/decompress.c magics).
+PAYLOAD_MAGICS = {
+    b"\x1f\x8b": "gzip", b"\x1f\x9e": "gzip", b"BZh": "bzip2", b"\x5d\x00\x00": "lzma",
+    b"\xfd7zXZ\x00": "xz", b"\x89LZO": "lzo", b"\x02\x21\x4c\x18": "lz4", b"\x28\xb5\x2f\xfd": "zstd",
+}
+_TRUNCATED_FIX = "copy it again from the build tree (arch/x86/boot/bzImage), or rebuild it"
+
+
+def _check_layout(path: Path, head: bytes) -> None:
+    """ConfigError if the file is shorter than its setup header says, or its compressed
+    kernel does not start with a known compression header (boot protocol 2.08+).
+
+    Documentation/arch/x86/boot.rst: the protected-mode kernel starts after
+    (setup_sects + 1) sectors (setup_sects 0 means 4) and is syssize 16-byte paragraphs
+    long; payload_offset/payload_length locate the compressed kernel inside it. A signed
+    kernel carries its signature after that, so the file may be longer, never shorter.
+    """
+    setup_sects = head[0x1F1] or 4
+    (syssize,) = struct.unpack_from("<I", head, 0x1F4)
+    (protocol,) = struct.unpack_from("<H", head, 0x206)
+    pm_start = (setup_sects + 1) * 512
+    expected, size = pm_start + syssize * 16, path.stat().st_size
+    if size < expected:
+        raise ConfigError(f"{path} is truncated: {size} bytes, its setup header says {expected} "
+                          f"({setup_sects} setup sectors + {syssize * 16} bytes of kernel): {_TRUNCATED_FIX}")
+    if protocol < 0x208:
+        return
+    offset, length = struct.unpack_from("<II", head, 0x248)
+    start = pm_start + offset
+    if length == 0 or start + length > size:
+        raise ConfigError(f"{path}: its compressed kernel ({length} bytes at offset {start}) does not fit in "
+                          f"the file ({size} bytes): {_TRUNCATED_FIX}")
+    with path.open("rb") as f:
+        f.seek(start)
+        magic = f.read(8)
+    if not any(magic.startswith(known) for known in PAYLOAD_MAGICS):
+        raise ConfigError(f"{path}: its compressed kernel at offset {start} starts with {magic[:6].hex(' ')}, "
+                          f"not a gzip, bzip2, lzma, xz, lzo, lz4 or zstd header (damaged?): {_TRUNCATED_FIX}")
 
 
 class _Segment(NamedTuple):

@@ -27,6 +27,7 @@ from filelock import FileLock, Timeout
 
 from . import procs
 from .errors import ConfigError, KernelError, SyscallIrlError, tail
+from .integrity import atomic_write, file_digest
 from .kernel import Kernel, StrPath
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "
                "cpio": "cpio", "xz": "xz-utils", "tar": "tar"}
 BUILD_HEADERS = {"/usr/include/gelf.h": "libelf-dev", "/usr/include/openssl/opensslv.h": "libssl-dev"}
 LOCK_TIMEOUT = 3600.0  # a whole build of another process, with margin
+ARTIFACTS = ("bzImage", "vmlinux")
 
 
 
@@ -47,6 +49,18 @@ def cache_dir() -> Path:
         return Path(os.environ["SYSCALL_IRL_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "pytest-syscall-irl"
+
+
+def check_cache_dir(directory: Path) -> Path:
+    """*directory*, created if need be; ConfigError with the fix if it cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to the cache directory {directory} ({exc.strerror or exc}): make it "
+                          "writable, or point $SYSCALL_IRL_CACHE at a directory you may write") from exc
+    return directory
 
 
 def default_fragment() -> Path:
@@ -124,12 +138,19 @@ def missing_build_deps() -> list[str]:
 
 def reference_kernel(cache: Path | None = None) -> Path | None:
     """The cached bzImage of Debian's source + the default fragment if built, else None (fast)."""
+    return None if reference_damage(cache) else KernelBuild(cache=cache).bzimage
+
+
+def reference_damage(cache: Path | None = None) -> str | None:
+    """None if the reference kernel is built and intact, else why not ("not built", what is damaged)."""
     try:
         build = KernelBuild(cache=cache)
-        return build.bzimage if build.is_complete() else None
+        damage = build.damage()
     except SyscallIrlError as exc:
         log.debug("no reference kernel: %s", exc)
-        return None
+        return "not built"
+    return damage if damage in (None, "not built") else f"the cached reference kernel in {build.directory} is " \
+        f"damaged ({damage}): run `syscall-irl kernel build` to build it again"
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
@@ -139,10 +160,10 @@ def _atomic_copy(source: Path, target: Path) -> None:
     os.replace(temporary, target)
 
 
-def _atomic_write(target: Path, text: str) -> None:
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, target)
+def _artifact_record(path: Path) -> list[object]:
+    """[size, mtime_ns] of an installed artifact, and the bzImage's SHA-256 (see damage())."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns] + ([file_digest(path).hex()] if path.name == "bzImage" else [])
 
 
 class KernelBuild:
@@ -213,8 +234,28 @@ class KernelBuild:
         return self.directory / "build.log"
 
     def is_complete(self) -> bool:
-        """True if a build of this key finished and its artifacts are in place."""
-        return all((self.directory / name).is_file() for name in ("complete", "bzImage", "vmlinux"))
+        """True if a build of this key finished and its artifacts are in place, as built."""
+        return self.damage() is None
+
+    def damage(self) -> str | None:
+        """Why the cached build is not usable as it stands ("not built" if it never finished)."""
+        try:
+            record = json.loads((self.directory / "complete").read_text())
+        except (OSError, ValueError):
+            return "not built"
+        for name in ARTIFACTS:
+            path = self.directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            # Recorded since the record had "artifacts"; size and mtime are cheap to check on every
+            # run (vmlinux is ~60 MB), and the bzImage's digest too (~1.5 MB).
+            want = record.get("artifacts", {}).get(name) if isinstance(record, dict) else None
+            if want is None:
+                continue
+            st = path.stat()
+            if [st.st_size, st.st_mtime_ns] != want[:2] or (len(want) > 2 and file_digest(path).hex() != want[2]):
+                return f"{name} is not the file the build installed ({st.st_size} bytes, {want[0]} when installed)"
+        return None
 
     def build(self) -> Path:
         """Build unless the cache has it (Debian source) and return the bzImage path.
@@ -224,6 +265,9 @@ class KernelBuild:
         if self.tree is None and self.is_complete():
             self._stage(f"reusing {self.directory}")
             return self.bzimage
+        damage = self.damage()
+        if damage != "not built":
+            self._stage(f"the cached build in {self.directory} is damaged ({damage}): building it again")
         self._check_deps()
         self.directory.mkdir(parents=True, exist_ok=True)
         with self._locked(self.directory.with_name(f"{self.key}.lock"), f"building {self.key}"):
@@ -275,8 +319,9 @@ class KernelBuild:
             raise KernelError(f"the build produced unusable artifacts: {exc.message}") from exc
         record = {"source": self.source_identity, "fragment": str(self.fragment),
                   "fragment_sha256": hashlib.sha256(self.fragment_text.encode()).hexdigest(),
-                  "compiler": compiler_id(), "version": kernel.bzimage.version}
-        _atomic_write(self.directory / "complete", json.dumps(record, indent=1) + "\n")
+                  "compiler": compiler_id(), "version": kernel.bzimage.version,
+                  "artifacts": {name: _artifact_record(self.directory / name) for name in ARTIFACTS}}
+        atomic_write(self.directory / "complete", json.dumps(record, indent=1) + "\n")
 
     def _debian_tree(self, build_log: IO[str]) -> Path:
         version = self.source_identity.rpartition("=")[2]

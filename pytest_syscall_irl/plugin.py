@@ -11,9 +11,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ import pytest
 
 from .errors import ConfigError, SyscallIrlError, tail
 from .kernel import Kernel
-from .kernel_build import cache_dir, reference_kernel
+from .kernel_build import cache_dir, check_cache_dir, reference_damage, reference_kernel
 
 if TYPE_CHECKING:
     # Imported where first used: pytest loads this plugin in every run of its environment,
@@ -83,38 +83,54 @@ def _path(config: pytest.Config, name: str) -> Path | None:
     return (base / os.path.expanduser(value)).resolve() if value else None
 
 
-def _program(config: pytest.Config, name: str, default: str, package: str) -> str:
-    value = _setting(config, name)[0] or default
-    found = shutil.which(value)
-    if found is None:
-        raise ConfigError(f"{name} executable {value!r} not found: install it with "
-                          f"`apt-get install {package}` or pass --{name}=PATH")
-    return found
+def _ini_origin(config: pytest.Config, name: str) -> str | None:
+    """"syscall_irl_NAME = VALUE in FILE" when the ini file gave the setting, else None."""
+    if config.getoption(f"syscall_irl_{name}") or not config.getini(f"syscall_irl_{name}"):
+        return None
+    return f"syscall_irl_{name} = {config.getini(f'syscall_irl_{name}')} in {config.inipath or 'the ini file'}"
+
+
+@contextmanager
+def _naming_origin(config: pytest.Config, *names: str) -> Iterator[None]:
+    """A ConfigError about a setting says which ini file set it, when one did."""
+    try:
+        yield
+    except ConfigError as exc:
+        origins = [origin for origin in (_ini_origin(config, name) for name in names) if origin]
+        if origins:
+            raise ConfigError(f"{'; '.join(origins)}: {exc.message}") from None
+        raise
 
 
 def resolve_settings(config: pytest.Config) -> LabSettings:
     """Turn the options into validated settings; ConfigError names the problem and the fix."""
-    from .guest import LabSettings, check_boot_args
-    bzimage = _path(config, "kernel") or reference_kernel()
-    if bzimage is None:
-        raise ConfigError(NO_KERNEL)
-    kernel = Kernel.load(bzimage, _path(config, "vmlinux"))
-    accel = _setting(config, "accel")[0] or "auto"
-    if accel not in ("auto", "kvm", "tcg"):
-        raise ConfigError(f"syscall_irl_accel = {accel!r} in the ini file: use auto, kvm or tcg")
-    if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        raise ConfigError("--accel=kvm but /dev/kvm is missing or not accessible: use --accel=auto or tcg")
-    boot_args = _setting(config, "boot_args")[0] or ""
-    try:
-        check_boot_args(boot_args)
-    except ConfigError as exc:
-        raise ConfigError(f"--boot-args: {exc}") from None
+    from .guest import LabSettings, check_accel, check_boot_args
+    from .programs import check_gdb, check_qemu
+    cache = check_cache_dir(cache_dir())
+    with _naming_origin(config, "kernel", "vmlinux"):
+        bzimage = _path(config, "kernel") or reference_kernel()
+        if bzimage is None:
+            damage = reference_damage()
+            raise ConfigError(NO_KERNEL if damage in (None, "not built") else str(damage))
+        kernel = Kernel.load(bzimage, _path(config, "vmlinux"))
+    with _naming_origin(config, "qemu"):
+        qemu = check_qemu(_setting(config, "qemu")[0] or "qemu-system-x86_64", cache)[0]
+    with _naming_origin(config, "gdb"):
+        gdb = check_gdb(_setting(config, "gdb")[0] or "gdb", cache)[0]
+    with _naming_origin(config, "boot_args"):
+        boot_args = _setting(config, "boot_args")[0] or ""
+        try:
+            check_boot_args(boot_args)
+        except ConfigError as exc:
+            raise ConfigError(f"--boot-args: {exc}") from None
     snapshots = config.getoption("syscall_irl_snapshots")
-    return LabSettings(kernel=kernel, qemu=_program(config, "qemu", "qemu-system-x86_64", "qemu-system-x86"),
-                       gdb=_program(config, "gdb", "gdb", "gdb"), accel=accel, boot_args=boot_args,
-                       cache=cache_dir(),
-                       snapshots=bool(config.getini("syscall_irl_snapshots") if snapshots is None else snapshots),
-                       payload_dirs=_payload_dirs(config))
+    settings = LabSettings(kernel=kernel, qemu=qemu, gdb=gdb, accel=_setting(config, "accel")[0] or "auto",
+                           boot_args=boot_args, cache=cache,
+                           snapshots=bool(config.getini("syscall_irl_snapshots") if snapshots is None else snapshots),
+                           payload_dirs=_payload_dirs(config))
+    with _naming_origin(config, "accel"):
+        check_accel(settings)
+    return settings
 
 
 def _payload_dirs(config: pytest.Config) -> tuple[Path, ...]:
@@ -350,7 +366,7 @@ def _boot_args(request: pytest.FixtureRequest) -> str:
     if len(marker.args) != 1 or not isinstance(marker.args[0], str) or marker.kwargs:
         pytest.fail(f"@pytest.mark.boot_args takes one string of kernel arguments, e.g. "
                     f"@pytest.mark.boot_args(\"pti=on\"); got {marker.args!r} {marker.kwargs!r}", pytrace=False)
-    boot_args = " ".join(marker.args[0].split())
+    boot_args = marker.args[0].strip()  # inner spaces may be quoted: param="a  b"
     try:
         check_boot_args(boot_args)
     except ConfigError as exc:
@@ -387,7 +403,12 @@ def guest(request: pytest.FixtureRequest, _shared_guests: _SharedGuests) -> Iter
     own = shared.get()
     _used(request.node).append(own)
     yield own
-    shared.settle()
+    # After Ctrl-C (pytest sets INTERRUPTED before the teardowns) nothing waits on a guest:
+    # the command the interrupted test left running may never end.
+    if request.session.exitstatus == pytest.ExitCode.INTERRUPTED:
+        shared.close()
+    else:
+        shared.settle()
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,42 @@ def stop(proc: subprocess.Popen[Any], grace: float = 3.0) -> int:
     return proc.returncode
 
 
+_cleanups: list[Callable[[], None]] = []
+
+
+def on_exit(cleanup: Callable[[], None]) -> None:
+    """Run *cleanup* when this process leaves by an ordinary exit or SIGTERM, after its
+    children are killed (e.g. remove their socket directories). Nothing runs on SIGKILL
+    or os._exit: what must not outlive us then has to be swept by the next run."""
+    if cleanup not in _cleanups:
+        _cleanups.append(cleanup)
+    _catch_sigterm()
+
+
+def _catch_sigterm() -> None:
+    # SIGTERM's default action ends the interpreter without atexit. Only where nobody
+    # else handles it, and only the main thread may set a handler.
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _kill_leftovers()
+    # Then die of SIGTERM as before, so whoever sent it sees the usual exit status.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 @atexit.register
 def _kill_leftovers() -> None:
     for proc in list(_live):
         if proc.poll() is None:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
+    while _cleanups:
+        try:
+            _cleanups.pop()()
+        except Exception:  # the last line of defence must not stop half-way
+            log.exception("clean-up at exit failed")

@@ -23,7 +23,7 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from . import procs
-from .errors import QemuError, tail
+from .errors import QemuError, StateLoadError, tail
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie will never clean up (and where PID 1 does not reap, it stays one).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def sweep_socket_dirs(base: Path) -> None:
@@ -156,12 +160,32 @@ def sweep_socket_dirs(base: Path) -> None:
             shutil.rmtree(directory, ignore_errors=True)
 
 
+_socket_dirs: set[Path] = set()  # this process's, removed at exit if a machine did not
+
+
+def _remove_socket_dirs() -> None:
+    for directory in list(_socket_dirs):
+        shutil.rmtree(directory, ignore_errors=True)
+        _socket_dirs.discard(directory)
+
+
+def _socket_base() -> Path:
+    # $TMPDIR when its paths stay short (unix socket paths are limited to ~108 bytes, and
+    # pytest's tmp paths can exceed that), else /tmp.
+    base = Path(tempfile.gettempdir())
+    return base if len(str(base)) <= 48 or not os.path.isdir("/tmp") else Path("/tmp")
+
+
 def private_socket_dir() -> Path:
     """A fresh 0700 directory, named after its owner pid, with a path short enough for
-    unix sockets (pytest's tmp paths can exceed the ~108 bytes)."""
-    base = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())
+    unix sockets; removed at exit (or SIGTERM) if its machine's shutdown did not run."""
+    base = _socket_base()
     sweep_socket_dirs(base)
-    return Path(tempfile.mkdtemp(prefix=f"sirl-{os.getpid()}-", dir=base))
+    if not _socket_dirs:
+        procs.on_exit(_remove_socket_dirs)
+    directory = Path(tempfile.mkdtemp(prefix=f"sirl-{os.getpid()}-", dir=base))
+    _socket_dirs.add(directory)
+    return directory
 
 
 @dataclass
@@ -209,19 +233,27 @@ class QemuMachine:
             self._wait_for_socket(self.sockets.qmp)
             self._qmp = self._connect_qmp()
             self._qmp.settimeout(SOCKET_WAIT)
-        except QemuError:
+        except QemuError as exc:
             self.shutdown()
-            raise
+            raise self._load_failure(exc) from exc.__cause__
         except Exception as exc:
             failure = self._failure(f"QEMU failed to start: {exc}")
             self.shutdown()
-            raise failure from exc
+            raise self._load_failure(failure) from exc
+
+    def _load_failure(self, failure: QemuError) -> QemuError:
+        # A state QEMU cannot load can make it exit before QMP even answers.
+        if self.config.incoming is None or isinstance(failure, StateLoadError) or \
+                "load of migration failed" not in (failure.log_tail or ""):
+            return failure
+        return StateLoadError(f"QEMU could not load the saved state {self.config.incoming}: {failure.message}",
+                              command=failure.command, exit_code=failure.exit_code, log_tail=failure.log_tail)
 
     def _check_incoming(self) -> None:
         incoming = self.config.incoming
         if incoming is not None and not os.access(incoming, os.R_OK):
             # QEMU would wait for the state forever: `cat` fails, the stream is just empty.
-            raise QemuError(f"saved machine state {incoming} is missing or unreadable", command=self.command)
+            raise StateLoadError(f"saved machine state {incoming} is missing or unreadable", command=self.command)
 
     def _wait_for_socket(self, path: Path) -> None:
         deadline = time.monotonic() + SOCKET_WAIT
@@ -290,7 +322,9 @@ class QemuMachine:
             # disconnect a moment before the process is gone, so give it that moment.
             if self.wait(EXIT_GRACE) is None:
                 raise
-            raise self._failure(f"QEMU could not load the saved state {self.config.incoming}") from exc
+            failure = self._failure(f"QEMU could not load the saved state {self.config.incoming}")
+            raise StateLoadError(failure.message, command=failure.command, exit_code=failure.exit_code,
+                                 log_tail=failure.log_tail) from exc
 
     def save_state(self, path: Path, timeout: float = SAVE_TIMEOUT) -> None:
         """Stop the vCPUs and write the whole machine state to *path* (QEMU migration).
@@ -347,6 +381,7 @@ class QemuMachine:
                 pass
             self._qmp = None
         shutil.rmtree(self.sockets.directory, ignore_errors=True)
+        _socket_dirs.discard(self.sockets.directory)
 
     def __enter__(self) -> QemuMachine:
         return self

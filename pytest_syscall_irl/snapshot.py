@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,14 +26,15 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import QemuError
-from .image import LOCK_TIMEOUT, cached
+from .image import LOCK_TIMEOUT, cached, discard
+from .integrity import file_digest
 from .qemu import MachineConfig, Sockets, qemu_command
 
 log = logging.getLogger(__name__)
 
 # Bump when what a snapshot holds changes without the inputs changing (e.g. new steps
 # before saving), so older snapshots are never resumed.
-FORMAT = b"sirl-snapshot-1"
+FORMAT = b"sirl-snapshot-2"  # 2: the store checks a manifest of the files
 STATE_FILE = "state"
 INFO_FILE = "info.json"
 # Stand-ins for the per-machine paths, which are no part of the migrated state.
@@ -57,6 +57,7 @@ class Snapshot:
 
     directory: Path
     info: SnapshotInfo
+    made: int = 0  # the directory's inode: a rebuild is a new directory (damage in place is not)
 
     @property
     def key(self) -> str:
@@ -75,20 +76,15 @@ class Snapshot:
             info = SnapshotInfo(str(data["delivery"]), str(data["release"]), float(data["boot_seconds"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        snapshot = cls(directory, info)
-        return snapshot if snapshot.state.is_file() else None
+        try:
+            if not (directory / STATE_FILE).is_file():
+                return None
+            return cls(directory, info, directory.stat().st_ino)
+        except OSError:
+            return None
 
 
 # --- the key -------------------------------------------------------------------------------
-
-
-def file_digest(path: Path) -> bytes:
-    """SHA-256 of the contents of *path*."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.digest()
 
 
 _qemu_ids: dict[tuple[str, int, int], str] = {}
@@ -166,6 +162,14 @@ def _discard(directory: Path) -> None:
     log.warning("guest snapshot %s is damaged: building it again", directory)
     with FileLock(str(directory) + ".lock", timeout=LOCK_TIMEOUT):
         if directory.is_dir() and Snapshot.read(directory) is None:
-            trash = Path(tempfile.mkdtemp(prefix=directory.name + ".damaged.", dir=directory.parent))
-            os.rename(directory, trash / directory.name)
-            shutil.rmtree(trash, ignore_errors=True)
+            discard(directory)
+
+
+def discard_unloadable(snapshot: Snapshot) -> None:
+    """Remove *snapshot*, whose state QEMU could not load, so that the next
+    `load_or_build` builds it again; a rebuild another process made meanwhile stays."""
+    directory = snapshot.directory
+    with FileLock(str(directory) + ".lock", timeout=LOCK_TIMEOUT):
+        current = Snapshot.read(directory) if directory.is_dir() else None
+        if current is not None and current.made == snapshot.made:
+            discard(directory)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -117,3 +118,34 @@ def test_multiline_command_is_refused(serve: Callable[[Reply], GuestConsole]) ->
 
 def test_clean_output() -> None:
     assert clean_output("a\r\r\n[    1.000000] msg\r\nb") == "a\nb"
+
+
+def test_ready_seen_when_it_is_the_very_first_byte(tmp_path: Path) -> None:
+    # With `quiet`, the agent's READY line can be the first thing the guest prints.
+    console, server = _silent_console(tmp_path)
+    conn = server.accept()[0]
+    conn.sendall(b"SIRL{READY:initramfs:6.1.0}\r\n")
+    try:
+        assert console.wait_ready(5, silence=2) == "initramfs"
+    finally:
+        conn.close(), console.close(), server.close()
+
+
+def test_a_guest_that_prints_nothing_is_reported_after_the_silence_bound(tmp_path: Path) -> None:
+    console, server = _silent_console(tmp_path)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ConsoleError, match=r"printed nothing at all on its console within 1 s.*--accel=tcg"):
+            console.wait_ready(60, silence=1)
+        assert time.monotonic() - start < 5
+    finally:
+        console.close(), server.close()
+
+
+def _silent_console(tmp_path: Path) -> tuple[GuestConsole, socket.socket]:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "quiet.sock"))
+    server.listen(1)
+    console = GuestConsole(tmp_path / "quiet.sock")
+    console.connect()
+    return console, server

@@ -351,5 +351,5 @@ def test_boot_args_marker_gives_a_test_guests_of_its_own(pytester: pytest.Pytest
     pytester.makepyfile(test_inner=BOOT_ARGS)
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=2, errors=2)
-    result.stdout.re_match_lines([r".*boot_args\('quiet kaslr'\): boot arguments: kaslr moves the kernel.*",
+    result.stdout.re_match_lines([r".*boot_args\('quiet kaslr'\): boot arguments: kaslr: guests boot with nokaslr.*",
                                   r".*@pytest.mark.boot_args takes one string of kernel arguments.*"])

@@ -32,6 +32,10 @@ def make_bzimage(path: Path, version: str = VERSION) -> Path:
     data[0x202:0x206] = b"HdrS"
     struct.pack_into("<H", data, 0x206, 0x020F)
     struct.pack_into("<H", data, 0x20E, 0x3000 - 0x200)
+    # setup_sects 0 (= 4): the kernel starts at 0xA00 and fills the file; its gzip payload at 0xB00.
+    struct.pack_into("<I", data, 0x1F4, (len(data) - 0xA00) // 16)
+    struct.pack_into("<II", data, 0x248, 0x100, 0x400)
+    data[0xB00:0xB02] = b"\x1f\x8b"
     encoded = version.encode() + b"\0"
     data[0x3000 : 0x3000 + len(encoded)] = encoded
     path.write_bytes(bytes(data))
@@ -62,6 +66,42 @@ def fake_build(tmp_path: Path) -> tuple[Path, Path]:
 
 
 # --- BzImage ---------------------------------------------------------------------------------
+
+
+def test_a_truncated_bzimage_names_the_sizes_and_the_fix(tmp_path: Path) -> None:
+    path = make_bzimage(tmp_path / "bzImage")
+    path.write_bytes(path.read_bytes()[:0x3800])
+    with pytest.raises(ConfigError, match=r"bzImage is truncated: 14336 bytes, its setup header says 16384.*copy"):
+        BzImage.read(path)
+
+
+def test_a_bzimage_whose_payload_is_not_compressed_data_is_rejected(tmp_path: Path) -> None:
+    path = make_bzimage(tmp_path / "bzImage")
+    data = bytearray(path.read_bytes())
+    data[0xB00:0xB02] = b"\0\0"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="compressed kernel at offset 2816 starts with 00 00.*not a gzip"):
+        BzImage.read(path)
+
+
+def test_a_bzimage_whose_payload_runs_past_its_end_is_rejected(tmp_path: Path) -> None:
+    path = make_bzimage(tmp_path / "bzImage")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 0x24C, 0x4000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="does not fit in the file"):
+        BzImage.read(path)
+
+
+def test_an_unreadable_bzimage_says_how_to_fix_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make_bzimage(tmp_path / "bzImage")
+
+    def denied(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", denied)  # chmod 000 does not stop root, who runs CI
+    with pytest.raises(ConfigError, match=r"permission denied: make it readable \(chmod a\+r .*bzImage\)"):
+        BzImage.read(path)
 
 
 def test_bzimage_version_is_read_from_the_setup_header(tmp_path: Path) -> None:
@@ -263,8 +303,9 @@ def test_a_complete_debian_build_is_reused_at_once(tmp_path: Path, monkeypatch: 
     build = KernelBuild(cache=tmp_path, on_output=output.append)
     assert reference_kernel(tmp_path) is None
     build.directory.mkdir(parents=True)
-    for name in ("bzImage", "vmlinux", "complete"):
+    for name in ("bzImage", "vmlinux"):
         (build.directory / name).write_text("")
+    (build.directory / "complete").write_text("{}\n")  # a record from before artifacts were recorded
     assert build.build() == tmp_path / "kernels" / build.key / "bzImage"
     assert output == []
     assert reference_kernel(tmp_path) == build.bzimage
@@ -469,3 +510,10 @@ def test_reference_stripped_vmlinux_is_rejected(reference: Kernel, tmp_path: Pat
     subprocess.run(["strip", "--strip-all", "-o", str(stripped), str(reference.vmlinux.path)], check=True)
     with pytest.raises(ConfigError, match=r"without symbols \(stripped\?\)"):
         Kernel.load(reference.bzimage.path, stripped)
+
+
+def test_reference_bzimage_truncated_to_100k_is_rejected(reference: Kernel, tmp_path: Path) -> None:
+    truncated = tmp_path / "bzImage"
+    truncated.write_bytes(reference.bzimage.path.read_bytes()[:100_000])
+    with pytest.raises(ConfigError, match=r"bzImage is truncated: 100000 bytes, its setup header says \d+"):
+        Kernel.load(truncated, reference.vmlinux.path)

@@ -72,6 +72,34 @@ def test_missing_qemu_and_gdb(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+@pytest.mark.parametrize("option, says", [
+    ("--qemu=/bin/false", "/bin/false is not a QEMU system emulator"),
+    ("--gdb=/bin/false", "/bin/false is not a GDB that speaks MI 3"),
+    ('--boot-args=foo="bar quiet', "unbalanced double quote"),
+])
+def test_impostor_programs_and_bad_boot_args(pytester: pytest.Pytester, option: str, says: str,
+                                              workers: list[str]) -> None:
+    err = _usage_error(pytester, f"--kernel={_reference_or_skip()}", option, *workers)
+    assert says in err
+
+
+@pytest.mark.integration
+def test_a_truncated_bzimage_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    kernel = _reference_or_skip()
+    (pytester.path / "bzImage").write_bytes(kernel.read_bytes()[:100_000])
+    err = _usage_error(pytester, "--kernel=bzImage", f"--vmlinux={kernel.parent / 'vmlinux'}")
+    assert "bzImage is truncated: 100000 bytes" in err
+
+
+@pytest.mark.integration
+def test_a_bad_ini_value_names_the_ini_file(pytester: pytest.Pytester) -> None:
+    pytester.makeini(f"[pytest]\nsyscall_irl_kernel = {_reference_or_skip()}\nsyscall_irl_gdb = /bin/false\n")
+    err = _usage_error(pytester)
+    assert f"syscall_irl_gdb = /bin/false in {pytester.path / 'tox.ini'}" in err
+
+
+@pytest.mark.integration
 def test_vmlinux_of_another_build_is_rejected(pytester: pytest.Pytester) -> None:
     kernel = _reference_or_skip()
     _fake_bzimage(pytester.path / "bzImage", "6.1.0 (someone@elsewhere) #7 SMP Tue Jan 1 00:00:00 UTC 2030")

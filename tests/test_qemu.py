@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,43 @@ def test_shutdown_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     machine.shutdown()  # idempotent
+
+
+LEAVER = """
+import sys, time
+from pytest_syscall_irl.qemu import private_socket_dir
+print(private_socket_dir(), flush=True)
+if sys.argv[1] == "exit":
+    sys.stdin.readline()
+    sys.exit(0)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how, status", [("exit", 0), ("sigterm", -signal.SIGTERM)])
+def test_socket_dirs_are_removed_when_their_process_leaves(how: str, status: int) -> None:
+    # A machine's shutdown removes its own; this is for those whose shutdown never ran.
+    child = subprocess.Popen([sys.executable, "-c", LEAVER, how], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout is not None and child.stdin is not None
+    directory = Path(child.stdout.readline().strip())
+    assert directory.is_dir()
+    if how == "sigterm":
+        child.send_signal(signal.SIGTERM)
+    child.stdin.close()  # "exit" leaves now
+    assert child.wait(10) == status  # SIGTERM still ends it by SIGTERM
+    assert not directory.exists()
+
+
+def test_socket_dirs_of_zombie_owners_are_swept(tmp_path: Path) -> None:
+    # A killed owner nobody has reaped yet still answers kill(pid, 0), but will never clean up.
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stale = tmp_path / f"sirl-{child.pid}-abc"
+    stale.mkdir()
+    sweep_socket_dirs(tmp_path)
+    assert not stale.exists()
+    child.wait()

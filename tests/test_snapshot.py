@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pytest_syscall_irl import procs
-from pytest_syscall_irl.errors import QemuError
+from pytest_syscall_irl.errors import QemuError, SyscallIrlWarning
 from pytest_syscall_irl.gdbmi import GdbSession
 from pytest_syscall_irl.guest import Guest, Lab, LabSettings, gnu_build_id, warm_gdb_index
 from pytest_syscall_irl.kernel import Kernel
@@ -157,7 +157,8 @@ def test_a_damaged_snapshot_is_built_again(tmp_path: Path) -> None:
     snapshot = load_or_build(tmp_path, "k1", _builder(calls))
     snapshot.state.unlink()
     assert Snapshot.read(snapshot.directory) is None
-    again = load_or_build(tmp_path, "k1", _builder(calls))
+    with pytest.warns(SyscallIrlWarning, match=r"snapshots/k1 is damaged \(state is missing\): building it again"):
+        again = load_or_build(tmp_path, "k1", _builder(calls))
     assert len(calls) == 2 and again.state.is_file()
 
 
@@ -388,5 +389,57 @@ def test_warm_gdb_index_is_idempotent(lab: Lab, reference: Kernel, tmp_path: Pat
     build_id = gnu_build_id(reference.vmlinux.path)
     assert build_id is not None and len(build_id) == 40
     assert warm_gdb_index(settings) is True
-    assert [p.name for p in settings.gdb_index_cache.iterdir()] == [f"{build_id}.gdb-index"]
+    assert sorted(p.name for p in settings.gdb_index_cache.iterdir()) == [f"{build_id}.gdb-index",
+                                                                          f"{build_id}.sirl-manifest"]
     assert warm_gdb_index(settings) is False
+
+
+@pytest.mark.integration
+def test_a_damaged_gdb_index_is_built_again(lab: Lab, reference: Kernel, tmp_path: Path) -> None:
+    settings = dataclasses.replace(lab.settings, cache=tmp_path)
+    warm_gdb_index(settings)
+    [index] = settings.gdb_index_cache.glob("*.gdb-index")
+    made = index.stat().st_size
+    index.write_bytes(index.read_bytes()[: made // 2])
+    with pytest.warns(SyscallIrlWarning, match=r"GDB index cache of .* is damaged \(.*gdb-index has \d+ bytes"):
+        assert warm_gdb_index(settings) is True
+    assert index.stat().st_size == made and warm_gdb_index(settings) is False
+
+
+def _unloadable(snapshot: Snapshot) -> None:
+    """Replace the state with one QEMU cannot load, its manifest made to match."""
+    from pytest_syscall_irl.integrity import seal_directory
+
+    snapshot.state.write_bytes(b"QEVM" + b"\0" * 4096)
+    seal_directory(snapshot.directory)
+
+
+@pytest.mark.integration
+def test_a_snapshot_qemu_cannot_load_is_built_again_once(reference: Kernel, tmp_path: Path) -> None:
+    lab = Lab(_settings(reference, tmp_path / "cache"), tmp_path / "logs")
+    _unloadable(lab.snapshot())
+    with pytest.warns(SyscallIrlWarning, match="QEMU could not load the guest snapshot .*: building it again"):
+        guest = lab.boot()
+    try:
+        assert guest.restored and guest.run("echo rebuilt").output == "rebuilt\n"
+    finally:
+        guest.shutdown()
+
+
+@pytest.mark.integration
+def test_a_rebuilt_snapshot_that_fails_too_names_no_snapshots(
+        reference: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab = Lab(_settings(reference, tmp_path / "cache"), tmp_path / "logs")
+    _unloadable(lab.snapshot())
+    build = Lab._save_ready_guest
+
+    def build_unloadable(self: Lab, key: str, state: Path, boot_args: str) -> SnapshotInfo:
+        info = build(self, key, state, boot_args)
+        state.write_bytes(b"QEVM" + b"\0" * 4096)
+        return info
+
+    monkeypatch.setattr(Lab, "_save_ready_guest", build_unloadable)
+    with pytest.warns(SyscallIrlWarning), pytest.raises(QemuError) as caught:
+        lab.boot()
+    assert "even after it was built again: cold-boot every guest with --no-snapshots" in str(caught.value)
+    assert str(snapshot_dir(tmp_path / "cache", lab.snapshot_key())) in str(caught.value)
