@@ -49,6 +49,7 @@ DEFAULT_TIMEOUT = 10.0  # one ordinary command
 LOAD_TIMEOUT = 120.0  # reading a vmlinux's DWARF cold (a distro one takes ~13 s here)
 STOP_TIMEOUT = 60.0  # waiting for the guest to hit a breakpoint
 CLOSE_TIMEOUT = 2.0
+INTERRUPT_RETRY = 1.0  # an interrupt not answered by a stop this soon is sent again
 
 State = Literal["running", "stopped", "detached"]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -466,10 +467,21 @@ class GdbSession:
         return self.wait_for_stop(timeout)
 
     def interrupt(self, timeout: float = DEFAULT_TIMEOUT) -> StopEvent:
-        """Stop a running target (``-exec-interrupt``) and return the stop."""
-        if self.state == "running":
+        """Stop a running target (``-exec-interrupt``) and return the stop.
+
+        An interrupt can be lost: GDB 13 answers ^done, but when it arrives while GDB has
+        the target stopped to test a breakpoint condition that turns out false, GDB
+        resumes it and no stop follows (seen with a condition hit often, against QEMU
+        7.2). So an interrupt with no stop after INTERRUPT_RETRY seconds is sent again."""
+        deadline = time.monotonic() + timeout
+        while self.state == "running":
             self.command("-exec-interrupt", timeout)
-            return self.wait_for_stop(timeout)
+            try:
+                return self.wait_for_stop(min(INTERRUPT_RETRY, max(deadline - time.monotonic(), 0.0)))
+            except GdbTimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("an interrupt brought no stop within %.1f s: sending it again", INTERRUPT_RETRY)
         try:  # it may have stopped on its own just now
             return self.wait_for_stop(0.0)
         except GdbTimeoutError:

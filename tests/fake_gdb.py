@@ -15,6 +15,8 @@ the token. What it does that the unit tests rely on:
   exists; ``-fake-die CODE`` exits without answering;
   ``-fake-stderr TEXT`` writes TEXT to stderr.
 - FAKE_GDB_HANG=1: ignore SIGTERM and never answer ``-gdb-exit`` (a wedged GDB).
+- FAKE_GDB_LOSE_INTERRUPTS=N: answer the first N ``-exec-interrupt`` with ``^done`` and no
+  stop, as GDB 13 does when one arrives while it tests a breakpoint condition.
 - FAKE_GDB_ARGV=FILE: write the command line there (one argument per line).
 """
 
@@ -137,6 +139,10 @@ class FakeGdb:
 
     def do_exec_interrupt(self, token: str, args: list[str], raw: str) -> None:
         self.out(f"{token}^done")
+        lose = int(os.environ.get("FAKE_GDB_LOSE_INTERRUPTS", "0"))
+        if lose > 0:
+            os.environ["FAKE_GDB_LOSE_INTERRUPTS"] = str(lose - 1)
+            return
         if self.running:
             self.running = False
             self.out(

@@ -475,3 +475,12 @@ def test_transcript_tails_cut_long_lines_and_the_file_keeps_them(gdb: GdbSession
     assert max(len(line) for line in tail_text.splitlines()) < 500
     assert "more characters in the transcript file" in tail_text
     assert long in transcript.read_text()
+
+
+def test_a_lost_interrupt_is_sent_again(fake_gdb: str, transcript: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_GDB_LOSE_INTERRUPTS", "1")
+    with GdbSession("vmlinux", gdb=fake_gdb, transcript_path=transcript) as session:
+        session.resume()
+        stop = session.interrupt(timeout=5)
+        assert stop.reason == "signal-received" and session.state == "stopped"
+    assert sum(line.endswith("-exec-interrupt") for line in lines_of(transcript)) == 2
