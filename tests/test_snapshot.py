@@ -433,8 +433,8 @@ def test_a_rebuilt_snapshot_that_fails_too_names_no_snapshots(
     _unloadable(lab.snapshot())
     build = Lab._save_ready_guest
 
-    def build_unloadable(self: Lab, key: str, state: Path, boot_args: str) -> SnapshotInfo:
-        info = build(self, key, state, boot_args)
+    def build_unloadable(self: Lab, key: str, state: Path, boot_args: str, cpu: str | None) -> SnapshotInfo:
+        info = build(self, key, state, boot_args, cpu)
         state.write_bytes(b"QEVM" + b"\0" * 4096)
         return info
 
