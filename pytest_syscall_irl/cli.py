@@ -36,6 +36,7 @@ def _kernel_build(args: argparse.Namespace) -> int:
     build = kernel_build.KernelBuild(
         args.tree,
         args.config,
+        debian=args.debian,
         jobs=args.jobs,
         on_stage=None if quiet else (lambda message: _progress(f"==> {message}")),
         on_output=None if quiet else _progress,
@@ -45,7 +46,8 @@ def _kernel_build(args: argparse.Namespace) -> int:
 
 
 def _kernel_path(args: argparse.Namespace) -> int:
-    path = kernel_build.reference_kernel()
+    build = kernel_build.KernelBuild(fragment=args.config, debian=args.debian)
+    path = build.bzimage if build.is_complete() else None
     if path is None:
         print(
             f"syscall-irl: no reference kernel in {kernel_build.cache_dir() / 'kernels'}: "
@@ -57,6 +59,15 @@ def _kernel_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FRAGMENT", action="append",
+                        help="config fragment merged over tinyconfig; repeat to merge several in order, e.g. "
+                             "--config guest/kernel.config --config guest/fred.config (default: guest/kernel.config)")
+    parser.add_argument("--debian", metavar="VERSION", default=kernel_build.REFERENCE_SOURCE,
+                        help="without --tree: build Debian's /usr/src/linux-source-VERSION.tar.xz "
+                             f"(default: {kernel_build.REFERENCE_SOURCE}, the reference kernel)")
+
+
 def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `kernel build` and `kernel path`."""
     group = subparsers.add_parser("kernel", help="build or locate the reference kernel")
@@ -66,15 +77,16 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         help="build a kernel into the cache (tinyconfig + fragment); prints the bzImage path",
     )
     build.add_argument("--tree", metavar="DIR",
-                       help="kernel source tree (default: Debian's /usr/src/linux-source-6.1.tar.xz)")
-    build.add_argument("--config", metavar="FRAGMENT",
-                       help="config fragment merged over tinyconfig (default: guest/kernel.config)")
+                       help="kernel source tree (default: Debian's linux-source tarball, see --debian)")
+    _add_source_arguments(build)
     build.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                        help="parallel make jobs (default: the number of CPUs)")
     build.add_argument("--quiet", "-q", action="store_true",
                        help="print only the bzImage path, not the stages and make output")
     build.set_defaults(func=_kernel_build)
-    path = commands.add_parser("path", help="print the cached reference bzImage (exit 1 if none)")
+    path = commands.add_parser("path", help="print the cached reference bzImage, or the build of the given "
+                               "--debian/--config (exit 1 if none)")
+    _add_source_arguments(path)
     path.set_defaults(func=_kernel_path)
 
 

@@ -118,6 +118,21 @@ def decode_pt_regs(data: bytes, offsets: Mapping[str, int] = PT_REGS_OFFSETS) ->
     return {name: int.from_bytes(data[off:off + 8], "little") for name, off in offsets.items()}
 
 
+# The init task's stack, THREAD_SIZE bytes from its start symbol to its end symbol
+# (INIT_TASK_DATA in include/asm-generic/vmlinux.lds.h): __start_init_task/__end_init_task
+# in 6.1, renamed __start_init_stack/__end_init_stack later (so in 6.12).
+INIT_STACK_BOUNDS = (("__start_init_stack", "__end_init_stack"), ("__start_init_task", "__end_init_task"))
+
+
+def thread_size(symbols: Mapping[str, int]) -> int:
+    """THREAD_SIZE (a task's kernel stack size) from the bounds of the init task's stack
+    in the kernel's symbol table (name -> address); KeyError if it has neither pair."""
+    for start, end in INIT_STACK_BOUNDS:
+        if start in symbols and end in symbols:
+            return symbols[end] - symbols[start]
+    raise KeyError(f"the symbol table has none of the init stack bounds {INIT_STACK_BOUNDS}")
+
+
 def top_of_stack_padding(fred: bool) -> int:
     """Bytes between pt_regs and the top of a task's kernel stack
     (TOP_OF_KERNEL_STACK_PADDING, arch/x86/include/asm/thread_info.h): 0 on x86_64, 16
