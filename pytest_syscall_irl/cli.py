@@ -68,6 +68,25 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: {kernel_build.REFERENCE_SOURCE}, the reference kernel)")
 
 
+def _kernel_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .kernel import Kernel
+    from .kernel_check import check, lacking
+    from .modules import guest_modules
+
+    kernel = Kernel.load(args.kernel, args.vmlinux)
+    modules = guest_modules(kernel.release, Path(args.modules) if args.modules else None)
+    findings = check(kernel, modules)
+    print(f"kernel {kernel.release}: {kernel.bzimage.path} + {kernel.vmlinux.path}; modules: {modules}")
+    for finding in findings:
+        print(finding)
+    missing = lacking(findings)
+    print(f"{len(missing)} of {len(findings)} features lacking" + (": the suite cannot run on this kernel"
+                                                                   if any(f.fatal for f in missing) else ""))
+    return 1 if any(finding.fatal for finding in missing) else 0
+
+
 def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `kernel build` and `kernel path`."""
     group = subparsers.add_parser("kernel", help="build or locate the reference kernel")
@@ -88,6 +107,13 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
                                "--debian/--config (exit 1 if none)")
     _add_source_arguments(path)
     path.set_defaults(func=_kernel_path)
+    check = commands.add_parser("check", help="list what a kernel lacks for which tests (exit 1 if it cannot "
+                                "run the suite at all)")
+    check.add_argument("--kernel", required=True, metavar="BZIMAGE", help="the bzImage to check")
+    check.add_argument("--vmlinux", metavar="PATH", help="its vmlinux (default: found beside it)")
+    check.add_argument("--modules", metavar="DIR", help="its module directory, or 'none' "
+                       "(default: /lib/modules/<release> if it exists)")
+    check.set_defaults(func=_kernel_check)
 
 
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [

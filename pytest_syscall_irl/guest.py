@@ -10,7 +10,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +24,7 @@ from .gdbmi import GdbSession
 from .errors import ConfigError, ConsoleError, ImageError, SyscallIrlError
 from .image import GuestImage, Payload, build_guest_image
 from .kernel import Kernel
+from .modules import GuestModules
 from .qemu import DEFAULT_APPEND, MachineConfig, QemuMachine, kvm_probe
 from .snapshot import Snapshot, SnapshotInfo, load_or_build, qemu_identity, snapshot_key
 
@@ -47,6 +48,21 @@ class LabSettings:
     boot_args: str
     cache: Path
     snapshots: bool = True  # start guests from a saved ready state (see snapshot.py)
+    modules: GuestModules = GuestModules()  # inserted by the guest's init (drivers built as modules)
+
+    @property
+    def payloads_on_iso(self) -> bool:
+        """True if the guest can mount the payload ISO: its drivers are built in or among the modules."""
+        return self.kernel.payloads_on_iso or self.modules.covers(self.kernel.missing_for_iso)
+
+    def describe(self) -> dict[str, str]:
+        """What a report says of this kernel under test and the options it runs with."""
+        kernel = self.kernel
+        return {"release": kernel.release, "bzImage": str(kernel.bzimage.path),
+                "vmlinux": f"{kernel.vmlinux.path} ({'DWARF' if kernel.dwarf else 'no DWARF'})",
+                "modules": str(self.modules),
+                "payloads": "ISO9660 image" if self.payloads_on_iso else "initramfs (kernel cannot mount the ISO)",
+                "boot_args": self.boot_args, "accel": self.accel, "snapshots": "on" if self.snapshots else "off"}
 
     @property
     def gdb_index_cache(self) -> Path:
@@ -136,6 +152,18 @@ class Guest:
         self.machine.shutdown()
 
 
+def kernel_ids(settings: Sequence[LabSettings]) -> list[str]:
+    """One test id per kernel under test: its release, numbered @1, @2... where two
+    kernels share one (a patched kernel and its base)."""
+    releases = [one.kernel.release for one in settings]
+    seen: dict[str, int] = {}
+    ids = []
+    for release in releases:
+        seen[release] = seen.get(release, 0) + 1
+        ids.append(release if releases.count(release) == 1 else f"{release}@{seen[release]}")
+    return ids
+
+
 def check_boot_args(boot_args: str) -> None:
     """ConfigError for kernel arguments the lab cannot honour."""
     if "kaslr" in boot_args.replace("nokaslr", "").split():
@@ -193,7 +221,8 @@ class Lab:
     def image(self) -> GuestImage:
         """The guest image for this kernel (built once, cached by content)."""
         if self._image is None:
-            self._image = build_guest_image(self.settings.cache, payloads_on_iso=self.kernel.payloads_on_iso)
+            self._image = build_guest_image(self.settings.cache, payloads_on_iso=self.settings.payloads_on_iso,
+                                            modules=self.settings.modules)
         return self._image
 
     @property

@@ -71,6 +71,9 @@ def expected_fmask(version: tuple[int, int, int]) -> int:
 PTI_USER_PGTABLE_BIT = 1 << 12
 PTI_USER_PCID_BIT = 1 << 11
 CR4_PCIDE = 1 << 17  # Intel SDM vol. 3, 2.5
+# CR4.FRED: set by a kernel that enabled flexible return and event delivery (Intel FRED
+# specification, 2.1); then SYSCALL enters through the FRED entry point, not MSR_LSTAR.
+CR4_FRED = 1 << 32
 
 
 def pti_kernel_cr3(user_cr3: int, cr4: int) -> int:
