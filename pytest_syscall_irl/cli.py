@@ -37,6 +37,7 @@ def _kernel_build(args: argparse.Namespace) -> int:
         args.tree,
         args.config,
         debian=args.debian,
+        base=args.base,
         jobs=args.jobs,
         on_stage=None if quiet else (lambda message: _progress(f"==> {message}")),
         on_output=None if quiet else _progress,
@@ -46,7 +47,7 @@ def _kernel_build(args: argparse.Namespace) -> int:
 
 
 def _kernel_path(args: argparse.Namespace) -> int:
-    build = kernel_build.KernelBuild(fragment=args.config, debian=args.debian)
+    build = kernel_build.KernelBuild(fragment=args.config, debian=args.debian, base=args.base)
     path = build.bzimage if build.is_complete() else None
     if path is None:
         print(
@@ -87,6 +88,14 @@ def _kernel_check(args: argparse.Namespace) -> int:
     return 1 if any(finding.fatal for finding in missing) else 0
 
 
+def _add_base_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", metavar="tinyconfig|defconfig|FILE", default="tinyconfig",
+                        help="the config the fragments merge over: `make tinyconfig` (default, with "
+                             "guest/kernel.config), `make defconfig` or a saved .config such as the tree's own or "
+                             "/boot/config-<release> (with guest/suite-needs.config: only what the suite needs); "
+                             "the options the merge changed are printed")
+
+
 def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `kernel build` and `kernel path`."""
     group = subparsers.add_parser("kernel", help="build or locate the reference kernel")
@@ -98,6 +107,7 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     build.add_argument("--tree", metavar="DIR",
                        help="kernel source tree (default: Debian's linux-source tarball, see --debian)")
     _add_source_arguments(build)
+    _add_base_argument(build)
     build.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                        help="parallel make jobs (default: the number of CPUs)")
     build.add_argument("--quiet", "-q", action="store_true",
@@ -106,6 +116,7 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     path = commands.add_parser("path", help="print the cached reference bzImage, or the build of the given "
                                "--debian/--config (exit 1 if none)")
     _add_source_arguments(path)
+    _add_base_argument(path)
     path.set_defaults(func=_kernel_path)
     check = commands.add_parser("check", help="list what a kernel lacks for which tests (exit 1 if it cannot "
                                 "run the suite at all)")

@@ -38,6 +38,7 @@ DEBIAN_PACKAGE = f"linux-source-{REFERENCE_SOURCE}"
 # Options the fragment names that later kernels renamed (old -> new): a fragment is
 # translated for a tree whose Kconfig has only the new name. The x86 mitigation options
 # took a MITIGATION_ prefix upstream (6.12 has only MITIGATION_PAGE_TABLE_ISOLATION).
+BASE_TARGETS = ("tinyconfig", "defconfig")
 RENAMED_OPTIONS = {"CONFIG_PAGE_TABLE_ISOLATION": "CONFIG_MITIGATION_PAGE_TABLE_ISOLATION"}
 BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc",
                "cpio": "cpio", "xz": "xz-utils", "tar": "tar"}
@@ -57,6 +58,11 @@ def cache_dir() -> Path:
 def default_fragment() -> Path:
     """The reference config fragment shipped in the repository (guest/kernel.config)."""
     return Path(__file__).resolve().parent.parent / "guest" / "kernel.config"
+
+
+def needs_fragment() -> Path:
+    """What the suite needs on top of a full config (defconfig, a distribution's): guest/suite-needs.config."""
+    return default_fragment().with_name("suite-needs.config")
 
 
 def fred_fragment() -> Path:
@@ -145,6 +151,13 @@ def dropped_options(fragment_text: str, config_text: str) -> list[str]:
     ]
 
 
+def added_options(fragment_text: str, before: str, after: str) -> list[str]:
+    """The fragment's options whose value the merge changed: "CONFIG_X86_MSR=y (was m)"."""
+    old, new = parse_config(before), parse_config(after)
+    return [f"{name}={new.get(name, 'n')} (was {'not set' if old.get(name, 'n') == 'n' else old[name]})"
+            for name in parse_config(fragment_text) if old.get(name, "n") != new.get(name, "n")]
+
+
 def missing_build_deps() -> list[str]:
     """Debian packages whose tools or headers a kernel build needs and this machine lacks."""
     missing = [pkg for tool, pkg in BUILD_TOOLS.items() if shutil.which(tool) is None]
@@ -188,14 +201,20 @@ class KernelBuild:
         fragment: StrPath | Sequence[StrPath] | None = None,
         *,
         debian: str = REFERENCE_SOURCE,
+        base: str = "tinyconfig",
         jobs: int | None = None,
         cache: Path | None = None,
         on_stage: Progress | None = None,
         on_output: Progress | None = None,
     ) -> None:
         self.tree = Path(tree) if tree is not None else None
+        # The config the fragments merge over: a make target, or a saved .config file.
+        self.base = base
+        if base not in BASE_TARGETS and not Path(base).is_file():
+            raise ConfigError(f"config base {base!r} is neither {' nor '.join(BASE_TARGETS)} nor a .config file")
         if fragment is None or isinstance(fragment, (str, os.PathLike)):
-            fragment = [fragment if fragment is not None else default_fragment()]
+            full = base != "tinyconfig"  # a full config lacks only what the suite needs
+            fragment = [fragment if fragment is not None else needs_fragment() if full else default_fragment()]
         self.fragments = [Path(f) for f in fragment]
         self.fragment = self.fragments[0]
         self.package = f"linux-source-{debian}"  # used when no tree is given
@@ -233,8 +252,11 @@ class KernelBuild:
 
     @cached_property
     def key(self) -> str:
-        """The cache key (see build_key)."""
-        return build_key(self.source_identity, self.fragment_text, compiler_id())
+        """The cache key (see build_key); a base other than tinyconfig counts as fragment text."""
+        if self.base == "tinyconfig":
+            return build_key(self.source_identity, self.fragment_text, compiler_id())
+        base = self.base if self.base in BASE_TARGETS else Path(self.base).read_text()
+        return build_key(self.source_identity, f"base={base}\0{self.fragment_text}", compiler_id())
 
     @property
     def directory(self) -> Path:
@@ -292,8 +314,13 @@ class KernelBuild:
         obj = self.directory / "obj"
         obj.mkdir(exist_ok=True)
         names = " + ".join(str(f) for f in self.fragments)
-        self._stage(f"configuring {source} (tinyconfig + {names})")
-        self._run(build_log, self._make(source, "tinyconfig"))
+        self._stage(f"configuring {source} ({self.base} + {names})")
+        if self.base in BASE_TARGETS:
+            self._run(build_log, self._make(source, self.base))
+        else:
+            shutil.copyfile(self.base, obj / ".config")
+            self._run(build_log, self._make(source, "olddefconfig"))
+        before = (obj / ".config").read_text()
         wanted = translate_fragment(self.fragment_text,
                                     kconfig_defines(source, [*RENAMED_OPTIONS, *RENAMED_OPTIONS.values()]))
         merged = obj / "fragment.config"
@@ -301,7 +328,10 @@ class KernelBuild:
         merge = ["scripts/kconfig/merge_config.sh", "-m", "-O", str(obj), str(obj / ".config"), str(merged)]
         self._run(build_log, merge, cwd=source)
         self._run(build_log, self._make(source, "olddefconfig"))
-        dropped = dropped_options(wanted, (obj / ".config").read_text())
+        after = (obj / ".config").read_text()
+        for change in added_options(wanted, before, after):
+            self._stage(f"added {change}")
+        dropped = dropped_options(wanted, after)
         if dropped:
             raise KernelError(
                 f"options of {names} did not survive `make olddefconfig` (a dependency is "

@@ -501,3 +501,21 @@ def test_renamed_options_are_translated_for_trees_that_only_know_the_new_name(tm
         "CONFIG_CPU_MITIGATIONS=y\nCONFIG_MITIGATION_PAGE_TABLE_ISOLATION=y\n")
     # A tree with the old name (6.1) keeps the fragment as written.
     assert kernel_build.translate_fragment(fragment, {"CONFIG_PAGE_TABLE_ISOLATION"}) == fragment
+
+
+def test_added_options_name_what_the_merge_changed() -> None:
+    fragment = "CONFIG_X86_MSR=y\nCONFIG_SERIAL_8250=y\nCONFIG_DEBUG_INFO_DWARF5=y\n"
+    before = "CONFIG_X86_MSR=m\nCONFIG_SERIAL_8250=y\n# CONFIG_DEBUG_INFO_DWARF5 is not set\n"
+    after = "CONFIG_X86_MSR=y\nCONFIG_SERIAL_8250=y\nCONFIG_DEBUG_INFO_DWARF5=y\n"
+    assert kernel_build.added_options(fragment, before, after) == [
+        "CONFIG_X86_MSR=y (was m)", "CONFIG_DEBUG_INFO_DWARF5=y (was not set)"]
+
+
+def test_a_full_base_merges_only_what_the_suite_needs(tmp_path: Path) -> None:
+    saved = tmp_path / "saved.config"
+    saved.write_text("CONFIG_64BIT=y\n")
+    assert KernelBuild(base="defconfig").fragments == [kernel_build.needs_fragment()]
+    assert KernelBuild(base=str(saved)).fragments == [kernel_build.needs_fragment()]
+    assert KernelBuild().fragments == [kernel_build.default_fragment()]
+    with pytest.raises(ConfigError, match="neither tinyconfig nor defconfig nor a .config file"):
+        KernelBuild(base="allnoconfig")
