@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
@@ -162,6 +163,37 @@ def kernel_ids(settings: Sequence[LabSettings]) -> list[str]:
         seen[release] = seen.get(release, 0) + 1
         ids.append(release if releases.count(release) == 1 else f"{release}@{seen[release]}")
     return ids
+
+
+def kernel_lines(settings: Sequence[LabSettings]) -> list[str]:
+    """What a report header says of each kernel under test (named by its id when there are several)."""
+    lines = []
+    for kernel_id, one in zip(kernel_ids(settings), settings):
+        about = one.describe()
+        name = f"kernel[{kernel_id}]" if len(settings) > 1 else "kernel"
+        lines += [f"{name} {about['release']} ({about['bzImage']})",
+                  f"{name} vmlinux {about['vmlinux']}; modules {about['modules']}; payloads via {about['payloads']}"]
+    return lines
+
+
+def kernel_properties(settings: Sequence[LabSettings]) -> list[tuple[str, str]]:
+    """Each kernel under test and its options as (name, value) pairs, for JUnit's testsuite properties."""
+    return [(f"syscall-irl kernel[{kernel_id}] {name}", value)
+            for kernel_id, one in zip(kernel_ids(settings), settings) for name, value in one.describe().items()]
+
+
+_T = TypeVar("_T")
+
+
+def pair_by_position(option: str, values: Sequence[_T], kernels: int) -> list[_T | None]:
+    """One value of *option* per kernel, by position: given once per kernel, once for all
+    of them, or not at all (None: each kernel's default)."""
+    if len(values) == 1:
+        return [values[0]] * kernels
+    if values and len(values) != kernels:
+        raise ConfigError(f"--{option} given {len(values)} times for {kernels} kernels: give one --{option} per "
+                          f"--kernel, in the same order, or none")
+    return [*values] if values else [None] * kernels
 
 
 def check_boot_args(boot_args: str) -> None:

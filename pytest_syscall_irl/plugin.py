@@ -95,18 +95,6 @@ def _paths(config: pytest.Config, name: str) -> list[Path]:
             for value in _values(config, name)]
 
 
-def _paired(config: pytest.Config, name: str, kernels: int) -> list[Path | None]:
-    """One value of option *name* per kernel, by position: given once per --kernel, once
-    for all of them, or not at all (None: the default)."""
-    paths: list[Path | None] = [*_paths(config, name)]
-    if len(paths) == 1:
-        return paths * kernels
-    if paths and len(paths) != kernels:
-        raise ConfigError(f"--{name} given {len(paths)} times for {kernels} kernels: give one --{name} per --kernel, "
-                          f"in the same order, or none")
-    return paths or [None] * kernels
-
-
 def _program(config: pytest.Config, name: str, default: str, package: str) -> str:
     value = _setting(config, name)[0] or default
     found = shutil.which(value)
@@ -119,14 +107,15 @@ def _program(config: pytest.Config, name: str, default: str, package: str) -> st
 def resolve_settings(config: pytest.Config) -> list[LabSettings]:
     """Turn the options into validated settings, one per kernel under test; ConfigError
     names the problem and the fix."""
-    from .guest import LabSettings, check_boot_args
+    from .guest import LabSettings, check_boot_args, pair_by_position
     from .modules import guest_modules
     bzimages: list[Path | None] = [*_paths(config, "kernel")] or [reference_kernel()]
     if None in bzimages:
         raise ConfigError(NO_KERNEL)
     if len(_values(config, "vmlinux")) == 1 and len(bzimages) > 1:
         raise ConfigError("one --vmlinux for several kernels: give one --vmlinux per --kernel, in the same order")
-    vmlinuxes, module_dirs = _paired(config, "vmlinux", len(bzimages)), _paired(config, "modules", len(bzimages))
+    vmlinuxes = pair_by_position("vmlinux", _paths(config, "vmlinux"), len(bzimages))
+    module_dirs = pair_by_position("modules", _paths(config, "modules"), len(bzimages))
     kernels = [Kernel.load(bzimage, vmlinux) for bzimage, vmlinux in zip(bzimages, vmlinuxes) if bzimage]
     accel = _setting(config, "accel")[0] or "auto"
     if accel not in ("auto", "kvm", "tcg"):
@@ -230,28 +219,20 @@ def _record_kernels(config: pytest.Config) -> None:
     settings = config.stash.get(SETTINGS_KEY, None)
     if xml is None or not settings:
         return
-    from .guest import kernel_ids
-    for kernel_id, one in zip(kernel_ids(settings), settings):
-        for name, value in one.describe().items():
-            xml.add_global_property(f"syscall-irl kernel[{kernel_id}] {name}", value)
+    from .guest import kernel_properties
+    for name, value in kernel_properties(settings):
+        xml.add_global_property(name, value)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
-    from .guest import decide_accel, kernel_ids
+    from .guest import decide_accel, kernel_lines
     if not _explicit(config) and reference_kernel() is None:
         return None
     every = _settings(config)
     settings = every[0]
     accel, why = decide_accel(settings)
-    lines = []
-    for kernel_id, one in zip(kernel_ids(every), every):
-        about = one.describe()
-        name = f"kernel[{kernel_id}]" if len(every) > 1 else "kernel"
-        lines += [f"syscall-irl: {name} {about['release']} ({about['bzImage']})",
-                  f"syscall-irl: {name} vmlinux {about['vmlinux']}; modules {about['modules']}; "
-                  f"payloads via {about['payloads']}"]
     return [
-        *lines,
+        *(f"syscall-irl: {line}" for line in kernel_lines(every)),
         f"syscall-irl: {_version_line(settings.qemu)}; {_version_line(settings.gdb)}",
         f"syscall-irl: accelerator {accel} ({why})",
         "syscall-irl: guests " + (f"restored from a saved ready guest ({settings.cache / 'snapshots'})"
