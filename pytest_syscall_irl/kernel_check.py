@@ -58,7 +58,9 @@ def check(kernel: Kernel, modules: GuestModules) -> list[Finding]:
         Finding("DWARF", kernel.dwarf, f"{kernel.vmlinux.path} has {'' if kernel.dwarf else 'no '}.debug_info",
                 "test_write_args.py::test_echo_writes_syscall_irl_to_fd_1 skips (the running task's pid and comm "
                 "need struct task_struct); traces use the x86_64 struct pt_regs layout without checking it against "
-                "DWARF; GDB unwinds the handler's backtrace from symbols alone (CONFIG_DEBUG_INFO_DWARF5)"),
+                "DWARF; GDB cannot unwind past do_syscall_64 without DWARF's call frame information (.debug_frame), so "
+                "test_dispatch.py::test_the_handler_runs_under_do_syscall_64_and_the_entry checks do_syscall_64 "
+                "and skips the entry_SYSCALL_64 frame (CONFIG_DEBUG_INFO_DWARF5)"),
         _symbol(kernel, "CONFIG_SERIAL_8250_CONSOLE", "univ8250_console_setup",
                 "no console on ttyS0: no guest can be driven", fatal=True),
         _symbol(kernel, "CONFIG_BLK_DEV_INITRD", "populate_rootfs", "no initramfs: the guest has no init", fatal=True),
