@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -212,12 +212,14 @@ class SuiteFailed(RuntimeError):
     pass
 
 
-def run_suite(workers: int, fresh: bool, basetemp: Path, rss_file: Path) -> float:
-    """Wall time of `pytest test_suites -n WORKERS` in a subprocess; SuiteFailed unless it
-    passes. Peak RSS lines go to *rss_file* (bench/peak_rss.py)."""
+def run_suite(workers: int, fresh: bool, basetemp: Path, rss_file: Path, options: Sequence[str] = (),
+              env_extra: Mapping[str, str] | None = None) -> float:
+    """Wall time of `pytest test_suites -n WORKERS [OPTIONS]` in a subprocess; SuiteFailed
+    unless it passes. Peak RSS lines go to *rss_file* (bench/peak_rss.py)."""
     command = [sys.executable, "-m", "pytest", "test_suites", "-n", str(workers), "-q", "-p", "no:cacheprovider",
-               f"--basetemp={basetemp}", "-p", "peak_rss", *(["-p", "fresh_guests"] if fresh else [])]
-    env = dict(os.environ, SIRL_BENCH_RSS_FILE=str(rss_file))
+               f"--basetemp={basetemp}", "-p", "peak_rss", *(["-p", "fresh_guests"] if fresh else []),
+               "-p", "first_result", *options]
+    env = dict(os.environ, SIRL_BENCH_RSS_FILE=str(rss_file), **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
     log = basetemp.parent / f"{basetemp.name}.log"
     start = time.perf_counter()

@@ -8,6 +8,8 @@
 - the conformance suite (`pytest test_suites`, a subprocess): -n 1 vs -n 2, and a shared
   guest per worker vs a fresh guest per test (bench/fresh_guests.py, `-p fresh_guests`)
 - peak RSS (VmHWM) of QEMU per guest and of GDB
+- a distribution kernel with its 590 MB -dbg vmlinux (bench/distro.py): first run with an
+  empty cache, warm suite beside the reference kernel's, a second kernel in one run, GDB RSS
 
 Medians of repeated samples (machines are shared and noisy), then each target with
 MET or MISSED. Exit status 0 unless the benchmark itself failed.
@@ -30,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import distro  # noqa: E402
 import probes  # noqa: E402
 from probes import Samples  # noqa: E402
 
@@ -156,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=9, help="samples per measurement (default 9)")
     parser.add_argument("--suite-samples", type=int, default=7,
                         help="runs of each suite configuration (default 7; 0 skips the suite)")
+    parser.add_argument("--distro", metavar="BZIMAGE:VMLINUX",
+                        help="distribution kernel and its -dbg vmlinux (default: the newest /boot/vmlinuz-R with "
+                             "/usr/lib/debug/boot/vmlinux-R)")
+    parser.add_argument("--distro-samples", type=int, default=3,
+                        help="rounds of (distro, reference, both) suite runs (default 3; 0 skips the distro kernel)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     base = settings()
@@ -167,11 +175,46 @@ def main(argv: list[str] | None = None) -> int:
     loads = probes.symbol_loads(base, args.samples)
     suite = probes.suite_runs(args.suite_samples) if args.suite_samples > 0 else None
     print_results(ready, reads, loads, suite, gdb_rss)
+    found = targets(ready, reads, loads, suite, gdb_rss)
+    pair = distro_kernel(args.distro) if args.distro_samples > 0 else None
+    if pair is not None:
+        runs = distro.distro_runs(base.kernel.bzimage.path, pair, args.distro_samples)
+        print_distro(runs)
+        found += distro_targets(runs)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (other work on the machine skews every number)")
-    print("\ntargets (reference kernel, TCG, 2 cores):")
-    for target in targets(ready, reads, loads, suite, gdb_rss):
+    print("\ntargets (TCG, 2 cores):")
+    for target in found:
         print(f"  {'MET' if target.met else 'MISSED':<7} {target.text}: {target.value}")
     return 0
+
+
+def distro_kernel(given: str | None) -> tuple[Path, Path] | None:
+    if given:
+        bzimage, _, vmlinux = given.partition(":")
+        return Path(bzimage), Path(vmlinux)
+    found = distro.find_distro_kernel()
+    if found is None:
+        print("\nno distribution kernel with a -dbg vmlinux installed: skipping its figures "
+              "(apt-get install linux-image-cloud-amd64 linux-image-cloud-amd64-dbg)")
+    return found
+
+
+def print_distro(runs: distro.DistroRuns) -> None:
+    print(f"\ndistribution kernel {runs.kernel[0]} + {runs.kernel[1]} (-n 2)")
+    print(f"  {'first run, empty cache: first result':<38} {sec(runs.first_result)}")
+    print(f"  {'first run, empty cache: whole suite':<38} {sec(runs.first_total)}")
+    row("warm suite wall time", "A: distribution kernel", runs.warm, "B: reference kernel", runs.reference)
+    print(f"  {'both kernels in one run':<38} {spread(runs.both)}")
+    print(f"  {'marginal cost of the second kernel':<38} {sec(runs.marginal)} (both - reference alone)")
+    print(f"  {'GDB peak RSS per worker, index cached':<38} {spread(runs.gdb_rss_kb, fmt=mb)}")
+
+
+def distro_targets(runs: distro.DistroRuns) -> list[Target]:
+    ratio, gdb_peak = runs.warm.median / runs.reference.median, max(runs.gdb_rss_kb.values)
+    return [Target("warm suite on a distro kernel within 1.5x of the reference kernel's", ratio <= 1.5,
+                   f"{ratio:.2f}x"),
+            Target("GDB peak RSS per worker with a 590 MB vmlinux, index cached, < 600 MB", gdb_peak < 600 * 1024,
+                   mb(gdb_peak))]
 
 
 def print_results(ready: probes.ReadyGuests, reads: probes.RegisterReads, loads: probes.SymbolLoads,

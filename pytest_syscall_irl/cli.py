@@ -36,6 +36,8 @@ def _kernel_build(args: argparse.Namespace) -> int:
     build = kernel_build.KernelBuild(
         args.tree,
         args.config,
+        debian=args.debian,
+        base=args.base,
         jobs=args.jobs,
         on_stage=None if quiet else (lambda message: _progress(f"==> {message}")),
         on_output=None if quiet else _progress,
@@ -45,7 +47,8 @@ def _kernel_build(args: argparse.Namespace) -> int:
 
 
 def _kernel_path(args: argparse.Namespace) -> int:
-    path = kernel_build.reference_kernel()
+    build = kernel_build.KernelBuild(fragment=args.config, debian=args.debian, base=args.base)
+    path = build.bzimage if build.is_complete() else None
     if path is None:
         print(
             f"syscall-irl: no reference kernel in {kernel_build.cache_dir() / 'kernels'}: "
@@ -57,6 +60,42 @@ def _kernel_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FRAGMENT", action="append",
+                        help="config fragment merged over tinyconfig; repeat to merge several in order, e.g. "
+                             "--config guest/kernel.config --config guest/fred.config (default: guest/kernel.config)")
+    parser.add_argument("--debian", metavar="VERSION", default=kernel_build.REFERENCE_SOURCE,
+                        help="without --tree: build Debian's /usr/src/linux-source-VERSION.tar.xz "
+                             f"(default: {kernel_build.REFERENCE_SOURCE}, the reference kernel)")
+
+
+def _kernel_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .kernel import Kernel
+    from .kernel_check import check, lacking
+    from .modules import guest_modules
+
+    kernel = Kernel.load(args.kernel, args.vmlinux)
+    modules = guest_modules(kernel.release, Path(args.modules) if args.modules else None)
+    findings = check(kernel, modules)
+    print(f"kernel {kernel.release}: {kernel.bzimage.path} + {kernel.vmlinux.path}; modules: {modules}")
+    for finding in findings:
+        print(finding)
+    missing = lacking(findings)
+    print(f"{len(missing)} of {len(findings)} features lacking" + (": the suite cannot run on this kernel"
+                                                                   if any(f.fatal for f in missing) else ""))
+    return 1 if any(finding.fatal for finding in missing) else 0
+
+
+def _add_base_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", metavar="tinyconfig|defconfig|FILE", default="tinyconfig",
+                        help="the config the fragments merge over: `make tinyconfig` (default, with "
+                             "guest/kernel.config), `make defconfig` or a saved .config such as the tree's own or "
+                             "/boot/config-<release> (with guest/suite-needs.config: only what the suite needs); "
+                             "the options the merge changed are printed")
+
+
 def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `kernel build` and `kernel path`."""
     group = subparsers.add_parser("kernel", help="build or locate the reference kernel")
@@ -66,16 +105,26 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         help="build a kernel into the cache (tinyconfig + fragment); prints the bzImage path",
     )
     build.add_argument("--tree", metavar="DIR",
-                       help="kernel source tree (default: Debian's /usr/src/linux-source-6.1.tar.xz)")
-    build.add_argument("--config", metavar="FRAGMENT",
-                       help="config fragment merged over tinyconfig (default: guest/kernel.config)")
+                       help="kernel source tree (default: Debian's linux-source tarball, see --debian)")
+    _add_source_arguments(build)
+    _add_base_argument(build)
     build.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                        help="parallel make jobs (default: the number of CPUs)")
     build.add_argument("--quiet", "-q", action="store_true",
                        help="print only the bzImage path, not the stages and make output")
     build.set_defaults(func=_kernel_build)
-    path = commands.add_parser("path", help="print the cached reference bzImage (exit 1 if none)")
+    path = commands.add_parser("path", help="print the cached reference bzImage, or the build of the given "
+                               "--debian/--config (exit 1 if none)")
+    _add_source_arguments(path)
+    _add_base_argument(path)
     path.set_defaults(func=_kernel_path)
+    check = commands.add_parser("check", help="list what a kernel lacks for which tests (exit 1 if it cannot "
+                                "run the suite at all)")
+    check.add_argument("--kernel", required=True, metavar="BZIMAGE", help="the bzImage to check")
+    check.add_argument("--vmlinux", metavar="PATH", help="its vmlinux (default: found beside it)")
+    check.add_argument("--modules", metavar="DIR", help="its module directory, or 'none' "
+                       "(default: /lib/modules/<release> if it exists)")
+    check.set_defaults(func=_kernel_check)
 
 
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [

@@ -11,10 +11,11 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
@@ -26,6 +27,7 @@ from .errors import ConfigError, ConsoleError, ImageError, QemuError, StateLoadE
 from .image import GuestImage, Payload, build_guest_image
 from .integrity import atomic_write, manifest_problem, write_manifest
 from .kernel import Kernel, split_cmdline
+from .modules import GuestModules
 from .qemu import DEFAULT_APPEND, MachineConfig, QemuMachine, kvm_probe
 from .snapshot import Snapshot, SnapshotInfo, discard_unloadable, load_or_build, qemu_identity, snapshot_key
 
@@ -53,6 +55,21 @@ class LabSettings:
     cache: Path
     snapshots: bool = True  # start guests from a saved ready state (see snapshot.py)
     payload_dirs: tuple[Path, ...] = ()  # the user's guest programs, beside guest/payloads/
+    modules: GuestModules = GuestModules()  # inserted by the guest's init (drivers built as modules)
+
+    @property
+    def payloads_on_iso(self) -> bool:
+        """True if the guest can mount the payload ISO: its drivers are built in or among the modules."""
+        return self.kernel.payloads_on_iso or self.modules.covers(self.kernel.missing_for_iso)
+
+    def describe(self) -> dict[str, str]:
+        """What a report says of this kernel under test and the options it runs with."""
+        kernel = self.kernel
+        return {"release": kernel.release, "bzImage": str(kernel.bzimage.path),
+                "vmlinux": f"{kernel.vmlinux.path} ({'DWARF' if kernel.dwarf else 'no DWARF'})",
+                "modules": str(self.modules),
+                "payloads": "ISO9660 image" if self.payloads_on_iso else "initramfs (kernel cannot mount the ISO)",
+                "boot_args": self.boot_args, "accel": self.accel, "snapshots": "on" if self.snapshots else "off"}
 
     @property
     def gdb_index_cache(self) -> Path:
@@ -156,6 +173,49 @@ _LAB_PARAMS = {
 }
 
 
+def kernel_ids(settings: Sequence[LabSettings]) -> list[str]:
+    """One test id per kernel under test: its release, numbered @1, @2... where two
+    kernels share one (a patched kernel and its base)."""
+    releases = [one.kernel.release for one in settings]
+    seen: dict[str, int] = {}
+    ids = []
+    for release in releases:
+        seen[release] = seen.get(release, 0) + 1
+        ids.append(release if releases.count(release) == 1 else f"{release}@{seen[release]}")
+    return ids
+
+
+def kernel_lines(settings: Sequence[LabSettings]) -> list[str]:
+    """What a report header says of each kernel under test (named by its id when there are several)."""
+    lines = []
+    for kernel_id, one in zip(kernel_ids(settings), settings):
+        about = one.describe()
+        name = f"kernel[{kernel_id}]" if len(settings) > 1 else "kernel"
+        lines += [f"{name} {about['release']} ({about['bzImage']})",
+                  f"{name} vmlinux {about['vmlinux']}; modules {about['modules']}; payloads via {about['payloads']}"]
+    return lines
+
+
+def kernel_properties(settings: Sequence[LabSettings]) -> list[tuple[str, str]]:
+    """Each kernel under test and its options as (name, value) pairs, for JUnit's testsuite properties."""
+    return [(f"syscall-irl kernel[{kernel_id}] {name}", value)
+            for kernel_id, one in zip(kernel_ids(settings), settings) for name, value in one.describe().items()]
+
+
+_T = TypeVar("_T")
+
+
+def pair_by_position(option: str, values: Sequence[_T], kernels: int) -> list[_T | None]:
+    """One value of *option* per kernel, by position: given once per kernel, once for all
+    of them, or not at all (None: each kernel's default)."""
+    if len(values) == 1:
+        return [values[0]] * kernels
+    if values and len(values) != kernels:
+        raise ConfigError(f"--{option} given {len(values)} times for {kernels} kernels: give one --{option} per "
+                          f"--kernel, in the same order, or none")
+    return [*values] if values else [None] * kernels
+
+
 def check_boot_args(boot_args: str) -> None:
     """ConfigError for kernel arguments the lab cannot honour, read as the kernel reads
     them (quotes group; an unbalanced quote is an error)."""
@@ -244,8 +304,8 @@ class Lab:
     def image(self) -> GuestImage:
         """The guest image for this kernel (built once, cached by content)."""
         if self._image is None:
-            self._image = build_guest_image(self.settings.cache, payloads_on_iso=self.kernel.payloads_on_iso,
-                                            payload_dirs=self.settings.payload_dirs)
+            self._image = build_guest_image(self.settings.cache, payloads_on_iso=self.settings.payloads_on_iso,
+                                            payload_dirs=self.settings.payload_dirs, modules=self.settings.modules)
         return self._image
 
     @property

@@ -29,6 +29,7 @@ from filelock import FileLock
 
 from .errors import ImageError, SyscallIrlWarning
 from .integrity import directory_problem, seal_directory
+from .modules import GuestModules
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ CACHE_FORMAT = b"sirl-cache-2"
 
 
 GUEST_PAYLOAD_DIR = "/payloads"
+GUEST_MODULE_DIR = "lib/modules/sirl"  # guest/init inserts every .ko here, in name order
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,10 @@ def _busybox_applets(busybox: str) -> list[str]:
     return sorted(line for line in result.stdout.split() if line)
 
 
-def initramfs_entries(busybox: str, init: bytes, agent: bytes, payloads: dict[str, Path] | None) -> list[CpioEntry]:
+def initramfs_entries(busybox: str, init: bytes, agent: bytes, payloads: dict[str, Path] | None,
+                      modules: GuestModules = GuestModules()) -> list[CpioEntry]:
     """Initramfs members: busybox with its applet links, /init, the agent, /dev/console,
-    and the payloads if they are embedded."""
+    the kernel modules the guest inserts, and the payloads if they are embedded."""
     entries = [_directory(d) for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc",
                                         "sys", "tmp", "root", "payloads")]
     # The kernel opens /dev/console for init before devtmpfs is mounted.
@@ -171,6 +174,9 @@ def initramfs_entries(busybox: str, init: bytes, agent: bytes, payloads: dict[st
             entries.append(_symlink(applet, "/bin/busybox"))
     entries.append(_file("init", init))
     entries.append(_file(f"bin/{AGENT}", agent))
+    if modules.files:
+        entries += [_directory("lib"), _directory("lib/modules"), _directory(GUEST_MODULE_DIR)]
+        entries += [_file(f"{GUEST_MODULE_DIR}/{name}", data, 0o644) for name, data in modules.files]
     if payloads is not None:
         entries.append(_file("payloads/.embedded", b""))
         entries += [_file(f"payloads/{name}", path.read_bytes()) for name, path in sorted(payloads.items())]
@@ -339,9 +345,10 @@ def build_programs(cache: Path, guest_dir: Path = GUEST_DIR, musl_gcc: str = MUS
 
 def build_guest_image(cache: Path, *, payloads_on_iso: bool, guest_dir: Path = GUEST_DIR,
                       busybox: str = BUSYBOX, musl_gcc: str = MUSL_GCC,
-                      payload_dirs: Iterable[Path] = ()) -> GuestImage:
+                      payload_dirs: Iterable[Path] = (), modules: GuestModules = GuestModules()) -> GuestImage:
     """Build (or reuse) the guest image for a kernel that can (or cannot) mount the ISO,
-    with the built-in payloads and those of *payload_dirs*."""
+    with the built-in payloads and those of *payload_dirs*, and the kernel *modules* its
+    init inserts first."""
     if not os.access(busybox, os.X_OK):
         raise ImageError(f"{busybox} not found: install it with `apt-get install busybox-static`")
     programs = build_programs(cache, guest_dir, musl_gcc, payload_dirs)
@@ -349,12 +356,13 @@ def build_guest_image(cache: Path, *, payloads_on_iso: bool, guest_dir: Path = G
     payloads = {**programs, **{name: Path(path) for name, path in HOST_PAYLOADS.items() if os.path.exists(path)}}
     init = (guest_dir / "init").read_bytes()
     key = _digest(b"iso" if payloads_on_iso else b"initramfs", init, agent, Path(busybox).read_bytes(),
-                  *(name.encode() + p.read_bytes() for name, p in sorted(payloads.items())))
+                  *(name.encode() + p.read_bytes() for name, p in sorted(payloads.items())),
+                  *([modules.digest] if modules.files else []))
     directory = cache / "images" / key
     with cached(directory) as staging:
         if staging is not None:
             embedded = None if payloads_on_iso else payloads
-            archive = cpio_newc(initramfs_entries(busybox, init, agent, embedded))
+            archive = cpio_newc(initramfs_entries(busybox, init, agent, embedded, modules))
             (staging / "initramfs.cpio.gz").write_bytes(gzip.compress(archive, compresslevel=6, mtime=0))
             if payloads_on_iso:
                 build_iso(payloads, staging / "payloads.iso")

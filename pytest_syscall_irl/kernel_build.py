@@ -1,8 +1,9 @@
-"""The build cache of kernels: Debian's linux-source-6.1 (or a tree) built with a config
-fragment, keyed by source, fragment and compiler.
+"""The build cache of kernels: Debian's linux-source-6.1 (or another Debian source
+version, or a tree) built with config fragments, keyed by source, fragments and compiler.
 
     KernelBuild().build()      # <cache>/kernels/<key>/bzImage (+ vmlinux, config, build.log)
-    reference_kernel()         # that bzImage if it is built, else None
+    KernelBuild(debian="6.12", fragment=[default_fragment(), fred_fragment()]).build()
+    reference_kernel()         # the first one's bzImage if it is built, else None
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -33,8 +34,13 @@ from .kernel import Kernel, StrPath
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-DEBIAN_PACKAGE = "linux-source-6.1"
-DEBIAN_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+REFERENCE_SOURCE = "6.1"  # Debian's linux-source-<this>: the reference kernel
+DEBIAN_PACKAGE = f"linux-source-{REFERENCE_SOURCE}"
+# Options the fragment names that later kernels renamed (old -> new): a fragment is
+# translated for a tree whose Kconfig has only the new name. The x86 mitigation options
+# took a MITIGATION_ prefix upstream (6.12 has only MITIGATION_PAGE_TABLE_ISOLATION).
+BASE_TARGETS = ("tinyconfig", "defconfig")
+RENAMED_OPTIONS = {"CONFIG_PAGE_TABLE_ISOLATION": "CONFIG_MITIGATION_PAGE_TABLE_ISOLATION"}
 BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc",
                "cpio": "cpio", "xz": "xz-utils", "tar": "tar"}
 BUILD_HEADERS = {"/usr/include/gelf.h": "libelf-dev", "/usr/include/openssl/opensslv.h": "libssl-dev"}
@@ -68,6 +74,36 @@ def default_fragment() -> Path:
     return Path(__file__).resolve().parent.parent / "guest" / "kernel.config"
 
 
+def needs_fragment() -> Path:
+    """What the suite needs on top of a full config (defconfig, a distribution's): guest/suite-needs.config."""
+    return default_fragment().with_name("suite-needs.config")
+
+
+def fred_fragment() -> Path:
+    """A fragment adding CONFIG_X86_FRED (6.9+), merged after the default one."""
+    return default_fragment().with_name("fred.config")
+
+
+def kconfig_defines(tree: Path, names: Sequence[str]) -> set[str]:
+    """Which of the CONFIG_ *names* some Kconfig file of *tree* defines (`config NAME`)."""
+    wanted = {name.removeprefix("CONFIG_") for name in names}
+    found: set[str] = set()
+    for path in tree.rglob("Kconfig*"):
+        if path.is_file():
+            found.update(re.findall(r"^\s*(?:menu)?config\s+(\w+)\s*$", path.read_text(errors="replace"),
+                                    re.MULTILINE))
+    return {f"CONFIG_{name}" for name in wanted & found}
+
+
+def translate_fragment(text: str, defined: set[str]) -> str:
+    """*text* with each option of RENAMED_OPTIONS the tree does not define (its new name
+    in *defined*) written under its new name."""
+    for old, new in RENAMED_OPTIONS.items():
+        if old not in defined and new in defined:
+            text = re.sub(rf"\b{old}\b", new, text)
+    return text
+
+
 def _output(command: list[str], cwd: Path | None = None) -> str | None:
     try:
         done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60)
@@ -76,9 +112,9 @@ def _output(command: list[str], cwd: Path | None = None) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def debian_source_version() -> str | None:
-    """The installed version of Debian's linux-source-6.1 ("6.1.192-2"), None if not installed."""
-    return _output(["dpkg-query", "-W", "-f=${Version}", DEBIAN_PACKAGE]) or None
+def debian_source_version(package: str = DEBIAN_PACKAGE) -> str | None:
+    """The installed version of Debian's *package* ("6.1.192-2"), None if not installed."""
+    return _output(["dpkg-query", "-W", "-f=${Version}", package]) or None
 
 
 def compiler_id() -> str:
@@ -129,6 +165,13 @@ def dropped_options(fragment_text: str, config_text: str) -> list[str]:
     ]
 
 
+def added_options(fragment_text: str, before: str, after: str) -> list[str]:
+    """The fragment's options whose value the merge changed: "CONFIG_X86_MSR=y (was m)"."""
+    old, new = parse_config(before), parse_config(after)
+    return [f"{name}={new.get(name, 'n')} (was {'not set' if old.get(name, 'n') == 'n' else old[name]})"
+            for name in parse_config(fragment_text) if old.get(name, "n") != new.get(name, "n")]
+
+
 def missing_build_deps() -> list[str]:
     """Debian packages whose tools or headers a kernel build needs and this machine lacks."""
     missing = [pkg for tool, pkg in BUILD_TOOLS.items() if shutil.which(tool) is None]
@@ -176,15 +219,26 @@ class KernelBuild:
     def __init__(
         self,
         tree: StrPath | None = None,
-        fragment: StrPath | None = None,
+        fragment: StrPath | Sequence[StrPath] | None = None,
         *,
+        debian: str = REFERENCE_SOURCE,
+        base: str = "tinyconfig",
         jobs: int | None = None,
         cache: Path | None = None,
         on_stage: Progress | None = None,
         on_output: Progress | None = None,
     ) -> None:
         self.tree = Path(tree) if tree is not None else None
-        self.fragment = Path(fragment) if fragment is not None else default_fragment()
+        # The config the fragments merge over: a make target, or a saved .config file.
+        self.base = base
+        if base not in BASE_TARGETS and not Path(base).is_file():
+            raise ConfigError(f"config base {base!r} is neither {' nor '.join(BASE_TARGETS)} nor a .config file")
+        if fragment is None or isinstance(fragment, (str, os.PathLike)):
+            full = base != "tinyconfig"  # a full config lacks only what the suite needs
+            fragment = [fragment if fragment is not None else needs_fragment() if full else default_fragment()]
+        self.fragments = [Path(f) for f in fragment]
+        self.fragment = self.fragments[0]
+        self.package = f"linux-source-{debian}"  # used when no tree is given
         self.jobs = jobs or os.cpu_count() or 1
         self.cache = cache if cache is not None else cache_dir()
         self._on_stage = on_stage
@@ -192,26 +246,38 @@ class KernelBuild:
 
     @cached_property
     def fragment_text(self) -> str:
-        """Contents of the config fragment."""
-        try:
-            return self.fragment.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config fragment {self.fragment}: {exc}") from exc
+        """Contents of the config fragments, in merge order (one fragment: its text, so
+        the reference kernel's key does not change with this option)."""
+        texts = []
+        for fragment in self.fragments:
+            try:
+                texts.append(fragment.read_text())
+            except OSError as exc:
+                raise ConfigError(f"cannot read config fragment {fragment}: {exc}") from exc
+        return "".join(texts)
+
+    @property
+    def tarball(self) -> Path:
+        """Debian's source tarball of this build (when no tree is given)."""
+        return Path("/usr/src") / f"{self.package}.tar.xz"
 
     @cached_property
     def source_identity(self) -> str:
         """"debian-linux-source-6.1=<version>", or "<realpath>=<kernelversion>" for a tree."""
         if self.tree is not None:
             return tree_identity(self.tree)
-        version = debian_source_version()
+        version = debian_source_version(self.package)
         if version is None:
-            raise KernelError(f"{DEBIAN_PACKAGE} is not installed: apt-get install {DEBIAN_PACKAGE}")
-        return f"debian-{DEBIAN_PACKAGE}={version}"
+            raise KernelError(f"{self.package} is not installed: apt-get install {self.package}")
+        return f"debian-{self.package}={version}"
 
     @cached_property
     def key(self) -> str:
-        """The cache key (see build_key)."""
-        return build_key(self.source_identity, self.fragment_text, compiler_id())
+        """The cache key (see build_key); a base other than tinyconfig counts as fragment text."""
+        if self.base == "tinyconfig":
+            return build_key(self.source_identity, self.fragment_text, compiler_id())
+        base = self.base if self.base in BASE_TARGETS else Path(self.base).read_text()
+        return build_key(self.source_identity, f"base={base}\0{self.fragment_text}", compiler_id())
 
     @property
     def directory(self) -> Path:
@@ -291,16 +357,28 @@ class KernelBuild:
     def _configure(self, source: Path, build_log: IO[str]) -> None:
         obj = self.directory / "obj"
         obj.mkdir(exist_ok=True)
-        self._stage(f"configuring {source} (tinyconfig + {self.fragment})")
-        self._run(build_log, self._make(source, "tinyconfig"))
-        merge = ["scripts/kconfig/merge_config.sh", "-m", "-O", str(obj), str(obj / ".config"),
-                 str(self.fragment.resolve())]
+        names = " + ".join(str(f) for f in self.fragments)
+        self._stage(f"configuring {source} ({self.base} + {names})")
+        if self.base in BASE_TARGETS:
+            self._run(build_log, self._make(source, self.base))
+        else:
+            shutil.copyfile(self.base, obj / ".config")
+            self._run(build_log, self._make(source, "olddefconfig"))
+        before = (obj / ".config").read_text()
+        wanted = translate_fragment(self.fragment_text,
+                                    kconfig_defines(source, [*RENAMED_OPTIONS, *RENAMED_OPTIONS.values()]))
+        merged = obj / "fragment.config"
+        merged.write_text(wanted)
+        merge = ["scripts/kconfig/merge_config.sh", "-m", "-O", str(obj), str(obj / ".config"), str(merged)]
         self._run(build_log, merge, cwd=source)
         self._run(build_log, self._make(source, "olddefconfig"))
-        dropped = dropped_options(self.fragment_text, (obj / ".config").read_text())
+        after = (obj / ".config").read_text()
+        for change in added_options(wanted, before, after):
+            self._stage(f"added {change}")
+        dropped = dropped_options(wanted, after)
         if dropped:
             raise KernelError(
-                f"options of {self.fragment} did not survive `make olddefconfig` (a dependency is "
+                f"options of {names} did not survive `make olddefconfig` (a dependency is "
                 "off; e.g. RANDOMIZE_BASE needs RELOCATABLE): add what they depend on:\n  "
                 + "\n  ".join(dropped)
             )
@@ -317,7 +395,7 @@ class KernelBuild:
             kernel = Kernel.load(self.bzimage)
         except ConfigError as exc:
             raise KernelError(f"the build produced unusable artifacts: {exc.message}") from exc
-        record = {"source": self.source_identity, "fragment": str(self.fragment),
+        record = {"source": self.source_identity, "fragment": " + ".join(str(f) for f in self.fragments),
                   "fragment_sha256": hashlib.sha256(self.fragment_text.encode()).hexdigest(),
                   "compiler": compiler_id(), "version": kernel.bzimage.version,
                   "artifacts": {name: _artifact_record(self.directory / name) for name in ARTIFACTS}}
@@ -325,24 +403,24 @@ class KernelBuild:
 
     def _debian_tree(self, build_log: IO[str]) -> Path:
         version = self.source_identity.rpartition("=")[2]
-        target = self.cache / "src" / f"{DEBIAN_PACKAGE}-{version}"
+        target = self.cache / "src" / f"{self.package}-{version}"
         if target.is_dir():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked(target.with_name(f"{target.name}.lock"), f"extracting {DEBIAN_TARBALL}"):
+        with self._locked(target.with_name(f"{target.name}.lock"), f"extracting {self.tarball}"):
             if not target.is_dir():
                 self._extract(target, build_log)
         return target
 
     def _extract(self, target: Path, build_log: IO[str]) -> None:
-        if not DEBIAN_TARBALL.is_file():
-            raise KernelError(f"{DEBIAN_TARBALL} is missing: apt-get install {DEBIAN_PACKAGE}")
-        self._stage(f"extracting {DEBIAN_TARBALL} to {target}")
+        if not self.tarball.is_file():
+            raise KernelError(f"{self.tarball} is missing: apt-get install {self.package}")
+        self._stage(f"extracting {self.tarball} to {target}")
         scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
         try:
-            self._run(build_log, ["tar", "-xf", str(DEBIAN_TARBALL), "-C", str(scratch)])
+            self._run(build_log, ["tar", "-xf", str(self.tarball), "-C", str(scratch)])
             # The rename makes the tree appear whole or not at all.
-            os.rename(scratch / DEBIAN_PACKAGE, target)
+            os.rename(scratch / self.package, target)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SETTINGS_KEY = pytest.StashKey["LabSettings | None"]()
+SETTINGS_KEY = pytest.StashKey["list[LabSettings] | None"]()
 USAGE_ERROR_KEY = pytest.StashKey[str]()
 USAGE_ERROR_OUTPUT = "syscall_irl_usage_error"
 USED_KEY = pytest.StashKey[list[Any]]()
@@ -41,8 +41,13 @@ NO_KERNEL = ("no kernel to test: pass --kernel=path/to/arch/x86/boot/bzImage, or
              "kernel once with `syscall-irl kernel build` (it is then used by default)")
 
 OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("kernel", "bzImage to boot and test (default: the cached reference kernel).", {}),
-    ("vmlinux", "vmlinux with the kernel's symbols (default: beside the kernel build tree or bzImage).", {}),
+    ("kernel", "bzImage to boot and test (default: the cached reference kernel); repeat it (or list several "
+               "in the ini key) to run every test on each kernel.", {"action": "append"}),
+    ("vmlinux", "vmlinux with the kernel's symbols (default: beside the kernel build tree or bzImage); with "
+                "several kernels, one per --kernel in the same order.", {"action": "append"}),
+    ("modules", "the kernel's module directory, whose msr, virtio and isofs modules (with their dependencies) "
+                "the guest inserts; 'none' to insert none (default: /lib/modules/<release> if it exists); "
+                "with several kernels, one per --kernel in the same order.", {"action": "append"}),
     ("qemu", "QEMU system emulator (default: qemu-system-x86_64).", {}),
     ("gdb", "GDB executable (default: gdb).", {}),
     ("accel", "accelerator: auto (KVM where a KVM guest really boots, else TCG), kvm or tcg "
@@ -71,6 +76,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _setting(config: pytest.Config, name: str) -> tuple[str | None, Path]:
     """(value, base directory for relative paths): command line first, then ini."""
     value = config.getoption(f"syscall_irl_{name}")
+    if isinstance(value, list):  # a repeatable option: see _values
+        value = " ".join(value)
     if value:
         return str(value), config.invocation_params.dir
     ini = config.getini(f"syscall_irl_{name}")
@@ -78,9 +85,19 @@ def _setting(config: pytest.Config, name: str) -> tuple[str | None, Path]:
     return (str(ini) if ini else None), base
 
 
-def _path(config: pytest.Config, name: str) -> Path | None:
-    value, base = _setting(config, name)
-    return (base / os.path.expanduser(value)).resolve() if value else None
+def _values(config: pytest.Config, name: str) -> list[str]:
+    """A repeatable option's values (each --NAME), else its ini key's whitespace-separated values."""
+    given = config.getoption(f"syscall_irl_{name}")
+    if given:
+        return [str(value) for value in given]
+    return (_setting(config, name)[0] or "").split()
+
+
+def _paths(config: pytest.Config, name: str) -> list[Path]:
+    """_values as absolute paths (relative to where they were given); "none" stays "none"."""
+    base = _setting(config, name)[1]
+    return [Path(value) if value == "none" else (base / os.path.expanduser(value)).resolve()
+            for value in _values(config, name)]
 
 
 def _ini_origin(config: pytest.Config, name: str) -> str | None:
@@ -102,17 +119,24 @@ def _naming_origin(config: pytest.Config, *names: str) -> Iterator[None]:
         raise
 
 
-def resolve_settings(config: pytest.Config) -> LabSettings:
-    """Turn the options into validated settings; ConfigError names the problem and the fix."""
-    from .guest import LabSettings, check_accel, check_boot_args
+def resolve_settings(config: pytest.Config) -> list[LabSettings]:
+    """Turn the options into validated settings, one per kernel under test; ConfigError
+    names the problem and the fix (and the ini file, where one set it)."""
+    from .guest import LabSettings, check_accel, check_boot_args, pair_by_position
+    from .modules import guest_modules
     from .programs import check_gdb, check_qemu
     cache = check_cache_dir(cache_dir())
-    with _naming_origin(config, "kernel", "vmlinux"):
-        bzimage = _path(config, "kernel") or reference_kernel()
-        if bzimage is None:
+    with _naming_origin(config, "kernel", "vmlinux", "modules"):
+        bzimages: list[Path | None] = [*_paths(config, "kernel")] or [reference_kernel()]
+        if None in bzimages:
             damage = reference_damage()
             raise ConfigError(NO_KERNEL if damage in (None, "not built") else str(damage))
-        kernel = Kernel.load(bzimage, _path(config, "vmlinux"))
+        if len(_values(config, "vmlinux")) == 1 and len(bzimages) > 1:
+            raise ConfigError("one --vmlinux for several kernels: give one --vmlinux per --kernel, in the same order")
+        vmlinuxes = pair_by_position("vmlinux", _paths(config, "vmlinux"), len(bzimages))
+        module_dirs = pair_by_position("modules", _paths(config, "modules"), len(bzimages))
+        kernels = [Kernel.load(bzimage, vmlinux) for bzimage, vmlinux in zip(bzimages, vmlinuxes) if bzimage]
+        modules = [guest_modules(kernel.release, directory) for kernel, directory in zip(kernels, module_dirs)]
     with _naming_origin(config, "qemu"):
         qemu = check_qemu(_setting(config, "qemu")[0] or "qemu-system-x86_64", cache)[0]
     with _naming_origin(config, "gdb"):
@@ -124,12 +148,15 @@ def resolve_settings(config: pytest.Config) -> LabSettings:
         except ConfigError as exc:
             raise ConfigError(f"--boot-args: {exc}") from None
     snapshots = config.getoption("syscall_irl_snapshots")
-    settings = LabSettings(kernel=kernel, qemu=qemu, gdb=gdb, accel=_setting(config, "accel")[0] or "auto",
-                           boot_args=boot_args, cache=cache,
-                           snapshots=bool(config.getini("syscall_irl_snapshots") if snapshots is None else snapshots),
-                           payload_dirs=_payload_dirs(config))
+    restore = bool(config.getini("syscall_irl_snapshots") if snapshots is None else snapshots)
+    payload_dirs = _payload_dirs(config)
+    settings = [LabSettings(kernel=kernel, qemu=qemu, gdb=gdb, accel=_setting(config, "accel")[0] or "auto",
+                            boot_args=boot_args, cache=cache, snapshots=restore, payload_dirs=payload_dirs,
+                            modules=kernel_modules)
+                for kernel, kernel_modules in zip(kernels, modules)]
     with _naming_origin(config, "accel"):
-        check_accel(settings)
+        for one in settings:
+            check_accel(one)
     return settings
 
 
@@ -152,8 +179,9 @@ def _explicit(config: pytest.Config) -> bool:
         config.getoption("syscall_irl_snapshots") is not None or bool(config.getoption("syscall_irl_payloads"))
 
 
-def _settings(config: pytest.Config) -> LabSettings:
-    """The settings of this process, resolved on first need; a bad one is a usage error."""
+def _settings(config: pytest.Config) -> list[LabSettings]:
+    """The settings of this process, one per kernel, resolved on first need; a bad one is
+    a usage error."""
     settings = config.stash.get(SETTINGS_KEY, None)
     if settings is None:
         try:
@@ -197,6 +225,17 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         config.workeroutput[USAGE_ERROR_OUTPUT] = str(exc)  # type: ignore[attr-defined]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Several kernels: every test using one runs once per kernel. The lab is a session
+    # fixture parametrized by kernel, so pytest groups each kernel's tests and, when a
+    # worker moves to the next kernel, tears down the last one's lab, guests and GDB.
+    if "syscall_irl_lab" not in metafunc.fixturenames or len(_values(metafunc.config, "kernel")) < 2:
+        return
+    from .guest import kernel_ids
+    ids = kernel_ids(_settings(metafunc.config))
+    metafunc.parametrize("syscall_irl_lab", range(len(ids)), ids=ids, indirect=True, scope="session")
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: object) -> None:
     message = getattr(node, "workeroutput", {}).get(USAGE_ERROR_OUTPUT)
@@ -204,24 +243,39 @@ def pytest_testnodedown(node: Any, error: object) -> None:
         node.config.stash[USAGE_ERROR_KEY] = message
 
 
+@pytest.hookimpl(tryfirst=True)  # before junitxml writes its file
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if session.config.stash.get(USAGE_ERROR_KEY, None):
         session.exitstatus = pytest.ExitCode.USAGE_ERROR
+    elif not hasattr(session.config, "workerinput"):
+        _record_kernels(session.config)
+
+
+def _record_kernels(config: pytest.Config) -> None:
+    """Each kernel under test and its options as JUnit testsuite properties. Done here, in
+    the process that writes the XML: the record_testsuite_property fixture records only
+    in the process it runs in, an xdist worker's being lost."""
+    from _pytest.junitxml import xml_key
+    xml = config.stash.get(xml_key, None)
+    settings = config.stash.get(SETTINGS_KEY, None)
+    if xml is None or not settings:
+        return
+    from .guest import kernel_properties
+    for name, value in kernel_properties(settings):
+        xml.add_global_property(name, value)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
-    from .guest import decide_accel
+    from .guest import decide_accel, kernel_lines
     if not _explicit(config) and reference_kernel() is None:
         return None
-    settings = _settings(config)
-    kernel = settings.kernel
+    every = _settings(config)
+    settings = every[0]
     accel, why = decide_accel(settings)
     return [
-        f"syscall-irl: kernel {kernel.release} ({kernel.bzimage.path})",
-        f"syscall-irl: vmlinux {kernel.vmlinux.path} ({'DWARF' if kernel.dwarf else 'no DWARF'})",
+        *(f"syscall-irl: {line}" for line in kernel_lines(every)),
         f"syscall-irl: {_version_line(settings.qemu)}; {_version_line(settings.gdb)}",
-        f"syscall-irl: accelerator {accel} ({why}); payloads via "
-        f"{'ISO9660 image' if kernel.payloads_on_iso else 'initramfs (kernel cannot mount the ISO)'}",
+        f"syscall-irl: accelerator {accel} ({why})",
         "syscall-irl: guests " + (f"restored from a saved ready guest ({settings.cache / 'snapshots'})"
                                   if settings.snapshots else "cold-booted (--no-snapshots)"),
     ]
@@ -270,10 +324,13 @@ def _read(path: Path) -> str:
 # --- fixtures ------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def syscall_irl_lab(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Lab:
-    """The resolved settings and guest maker of this run (one per xdist worker)."""
-    from .guest import Lab
-    return Lab(_settings(pytestconfig), tmp_path_factory.getbasetemp() / "syscall-irl")
+def syscall_irl_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    """The resolved settings and guest maker of this run (one per xdist worker), for the
+    kernel of the test's parameter when several are under test."""
+    from .guest import Lab, kernel_ids
+    every, log_root = _settings(request.config), tmp_path_factory.getbasetemp() / "syscall-irl"
+    index: int = getattr(request, "param", 0)
+    return Lab(every[index], log_root / kernel_ids(every)[index] if len(every) > 1 else log_root)
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,9 @@ def expected_fmask(version: tuple[int, int, int]) -> int:
 PTI_USER_PGTABLE_BIT = 1 << 12
 PTI_USER_PCID_BIT = 1 << 11
 CR4_PCIDE = 1 << 17  # Intel SDM vol. 3, 2.5
+# CR4.FRED: set by a kernel that enabled flexible return and event delivery (Intel FRED
+# specification, 2.1); then SYSCALL enters through the FRED entry point, not MSR_LSTAR.
+CR4_FRED = 1 << 32
 
 
 def pti_kernel_cr3(user_cr3: int, cr4: int) -> int:
@@ -156,6 +159,21 @@ def decode_pt_regs(data: bytes, offsets: Mapping[str, int] = PT_REGS_OFFSETS) ->
     if len(data) < need:
         raise ValueError(f"pt_regs needs {need} bytes, got {len(data)}")
     return {name: int.from_bytes(data[off:off + 8], "little") for name, off in offsets.items()}
+
+
+# The init task's stack, THREAD_SIZE bytes from its start symbol to its end symbol
+# (INIT_TASK_DATA in include/asm-generic/vmlinux.lds.h): __start_init_task/__end_init_task
+# in 6.1, renamed __start_init_stack/__end_init_stack later (so in 6.12).
+INIT_STACK_BOUNDS = (("__start_init_stack", "__end_init_stack"), ("__start_init_task", "__end_init_task"))
+
+
+def thread_size(symbols: Mapping[str, int]) -> int:
+    """THREAD_SIZE (a task's kernel stack size) from the bounds of the init task's stack
+    in the kernel's symbol table (name -> address); KeyError if it has neither pair."""
+    for start, end in INIT_STACK_BOUNDS:
+        if start in symbols and end in symbols:
+            return symbols[end] - symbols[start]
+    raise KeyError(f"the symbol table has none of the init stack bounds {INIT_STACK_BOUNDS}")
 
 
 def top_of_stack_padding(fred: bool) -> int:

@@ -268,7 +268,7 @@ def test_dropped_options_is_empty_when_everything_survived() -> None:
 
 
 def test_cache_key_changes_with_the_fragment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernel_build, "debian_source_version", lambda: "6.1.192-2")
+    monkeypatch.setattr(kernel_build, "debian_source_version", lambda *_: "6.1.192-2")
     monkeypatch.setattr(kernel_build, "compiler_id", lambda: "gcc (Debian 12.2.0-14) 12.2.0")
     first, second = tmp_path / "a.config", tmp_path / "b.config"
     first.write_text("CONFIG_64BIT=y\n")
@@ -298,7 +298,7 @@ def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_complete_debian_build_is_reused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernel_build, "debian_source_version", lambda: "6.1.192-2")
+    monkeypatch.setattr(kernel_build, "debian_source_version", lambda *_: "6.1.192-2")
     output: list[str] = []
     build = KernelBuild(cache=tmp_path, on_output=output.append)
     assert reference_kernel(tmp_path) is None
@@ -312,7 +312,7 @@ def test_a_complete_debian_build_is_reused_at_once(tmp_path: Path, monkeypatch: 
 
 
 def test_no_reference_kernel_without_debian_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernel_build, "debian_source_version", lambda: None)
+    monkeypatch.setattr(kernel_build, "debian_source_version", lambda *_: None)
     assert reference_kernel(tmp_path) is None
     with pytest.raises(KernelError, match="apt-get install linux-source-6.1"):
         KernelBuild(cache=tmp_path).build()
@@ -517,3 +517,53 @@ def test_reference_bzimage_truncated_to_100k_is_rejected(reference: Kernel, tmp_
     truncated.write_bytes(reference.bzimage.path.read_bytes()[:100_000])
     with pytest.raises(ConfigError, match=r"bzImage is truncated: 100000 bytes, its setup header says \d+"):
         Kernel.load(truncated, reference.vmlinux.path)
+
+
+def test_debian_source_version_and_fragments_make_their_own_keys(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    versions = {"linux-source-6.1": "6.1.192-2", "linux-source-6.12": "6.12.117-1"}
+    monkeypatch.setattr(kernel_build, "debian_source_version", lambda package: versions[package])
+    monkeypatch.setattr(kernel_build, "compiler_id", lambda: "gcc 12")
+    first, fred = tmp_path / "a.config", tmp_path / "fred.config"
+    first.write_text("CONFIG_64BIT=y\n")
+    fred.write_text("CONFIG_X86_FRED=y\n")
+    reference = KernelBuild(fragment=first, cache=tmp_path)
+    newer = KernelBuild(fragment=first, debian="6.12", cache=tmp_path)
+    both = KernelBuild(fragment=[first, fred], debian="6.12", cache=tmp_path)
+    assert newer.source_identity == "debian-linux-source-6.12=6.12.117-1"
+    assert newer.tarball == Path("/usr/src/linux-source-6.12.tar.xz")
+    # One fragment keeps the key it always had; a second one is merged after it.
+    assert reference.key == build_key("debian-linux-source-6.1=6.1.192-2", "CONFIG_64BIT=y\n", "gcc 12")
+    assert both.fragment_text == "CONFIG_64BIT=y\nCONFIG_X86_FRED=y\n"
+    assert len({reference.key, newer.key, both.key}) == 3
+
+
+def test_renamed_options_are_translated_for_trees_that_only_know_the_new_name(tmp_path: Path) -> None:
+    fragment = "CONFIG_CPU_MITIGATIONS=y\nCONFIG_PAGE_TABLE_ISOLATION=y\n"
+    (tmp_path / "arch" / "x86").mkdir(parents=True)
+    (tmp_path / "arch" / "x86" / "Kconfig").write_text("config MITIGATION_PAGE_TABLE_ISOLATION\n\tbool\n")
+    defined = kernel_build.kconfig_defines(tmp_path, ["CONFIG_PAGE_TABLE_ISOLATION",
+                                                      "CONFIG_MITIGATION_PAGE_TABLE_ISOLATION"])
+    assert defined == {"CONFIG_MITIGATION_PAGE_TABLE_ISOLATION"}
+    assert kernel_build.translate_fragment(fragment, defined) == (
+        "CONFIG_CPU_MITIGATIONS=y\nCONFIG_MITIGATION_PAGE_TABLE_ISOLATION=y\n")
+    # A tree with the old name (6.1) keeps the fragment as written.
+    assert kernel_build.translate_fragment(fragment, {"CONFIG_PAGE_TABLE_ISOLATION"}) == fragment
+
+
+def test_added_options_name_what_the_merge_changed() -> None:
+    fragment = "CONFIG_X86_MSR=y\nCONFIG_SERIAL_8250=y\nCONFIG_DEBUG_INFO_DWARF5=y\n"
+    before = "CONFIG_X86_MSR=m\nCONFIG_SERIAL_8250=y\n# CONFIG_DEBUG_INFO_DWARF5 is not set\n"
+    after = "CONFIG_X86_MSR=y\nCONFIG_SERIAL_8250=y\nCONFIG_DEBUG_INFO_DWARF5=y\n"
+    assert kernel_build.added_options(fragment, before, after) == [
+        "CONFIG_X86_MSR=y (was m)", "CONFIG_DEBUG_INFO_DWARF5=y (was not set)"]
+
+
+def test_a_full_base_merges_only_what_the_suite_needs(tmp_path: Path) -> None:
+    saved = tmp_path / "saved.config"
+    saved.write_text("CONFIG_64BIT=y\n")
+    assert KernelBuild(base="defconfig").fragments == [kernel_build.needs_fragment()]
+    assert KernelBuild(base=str(saved)).fragments == [kernel_build.needs_fragment()]
+    assert KernelBuild().fragments == [kernel_build.default_fragment()]
+    with pytest.raises(ConfigError, match="neither tinyconfig nor defconfig nor a .config file"):
+        KernelBuild(base="allnoconfig")

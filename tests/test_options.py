@@ -189,3 +189,42 @@ def test_a_run_without_kernel_tests_loads_no_qemu_or_gdb_modules(pytester: pytes
     result = pytester.runpytest_subprocess("-s", "-q")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*heavy modules: none*"])
+
+
+def test_one_vmlinux_for_several_kernels_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    err = _usage_error(pytester, "--kernel=a/bzImage", "--kernel=b/bzImage", "--vmlinux=a/vmlinux")
+    assert "one --vmlinux for several kernels" in err and "one --vmlinux per --kernel" in err
+
+
+def test_modules_must_pair_with_the_kernels(pytester: pytest.Pytester) -> None:
+    err = _usage_error(pytester, "--kernel=a/bzImage", "--kernel=b/bzImage", "--modules=none", "--modules=none",
+                       "--modules=none")
+    assert "--modules given 3 times for 2 kernels" in err
+
+
+def test_a_module_directory_without_modules_dep_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    kernel = _reference_or_skip()
+    (pytester.path / "mods").mkdir()
+    err = _usage_error(pytester, f"--kernel={kernel}", "--modules=mods")
+    assert "mods has no modules.dep" in err and "--modules=none" in err
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+def test_each_test_runs_once_per_kernel_named_in_ids_header_and_junit(pytester: pytest.Pytester,
+                                                                      workers: list[str]) -> None:
+    kernel = _reference_or_skip()
+    release = kernel.parent.joinpath("complete").read_text().split('"version": "')[1].split(" ")[0]
+    pytester.makepyfile(test_x="def test_k(kernel):\n    print('release', kernel.release)\n"
+                               "def test_plain():\n    pass\n")
+    # The same kernel twice stands for a patched kernel and its base: same release, two ids.
+    result = pytester.runpytest_subprocess(f"--kernel={kernel}", f"--kernel={kernel}", "--modules=none", "-v",
+                                           "--junitxml=junit.xml", *workers)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    result.stdout.fnmatch_lines([f"syscall-irl: kernel[{release}@1] {release} ({kernel})",
+                                 f"syscall-irl: kernel[{release}@2] {release} ({kernel})"])
+    result.assert_outcomes(passed=3)  # test_plain runs once: it uses no kernel
+    result.stdout.fnmatch_lines_random([f"*test_x.py::test_k?{release}@1?*", f"*test_x.py::test_k?{release}@2?*"])
+    junit = (pytester.path / "junit.xml").read_text()
+    for n in (1, 2):
+        assert f'<property name="syscall-irl kernel[{release}@{n}] release" value="{release}"' in junit, junit
+        assert f'<property name="syscall-irl kernel[{release}@{n}] bzImage" value="{kernel}"' in junit, junit

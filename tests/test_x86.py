@@ -75,3 +75,11 @@ def test_entry_code_found_by_disassembly() -> None:
 ])
 def test_pti_kernel_cr3(user_cr3: int, cr4: int, kernel_cr3: int) -> None:
     assert x86.pti_kernel_cr3(user_cr3, cr4) == kernel_cr3
+
+
+def test_thread_size_from_either_name_of_the_init_stack_bounds() -> None:
+    # 6.1 names the init task's stack __start_init_task..__end_init_task, 6.12 __start_init_stack..__end_init_stack.
+    assert x86.thread_size({"__start_init_task": 0x1000, "__end_init_task": 0x5000}) == 0x4000
+    assert x86.thread_size({"__start_init_stack": 0x2000, "__end_init_stack": 0x4000, "init_stack": 0x2000}) == 0x2000
+    with pytest.raises(KeyError):
+        x86.thread_size({"init_stack": 0x2000})

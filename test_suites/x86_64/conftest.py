@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_syscall_irl import x86
 from pytest_syscall_irl.guest import Guest
 
 
@@ -39,9 +40,12 @@ def read_msr(guest: Guest):
 
 
 @pytest.fixture
-def syscall_entry(kernel) -> int:
-    """Address of entry_SYSCALL_64 from the vmlinux symbol table; skips on FRED kernels,
-    where SYSCALL enters through the FRED entry point and LSTAR is unused."""
-    if kernel.vmlinux.has_symbol("asm_fred_entrypoint_user") and kernel.version_tuple >= (6, 9, 0):
-        pytest.skip("kernel has FRED: with FRED enabled, SYSCALL does not go through LSTAR")
+def syscall_entry(kernel, gdb) -> int:
+    """Address of entry_SYSCALL_64 from the vmlinux symbol table; skips where FRED is
+    active on the CPU (CR4.FRED), where SYSCALL enters through the FRED entry point and
+    LSTAR is unused. A kernel built with FRED on a CPU without it (QEMU 7.2's TCG has
+    none) takes the LSTAR path, so the symbol alone decides nothing."""
+    cr4 = gdb.registers(["cr4"])["cr4"]
+    if cr4 & x86.CR4_FRED:
+        pytest.skip(f"FRED is active on the CPU (CR4 {cr4:#x} has FRED, bit 32): SYSCALL does not go through LSTAR")
     return kernel.vmlinux.symbol("entry_SYSCALL_64")

@@ -1,12 +1,19 @@
-"""Dispatch: sys_call_table[nr] is __x64_sys_<name>; the handler runs under do_syscall_64
-and entry_SYSCALL_64; out-of-range numbers get -ENOSYS; user mode sees the handler's
-return value in RAX."""
+"""Dispatch: sys_call_table[nr] is __x64_sys_<name>; on kernels with the BHI changes
+do_syscall_64 reaches the handler through x64_sys_call(regs, nr); the handler runs under
+do_syscall_64 and entry_SYSCALL_64; out-of-range numbers get -ENOSYS; user mode sees the
+handler's return value in RAX.
+
+Since the BHI mitigations (6.9, backported to 6.1.85) the CPU no longer follows
+sys_call_table: do_syscall_x64() calls x64_sys_call(), a switch on nr that calls (or
+jumps to) the handler (arch/x86/entry/syscall_64.c). The table is still built, for
+ftrace and syscall tracing, so its slots must still name the handlers."""
 
 import pytest
 
 from pytest_syscall_irl import x86
 
 DUP = x86.SYSCALL_NUMBERS["dup"]
+WRITE = x86.SYSCALL_NUMBERS["write"]
 
 
 @pytest.mark.parametrize("name", ["write", "dup"])
@@ -16,6 +23,46 @@ def test_sys_call_table_points_at_the_handler(name, kernel, gdb):
     live = int.from_bytes(gdb.read_memory(slot, 8), "little")  # the running kernel's table
     handler = kernel.vmlinux.symbol(f"__x64_sys_{name}")
     assert live == handler, f"sys_call_table[{nr}] is {live:#x}, expected __x64_sys_{name} {handler:#x}"
+
+
+def _return_address(gdb):
+    return int.from_bytes(gdb.read_memory(gdb.registers(["rsp"])["rsp"], 8), "little")
+
+
+def test_dispatch_goes_through_x64_sys_call(kernel, guest, gdb):
+    vmlinux = kernel.vmlinux
+    if not vmlinux.has_symbol("x64_sys_call"):
+        pytest.skip(f"kernel {kernel.release} has no x64_sys_call: it dispatches through sys_call_table "
+                    f"(before the BHI changes, 6.9 / 6.1.85)")
+    # x64_sys_call(const struct pt_regs *regs, unsigned int nr), for the payload's write(1, ..., 12).
+    offsets = x86.PT_REGS_OFFSETS
+    ours = f"*(unsigned long *)($rdi + {offsets['di']}) == 1 && *(unsigned long *)($rdi + {offsets['dx']}) == 12"
+    gdb.break_insert(f"*{vmlinux.symbol('x64_sys_call'):#x}", condition=ours)
+    pending = guest.console.start(guest.payload("syscall_irl").guest_path)
+    gdb.continue_until_stop(timeout=30)
+    nr = gdb.registers(["rsi"])["rsi"] & 0xFFFFFFFF
+    assert nr == WRITE, f"x64_sys_call got nr {nr} for the payload's write(1, ..., 12), expected {WRITE}"
+    regs, caller = gdb.registers(["rdi"])["rdi"], _return_address(gdb)
+    gdb.delete_breakpoints()
+    handler = vmlinux.symbol("__x64_sys_write")
+    gdb.break_insert(f"*{handler:#x}", condition=f"$rdi == {regs:#x}")
+    gdb.continue_until_stop(timeout=30)
+    reached, handler_caller = gdb.registers(["rip"])["rip"], _return_address(gdb)
+    gdb.delete_breakpoints()
+    gdb.resume()
+    pending.wait(30).check()
+    do_syscall_64 = vmlinux.symbol("do_syscall_64")
+    assert do_syscall_64 <= caller < do_syscall_64 + vmlinux.symbol_size("do_syscall_64"), (
+        f"x64_sys_call was called from {caller:#x} ({vmlinux.names_at(caller) or 'no symbol'}), "
+        f"expected from do_syscall_64 {do_syscall_64:#x}"
+    )
+    switch = vmlinux.symbol("x64_sys_call")
+    # The switch calls the handler, or (a tail call) jumps to it with do_syscall_64's return address.
+    via = (switch <= handler_caller < switch + vmlinux.symbol_size("x64_sys_call")) or handler_caller == caller
+    assert reached == handler and via, (
+        f"with the same pt_regs the CPU reached {reached:#x} returning to {handler_caller:#x}; expected "
+        f"__x64_sys_write {handler:#x} called from x64_sys_call or jumped to from it (return to {caller:#x})"
+    )
 
 
 @pytest.mark.parametrize(
@@ -31,11 +78,15 @@ def test_the_traced_call_runs_its_handler(name, argv, args, syscall_trace, kerne
     assert rip == handler, f"the CPU ran {rip:#x} for {name}, expected __x64_sys_{name} {handler:#x}"
 
 
-def test_the_handler_runs_under_do_syscall_64_and_the_entry(syscall_trace):
+def test_the_handler_runs_under_do_syscall_64_and_the_entry(syscall_trace, kernel):
     frames = list(syscall_trace.payload("syscall_irl", nr="write", args={0: 1, 2: 12})["handler"].backtrace)
     # Inlined helpers (do_syscall_x64 in 6.1) may stand between: the order is what counts.
     assert "do_syscall_64" in frames[1:], f"backtrace {frames}: expected do_syscall_64 below the handler"
     below = frames[frames.index("do_syscall_64") + 1 :]
+    if not kernel.dwarf:
+        # The kernel is built without .eh_frame: its call frame information is DWARF's
+        # .debug_frame, and without it GDB guesses do_syscall_64's frame from its prologue.
+        pytest.skip(f"vmlinux has no DWARF (.debug_frame): GDB cannot unwind past do_syscall_64 (got {below})")
     assert any(f.startswith("entry_SYSCALL_64") for f in below), (
         f"backtrace {frames}: expected entry_SYSCALL_64 below do_syscall_64"
     )

@@ -65,8 +65,8 @@ def test_user_registers_survive_the_syscall(trace):
 
 def test_pt_regs_is_at_the_top_of_the_kernel_stack(trace, kernel):
     vmlinux = kernel.vmlinux
-    # THREAD_SIZE: the init task's stack spans __start_init_task..__end_init_task.
-    thread_size = vmlinux.symbol("__end_init_task") - vmlinux.symbol("__start_init_task")
+    # THREAD_SIZE: the span of the init task's stack in the symbol table.
+    thread_size = x86.thread_size(vmlinux.symbols)
     stage = trace["do_syscall_64"]
     regs = stage[x86.do_syscall_64_args(kernel.version_tuple)[0]]
     assert stage["rsp"] == regs - 8, (

@@ -2,9 +2,9 @@
 runs `echo syscall_irl`, and the interactive-shell case: with history on, bash writes the
 command line to its history file descriptor first; the fd == 1 condition skips that."""
 
-import re
-
 import pytest
+
+from pytest_syscall_irl import tasks
 
 MESSAGE = b"syscall_irl\n"
 
@@ -18,10 +18,9 @@ def _current(gdb, kernel):
     """(pid, comm) of the task running on the CPU, read through DWARF types."""
     if not kernel.dwarf:
         pytest.skip("vmlinux has no DWARF: struct task_struct is unknown")
-    task = "(*(struct task_struct **)($gs_base + (unsigned long)&current_task))"
-    pid = int(gdb.evaluate(f"{task}->pid"))
-    comm = re.match(r'.*?"(.*?)(\\000)*"', gdb.evaluate(f"{task}->comm")).group(1)
-    return pid, comm
+    gs = tasks.gs_register(gdb.registers(["gs_base"]))
+    task = tasks.read_current(gdb, kernel.vmlinux, gs)
+    return task.pid, task.comm
 
 
 def test_echo_writes_syscall_irl_to_fd_1(guest, gdb, kernel):
