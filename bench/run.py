@@ -8,6 +8,8 @@
 - the conformance suite (`pytest test_suites`, a subprocess): -n 1 vs -n 2, and a shared
   guest per worker vs a fresh guest per test (bench/fresh_guests.py, `-p fresh_guests`)
 - peak RSS (VmHWM) of QEMU per guest and of GDB
+- what the installed plugin adds to a run of unrelated tests (bench/overhead.py);
+  `--overhead-only` measures just that (no kernel needed)
 
 Medians of repeated samples (machines are shared and noisy), then each target with
 MET or MISSED. Exit status 0 unless the benchmark itself failed.
@@ -30,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import overhead  # noqa: E402
 import probes  # noqa: E402
 from probes import Samples  # noqa: E402
 
@@ -156,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=9, help="samples per measurement (default 9)")
     parser.add_argument("--suite-samples", type=int, default=7,
                         help="runs of each suite configuration (default 7; 0 skips the suite)")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="measure only what the plugin adds to a run of unrelated tests")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.overhead_only:
+        print_overhead(overhead.plugin_overhead(max(args.samples, 15)))
+        return 0
     base = settings()
     with tempfile.TemporaryDirectory(prefix="sirl-bench-") as tmp:
         lab = Lab(base, Path(tmp) / "logs")
@@ -167,11 +175,25 @@ def main(argv: list[str] | None = None) -> int:
     loads = probes.symbol_loads(base, args.samples)
     suite = probes.suite_runs(args.suite_samples) if args.suite_samples > 0 else None
     print_results(ready, reads, loads, suite, gdb_rss)
+    print_overhead(overhead.plugin_overhead(max(args.samples, 15)))
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (other work on the machine skews every number)")
     print("\ntargets (reference kernel, TCG, 2 cores):")
     for target in targets(ready, reads, loads, suite, gdb_rss):
         print(f"  {'MET' if target.met else 'MISSED':<7} {target.text}: {target.value}")
     return 0
+
+
+OVERHEAD_TARGET = 0.05  # seconds: 20 unrelated tests, plugin installed vs -p no:syscall_irl
+
+
+def print_overhead(cost: overhead.PluginOverhead) -> None:
+    row("pytest run of 20 unrelated tests (fresh interpreter)", "A: plugin installed", cost.with_plugin,
+        "B: -p no:syscall_irl", cost.without_plugin)
+    print(f"  {'added by the plugin (median A - B)':<38} {ms(cost.added)}")
+    row("import", "A: pytest + pytest_syscall_irl.plugin", cost.import_plugin, "B: pytest", cost.import_pytest)
+    met = cost.added <= OVERHEAD_TARGET
+    print(f"  {'MET' if met else 'MISSED':<7} plugin adds <= {ms(OVERHEAD_TARGET)} to a run without kernel tests: "
+          f"{ms(cost.added)}")
 
 
 def print_results(ready: probes.ReadyGuests, reads: probes.RegisterReads, loads: probes.SymbolLoads,

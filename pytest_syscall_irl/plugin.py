@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .errors import ConfigError, SyscallIrlError, tail
-from .kernel import Kernel
-from .kernel_build import cache_dir, reference_kernel
+from .options import BY_NAME, OPTIONS, SNAPSHOTS_ENV, Setting, given_in_env, pick, pick_snapshots
 
 if TYPE_CHECKING:
     # Imported where first used: pytest loads this plugin in every run of its environment,
     # and a run with no kernel tests need not pay for QEMU, GDB/MI and pexpect modules.
     from .gdbmi import GdbSession
     from .guest import Guest, Lab, LabSettings
+    from .kernel import Kernel
     from .trace import SyscallTracer
 
 log = logging.getLogger(__name__)
@@ -36,41 +36,37 @@ SETTINGS_KEY = pytest.StashKey["LabSettings | None"]()
 USAGE_ERROR_KEY = pytest.StashKey[str]()
 USAGE_ERROR_OUTPUT = "syscall_irl_usage_error"
 USED_KEY = pytest.StashKey[list[Any]]()
+HEADER_SENT_KEY = pytest.StashKey[bool]()
 KERNEL_FIXTURES = {"kernel", "guest", "fresh_guest", "gdb", "make_guest", "syscall_irl_lab", "syscall_trace"}
 NO_KERNEL = ("no kernel to test: pass --kernel=path/to/arch/x86/boot/bzImage, or build the reference "
              "kernel once with `syscall-irl kernel build` (it is then used by default)")
 
-OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("kernel", "bzImage to boot and test (default: the cached reference kernel).", {}),
-    ("vmlinux", "vmlinux with the kernel's symbols (default: beside the kernel build tree or bzImage).", {}),
-    ("qemu", "QEMU system emulator (default: qemu-system-x86_64).", {}),
-    ("gdb", "GDB executable (default: gdb).", {}),
-    ("accel", "accelerator: auto (KVM where a KVM guest really boots, else TCG), kvm or tcg "
-              "(default: auto).", {"choices": ("auto", "kvm", "tcg")}),
-    ("boot_args", "extra kernel command line arguments, appended to the defaults.", {}),
-]
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("syscall-irl", "x86_64 syscall path conformance (QEMU + GDB)")
-    for name, text, extra in OPTIONS:
-        flag = "--" + name.replace("_", "-")
-        group.addoption(flag, dest=f"syscall_irl_{name}", metavar=name.upper(), help=text, **extra)
-        parser.addini(f"syscall_irl_{name}", f"default for {flag}: {text}")
-    group.addoption("--no-snapshots", dest="syscall_irl_snapshots", action="store_false", default=None,
-                    help="cold-boot every guest instead of restoring a saved ready guest (default: restore).")
+    for option in OPTIONS:
+        extra: dict[str, Any] = {"choices": option.choices} if option.choices else {}
+        group.addoption(option.flag, option.long_flag, dest=option.ini, metavar=option.name.upper(),
+                        help=f"{option.help} Also ${option.env}.", **extra)
+        parser.addini(option.ini, f"default for {option.flag}: {option.help}")
+    group.addoption("--no-snapshots", "--syscall-irl-no-snapshots", dest="syscall_irl_snapshots",
+                    action="store_false", default=None,
+                    help=f"cold-boot every guest instead of restoring a saved ready guest (default: restore). "
+                         f"Also ${SNAPSHOTS_ENV}=0.")
     parser.addini("syscall_irl_snapshots", "default for --no-snapshots: restore guests from a saved ready "
                   "guest (true) or cold-boot each (false).", type="bool", default=True)
 
 
+def _lookup(config: pytest.Config, name: str) -> Setting:
+    """The setting *name* with its origin: command line, else environment, else ini file."""
+    option = BY_NAME[name]
+    return pick(option, cli=config.getoption(option.ini), env=os.environ, ini=config.getini(option.ini) or None,
+                ini_file=config.inipath, cwd=config.invocation_params.dir, rootdir=config.rootpath)
+
+
 def _setting(config: pytest.Config, name: str) -> tuple[str | None, Path]:
-    """(value, base directory for relative paths): command line first, then ini."""
-    value = config.getoption(f"syscall_irl_{name}")
-    if value:
-        return str(value), config.invocation_params.dir
-    ini = config.getini(f"syscall_irl_{name}")
-    base = config.inipath.parent if config.inipath else config.rootpath
-    return (str(ini) if ini else None), base
+    """(value, base directory for relative paths) of the setting *name*."""
+    setting = _lookup(config, name)
+    return setting.value, setting.base
 
 
 def _path(config: pytest.Config, name: str) -> Path | None:
@@ -87,33 +83,41 @@ def _program(config: pytest.Config, name: str, default: str, package: str) -> st
     return found
 
 
+def _snapshots(config: pytest.Config) -> bool:
+    return pick_snapshots(cli=config.getoption("syscall_irl_snapshots"), env=os.environ,
+                          ini=bool(config.getini("syscall_irl_snapshots")))[0]
+
+
 def resolve_settings(config: pytest.Config) -> LabSettings:
     """Turn the options into validated settings; ConfigError names the problem and the fix."""
     from .guest import LabSettings, check_boot_args
+    from .kernel import Kernel
+    from .kernel_build import cache_dir, reference_kernel
     bzimage = _path(config, "kernel") or reference_kernel()
     if bzimage is None:
         raise ConfigError(NO_KERNEL)
     kernel = Kernel.load(bzimage, _path(config, "vmlinux"))
     accel = _setting(config, "accel")[0] or "auto"
-    if accel not in ("auto", "kvm", "tcg"):
-        raise ConfigError(f"syscall_irl_accel = {accel!r} in the ini file: use auto, kvm or tcg")
     if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise ConfigError("--accel=kvm but /dev/kvm is missing or not accessible: use --accel=auto or tcg")
-    boot_args = _setting(config, "boot_args")[0] or ""
+    boot_args_setting = _lookup(config, "boot_args")
+    boot_args = boot_args_setting.value or ""
     try:
         check_boot_args(boot_args)
     except ConfigError as exc:
-        raise ConfigError(f"--boot-args: {exc}") from None
-    snapshots = config.getoption("syscall_irl_snapshots")
+        raise ConfigError(f"{boot_args_setting.origin}: {exc}") from None
     return LabSettings(kernel=kernel, qemu=_program(config, "qemu", "qemu-system-x86_64", "qemu-system-x86"),
                        gdb=_program(config, "gdb", "gdb", "gdb"), accel=accel, boot_args=boot_args,
-                       cache=cache_dir(),
-                       snapshots=bool(config.getini("syscall_irl_snapshots") if snapshots is None else snapshots))
+                       cache=cache_dir(), snapshots=_snapshots(config))
 
 
 def _explicit(config: pytest.Config) -> bool:
-    return any(_setting(config, name)[0] for name, _, _ in OPTIONS) or \
-        config.getoption("syscall_irl_snapshots") is not None
+    """True if the user gave an option of ours (command line, environment or ini file)."""
+    try:
+        return any(_lookup(config, option.name).given for option in OPTIONS) or \
+            config.getoption("syscall_irl_snapshots") is not None or given_in_env(os.environ)
+    except ConfigError:
+        return True  # given, and wrong: resolving the settings reports it
 
 
 def _settings(config: pytest.Config) -> LabSettings:
@@ -121,6 +125,8 @@ def _settings(config: pytest.Config) -> LabSettings:
     settings = config.stash.get(SETTINGS_KEY, None)
     if settings is None:
         try:
+            for option in OPTIONS:  # a bad value anywhere is named with its origin, first
+                _lookup(config, option.name)
             settings = resolve_settings(config)
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from exc
@@ -130,6 +136,8 @@ def _settings(config: pytest.Config) -> LabSettings:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = None
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_HeaderRelay(config), "syscall_irl_header_relay")
     config.addinivalue_line("markers", "boot_args(args): boot the test's guests (guest, fresh_guest) with these "
                             "extra kernel arguments, e.g. boot_args(\"pti=on\"); each set has its own snapshot")
 
@@ -172,9 +180,21 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
-    from .guest import decide_accel
-    if not _explicit(config) and reference_kernel() is None:
+    # Options given: the header (and any usage error) comes before collection. Otherwise it
+    # waits until a collected test needs a kernel (pytest_report_collectionfinish): a run of
+    # unrelated tests in the same environment starts no program of ours and reads no kernel.
+    return _header(config) if _explicit(config) else None
+
+
+def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> list[str] | None:
+    if _explicit(config) or config.stash.get(SETTINGS_KEY, None) is None:
         return None
+    return _header(config)
+
+
+def _header(config: pytest.Config) -> list[str]:
+    """The kernel, tools and accelerator of this run, for the report header."""
+    from .guest import decide_accel
     settings = _settings(config)
     kernel = settings.kernel
     accel, why = decide_accel(settings)
@@ -187,6 +207,33 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
         "syscall-irl: guests " + (f"restored from a saved ready guest ({settings.cache / 'snapshots'})"
                                   if settings.snapshots else "cold-booted (--no-snapshots)"),
     ]
+
+
+def _forward_header(config: pytest.Config, report: pytest.TestReport) -> None:
+    """An xdist controller collects nothing, so without options it cannot know that a kernel
+    is needed: a worker that resolved the settings sends the header with its first report."""
+    if not hasattr(config, "workerinput") or _explicit(config) or config.stash.get(HEADER_SENT_KEY, False):
+        return
+    if config.stash.get(SETTINGS_KEY, None) is not None:
+        config.stash[HEADER_SENT_KEY] = True
+        report.syscall_irl_header = _header(config)  # type: ignore[attr-defined]
+
+
+class _HeaderRelay:
+    """On an xdist controller: writes the header a worker sent (see _forward_header), once."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.shown = False
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        lines = getattr(report, "syscall_irl_header", None)
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if lines and not self.shown and reporter is not None:
+            self.shown = True
+            reporter.ensure_newline()
+            for line in lines:
+                reporter.write_line(line)
 
 
 def _version_line(program: str) -> str:
@@ -203,6 +250,7 @@ def _used(item: pytest.Item) -> list[Any]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
+    _forward_header(item.config, report)
     if report.failed and _used(item):
         from .gdbmi import GdbSession
         from .guest import Guest
