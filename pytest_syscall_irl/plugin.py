@@ -37,7 +37,9 @@ USAGE_ERROR_KEY = pytest.StashKey[str]()
 USAGE_ERROR_OUTPUT = "syscall_irl_usage_error"
 USED_KEY = pytest.StashKey[list[Any]]()
 HEADER_SENT_KEY = pytest.StashKey[bool]()
-KERNEL_FIXTURES = {"kernel", "guest", "fresh_guest", "gdb", "make_guest", "syscall_irl_lab", "syscall_trace"}
+# Every fixture of ours that needs a kernel depends on this one; a test's own fixture that
+# happens to be called `gdb` or `kernel` does not.
+LAB_FIXTURE = "syscall_irl_lab"
 NO_KERNEL = ("no kernel to test: pass --kernel=path/to/arch/x86/boot/bzImage, or build the reference "
              "kernel once with `syscall-irl kernel build` (it is then used by default)")
 
@@ -149,9 +151,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _settings(session.config)
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: a deselected kernel test needs no kernel
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     # Without explicit options, the default kernel is needed only if a test asks for one.
-    if not any(KERNEL_FIXTURES.intersection(getattr(item, "fixturenames", ())) for item in items):
+    if not any(LAB_FIXTURE in getattr(item, "fixturenames", ()) for item in items):
         return
     if not hasattr(config, "workerinput"):
         _settings(config)

@@ -13,7 +13,8 @@ from pytest_syscall_irl import options, procs
 from pytest_syscall_irl.errors import ConfigError
 from pytest_syscall_irl.kernel_build import reference_kernel
 
-PLAIN = "def test_plain():\n    assert 1 + 1 == 2\n"
+# A fixture of the test's own that happens to share a name with one of ours.
+PLAIN = "import pytest\n\n@pytest.fixture\ndef gdb():\n    return 'own'\n\n\ndef test_plain(gdb):\n    assert gdb\n"
 USES_KERNEL = "def test_k(kernel):\n    assert kernel.release\n"
 
 
@@ -44,12 +45,13 @@ def no_tools_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> _Record
     return _Recorder(monkeypatch)
 
 
-@pytest.mark.parametrize("args", [[], ["-v"]])
+@pytest.mark.parametrize("args", [[], ["-v"], ["-k", "plain"]])
 def test_unrelated_tests_start_nothing_and_need_no_qemu(pytester: pytest.Pytester, no_tools_on_path: _Recorder,
                                                         args: list[str]) -> None:
     # In-process, so the recorder sees every program the plugin would start (the header
     # used to run dpkg-query, gcc, QEMU and GDB, and failed without QEMU on PATH).
-    pytester.makepyfile(test_plain=PLAIN)
+    # A kernel test deselected with -k needs no kernel either.
+    pytester.makepyfile(test_plain=PLAIN, **({"test_k": USES_KERNEL} if "-k" in args else {}))
     result = pytester.runpytest_inprocess(*args)
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     assert no_tools_on_path.started == []
