@@ -1,4 +1,4 @@
-"""The `syscall-irl` command: `syscall-irl kernel build`, `syscall-irl kernel path`.
+"""The `syscall-irl` command: `syscall-irl kernel build`, `syscall-irl kernel path`, `syscall-irl suite-path`.
 
 Each command group registers itself with a function that takes argparse's subparsers
 (see add_kernel_commands); add a group by appending its function to COMMAND_GROUPS.
@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from . import kernel_build
+from . import kernel_build, shipped
 from .errors import SyscallIrlError
 
 
@@ -78,8 +78,21 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     path.set_defaults(func=_kernel_path)
 
 
+def _suite_path(args: argparse.Namespace) -> int:
+    print(shipped.SUITES_DIR)
+    return 0
+
+
+def add_suite_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `suite-path`: where the shipped conformance suites are (checkout or installed package)."""
+    path = subparsers.add_parser("suite-path", help="print the directory of the shipped conformance suites "
+                                 "(`pytest $(syscall-irl suite-path)`, or `pytest --pyargs pytest_syscall_irl.suites`)")
+    path.set_defaults(func=_suite_path)
+
+
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_kernel_commands,
+    add_suite_commands,
 ]
 
 

@@ -25,7 +25,7 @@ from typing import IO
 
 from filelock import FileLock, Timeout
 
-from . import procs
+from . import procs, shipped
 from .errors import ConfigError, KernelError, SyscallIrlError, tail
 from .kernel import Kernel, StrPath
 
@@ -50,8 +50,8 @@ def cache_dir() -> Path:
 
 
 def default_fragment() -> Path:
-    """The reference config fragment shipped in the repository (guest/kernel.config)."""
-    return Path(__file__).resolve().parent.parent / "guest" / "kernel.config"
+    """The reference config fragment shipped with the package (guest/kernel.config)."""
+    return shipped.KERNEL_FRAGMENT
 
 
 def _output(command: list[str], cwd: Path | None = None) -> str | None:
