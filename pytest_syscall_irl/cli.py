@@ -1,4 +1,4 @@
-"""The `syscall-irl` command: `syscall-irl kernel build`, `syscall-irl kernel path`, `syscall-irl suite-path`.
+"""The `syscall-irl` command: `kernel build`, `kernel path`, `suite-path`, `bisect-run`, `failed-logs`.
 
 Each command group registers itself with a function that takes argparse's subparsers
 (see add_kernel_commands); add a group by appending its function to COMMAND_GROUPS.
@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import kernel_build, shipped
 from .errors import SyscallIrlError
@@ -35,7 +36,7 @@ def _kernel_build(args: argparse.Namespace) -> int:
     quiet = bool(args.quiet)
     build = kernel_build.KernelBuild(
         args.tree,
-        args.config,
+        args.config or None,  # --config "" is the default fragment (handy in CI matrices)
         jobs=args.jobs,
         on_stage=None if quiet else (lambda message: _progress(f"==> {message}")),
         on_output=None if quiet else _progress,
@@ -90,9 +91,53 @@ def add_suite_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     path.set_defaults(func=_suite_path)
 
 
+def _bisect_run(args: argparse.Namespace) -> int:
+    from .bisect import bisect_step
+    pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    say = (lambda message: None) if args.quiet else (lambda message: _progress(f"==> {message}"))
+    build = kernel_build.KernelBuild(args.tree or ".", args.config or None, jobs=args.jobs, on_stage=say)
+    result = bisect_step(build, pytest_args, say)
+    _progress(f"syscall-irl bisect-run: exit {result.status}: {result.reason}")
+    return result.status
+
+
+def _failed_logs(args: argparse.Namespace) -> int:
+    from .junit import collect_failed_logs
+    copied = collect_failed_logs(Path(args.junit), Path(args.destination))
+    _progress(f"syscall-irl: {copied} log(s) of failed tests copied to {args.destination}")
+    return 0
+
+
+def add_ci_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `failed-logs`: the guest and GDB/MI logs of the failed tests of a JUnit report."""
+    logs = subparsers.add_parser("failed-logs", help="copy the guest and GDB/MI logs of each failed test named in "
+                                 "a JUnit XML report to DEST/<test id>/ (for CI artifacts)")
+    logs.add_argument("junit", metavar="JUNIT_XML")
+    logs.add_argument("destination", metavar="DEST")
+    logs.set_defaults(func=_failed_logs)
+
+
+def add_bisect_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `bisect-run`, one step of `git bisect run`."""
+    bisect = subparsers.add_parser(
+        "bisect-run", help="for `git bisect run`: build the tree, run pytest on it; exit 0 good, 1 an invariant "
+        "failed, 125 skip (build failed, harness or environment broke)")
+    bisect.add_argument("--tree", metavar="DIR", help="kernel source tree (default: the current directory)")
+    bisect.add_argument("--config", metavar="FRAGMENT",
+                        help="config fragment merged over tinyconfig (default: guest/kernel.config)")
+    bisect.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
+                        help="parallel make jobs (default: the number of CPUs)")
+    bisect.add_argument("--quiet", "-q", action="store_true", help="print only the verdict and pytest's output")
+    bisect.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS",
+                        help="arguments for pytest (--kernel and --vmlinux are added)")
+    bisect.set_defaults(func=_bisect_run)
+
+
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_kernel_commands,
     add_suite_commands,
+    add_bisect_commands,
+    add_ci_commands,
 ]
 
 

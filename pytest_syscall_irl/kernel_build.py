@@ -278,9 +278,14 @@ class KernelBuild:
                   "compiler": compiler_id(), "version": kernel.bzimage.version}
         _atomic_write(self.directory / "complete", json.dumps(record, indent=1) + "\n")
 
-    def _debian_tree(self, build_log: IO[str]) -> Path:
+    @property
+    def debian_tree(self) -> Path:
+        """Where Debian's source is (or will be) extracted: <cache>/src/linux-source-6.1-<version>."""
         version = self.source_identity.rpartition("=")[2]
-        target = self.cache / "src" / f"{DEBIAN_PACKAGE}-{version}"
+        return self.cache / "src" / f"{DEBIAN_PACKAGE}-{version}"
+
+    def _debian_tree(self, build_log: IO[str]) -> Path:
+        target = self.debian_tree
         if target.is_dir():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
