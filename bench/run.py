@@ -21,7 +21,6 @@ import argparse
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from probes import Samples  # noqa: E402
 
 from pytest_syscall_irl.gdbmi import GdbSession  # noqa: E402
 from pytest_syscall_irl.guest import Lab, LabSettings, warm_gdb_index  # noqa: E402
+from pytest_syscall_irl.identity import version_line as version  # noqa: E402
 from pytest_syscall_irl.kernel import Kernel  # noqa: E402
 from pytest_syscall_irl.kernel_build import cache_dir, reference_kernel  # noqa: E402
 
@@ -59,11 +59,6 @@ def settings() -> LabSettings:
         raise SystemExit("qemu-system-x86_64 and gdb are needed: apt-get install qemu-system-x86 gdb")
     return LabSettings(kernel=Kernel.load(bzimage), qemu=qemu, gdb=gdb, accel="auto", boot_args="",
                        cache=cache_dir())
-
-
-def version(program: str) -> str:
-    out = subprocess.run([program, "--version"], capture_output=True, text=True).stdout
-    return out.splitlines()[0] if out else program
 
 
 def ms(seconds: float) -> str:

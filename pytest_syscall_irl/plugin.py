@@ -12,7 +12,6 @@ import itertools
 import logging
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,30 +185,33 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     # Options given: the header (and any usage error) comes before collection. Otherwise it
     # waits until a collected test needs a kernel (pytest_report_collectionfinish): a run of
     # unrelated tests in the same environment starts no program of ours and reads no kernel.
-    return _header(config) if _explicit(config) else None
+    return _announce(config) if _explicit(config) else None
 
 
 def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> list[str] | None:
     if _explicit(config) or config.stash.get(SETTINGS_KEY, None) is None:
         return None
-    return _header(config)
+    return _announce(config)
 
 
-def _header(config: pytest.Config) -> list[str]:
-    """The kernel, tools and accelerator of this run, for the report header."""
-    from .guest import decide_accel
-    settings = _settings(config)
-    kernel = settings.kernel
-    accel, why = decide_accel(settings)
-    return [
-        f"syscall-irl: kernel {kernel.release} ({kernel.bzimage.path})",
-        f"syscall-irl: vmlinux {kernel.vmlinux.path} ({'DWARF' if kernel.dwarf else 'no DWARF'})",
-        f"syscall-irl: {_version_line(settings.qemu)}; {_version_line(settings.gdb)}",
-        f"syscall-irl: accelerator {accel} ({why}); payloads via "
-        f"{'ISO9660 image' if kernel.payloads_on_iso else 'initramfs (kernel cannot mount the ISO)'}",
-        "syscall-irl: guests " + (f"restored from a saved ready guest ({settings.cache / 'snapshots'})"
-                                  if settings.snapshots else "cold-booted (--no-snapshots)"),
-    ]
+def _announce(config: pytest.Config) -> list[str]:
+    """The header lines; the same identity goes into the JUnit report's testsuite properties."""
+    lines, properties = _identity(config)
+    _record_suite_properties(config, properties)
+    return lines
+
+
+def _identity(config: pytest.Config) -> tuple[list[str], list[tuple[str, str]]]:
+    from .identity import describe
+    return describe(_settings(config))
+
+
+def _record_suite_properties(config: pytest.Config, properties: list[tuple[str, str]]) -> None:
+    """Testsuite properties of the JUnit report, if one is written (only the controller writes it)."""
+    for plugin in config.pluginmanager.get_plugins():
+        if hasattr(plugin, "add_global_property"):  # pytest's LogXML (what record_testsuite_property uses)
+            for name, value in properties:
+                plugin.add_global_property(name, value)
 
 
 def _forward_header(config: pytest.Config, report: pytest.TestReport) -> None:
@@ -219,29 +221,29 @@ def _forward_header(config: pytest.Config, report: pytest.TestReport) -> None:
         return
     if config.stash.get(SETTINGS_KEY, None) is not None:
         config.stash[HEADER_SENT_KEY] = True
-        report.syscall_irl_header = _header(config)  # type: ignore[attr-defined]
+        report.syscall_irl_identity = _identity(config)  # type: ignore[attr-defined]
 
 
 class _HeaderRelay:
-    """On an xdist controller: writes the header a worker sent (see _forward_header), once."""
+    """On an xdist controller: writes the header a worker sent (see _forward_header), once, and
+    records its JUnit properties."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.shown = False
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        lines = getattr(report, "syscall_irl_header", None)
+        identity = getattr(report, "syscall_irl_identity", None)
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if lines and not self.shown and reporter is not None:
-            self.shown = True
+        if not identity or self.shown:
+            return
+        self.shown = True
+        lines, properties = identity
+        _record_suite_properties(self.config, [(str(name), str(value)) for name, value in properties])
+        if reporter is not None:
             reporter.ensure_newline()
             for line in lines:
                 reporter.write_line(line)
-
-
-def _version_line(program: str) -> str:
-    out = subprocess.run([program, "--version"], capture_output=True, text=True).stdout
-    return out.splitlines()[0] if out else program
 
 
 # --- failure artifacts ---------------------------------------------------------------

@@ -4,6 +4,7 @@ come from the ini file, the environment or the command line (each later one wins
 from __future__ import annotations
 
 import subprocess
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from pytest_syscall_irl import options, procs
 from pytest_syscall_irl.errors import ConfigError
+from pytest_syscall_irl.kernel import Kernel
 from pytest_syscall_irl.kernel_build import reference_kernel
 
 # A fixture of the test's own that happens to share a name with one of ours.
@@ -78,10 +80,17 @@ def test_header_once_a_kernel_test_is_collected(pytester: pytest.Pytester, worke
     pytester.makepyfile(test_plain=PLAIN)
     assert "syscall-irl:" not in pytester.runpytest_subprocess(*workers).stdout.str()
     pytester.makepyfile(test_k=USES_KERNEL)
-    result = pytester.runpytest_subprocess(*workers)
+    result = pytester.runpytest_subprocess(*workers, "--junitxml=junit.xml")
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     result.stdout.fnmatch_lines(["syscall-irl: kernel 6.*", "syscall-irl: vmlinux *"])
     assert result.stdout.str().count("syscall-irl: kernel ") == 1
+    # The JUnit report names the kernel: its release as the bzImage's own header gives it.
+    suite = ElementTree.parse(pytester.path / "junit.xml").getroot().find("testsuite")
+    assert suite is not None
+    properties = {prop.get("name"): prop.get("value") for prop in suite.iter("property")}
+    assert properties["syscall-irl kernel"] == Kernel.load(reference_kernel()).release
+    assert properties["syscall-irl accelerator"] in ("kvm", "tcg")
+    assert properties["syscall-irl qemu"].startswith("QEMU emulator version")
 
 
 # --- where a setting comes from ------------------------------------------------------
