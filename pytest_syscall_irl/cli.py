@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import kernel_build, shipped
+from .build_progress import BuildProgress, previous_steps
 from .errors import SyscallIrlError
 
 
@@ -32,16 +33,43 @@ def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _progress_line(line: str) -> None:
+    # On a terminal the line redraws itself; in a CI log each update is a line of its own.
+    if sys.stderr.isatty():
+        print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+    else:
+        _progress(line)
+
+
+def _build_output(args: argparse.Namespace) -> tuple[Callable[[str], None] | None, BuildProgress | None]:
+    """Where make's output goes: nowhere (--quiet), through (--make-output), or a progress line."""
+    if args.quiet:
+        return None, None
+    if args.make_output:
+        return _progress, None
+    progress = BuildProgress(_progress_line, interval=1.0 if sys.stderr.isatty() else 15.0)
+    return progress.feed, progress
+
+
 def _kernel_build(args: argparse.Namespace) -> int:
     quiet = bool(args.quiet)
+    on_output, progress = _build_output(args)
     build = kernel_build.KernelBuild(
         args.tree,
         args.config or None,  # --config "" is the default fragment (handy in CI matrices)
         jobs=args.jobs,
         on_stage=None if quiet else (lambda message: _progress(f"==> {message}")),
-        on_output=None if quiet else _progress,
+        on_output=on_output,
     )
-    print(build.build())
+    if progress is not None:
+        progress.total = previous_steps(build.cache / "kernels", build.fragment_sha256)
+    try:
+        print(build.build())
+    finally:
+        if progress is not None and progress.steps and sys.stderr.isatty():
+            print(file=sys.stderr)  # end the progress line
+    if not quiet and build.steps:  # a build ran (a cached one is only reused)
+        _progress(f"==> full make output: {build.log_path}")
     return 0
 
 
@@ -73,7 +101,9 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     build.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                        help="parallel make jobs (default: the number of CPUs)")
     build.add_argument("--quiet", "-q", action="store_true",
-                       help="print only the bzImage path, not the stages and make output")
+                       help="print only the bzImage path, not the stages and the progress line")
+    build.add_argument("--make-output", action="store_true",
+                       help="show make's output instead of a progress line (it is in build.log either way)")
     build.set_defaults(func=_kernel_build)
     path = commands.add_parser("path", help="print the cached reference bzImage (exit 1 if none)")
     path.set_defaults(func=_kernel_path)

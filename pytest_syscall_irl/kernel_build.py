@@ -26,6 +26,7 @@ from typing import IO
 from filelock import FileLock, Timeout
 
 from . import procs, shipped
+from .build_progress import KBUILD_STEP
 from .errors import ConfigError, KernelError, SyscallIrlError, tail
 from .kernel import Kernel, StrPath
 
@@ -168,6 +169,7 @@ class KernelBuild:
         self.cache = cache if cache is not None else cache_dir()
         self._on_stage = on_stage
         self._on_output = on_output
+        self.steps = 0  # kbuild steps (`  CC  file.o` lines) of the last build, for progress estimates
 
     @cached_property
     def fragment_text(self) -> str:
@@ -176,6 +178,11 @@ class KernelBuild:
             return self.fragment.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read config fragment {self.fragment}: {exc}") from exc
+
+    @property
+    def fragment_sha256(self) -> str:
+        """sha256 of the fragment's text (build_progress finds earlier builds of it by this)."""
+        return hashlib.sha256(self.fragment_text.encode()).hexdigest()
 
     @cached_property
     def source_identity(self) -> str:
@@ -235,6 +242,7 @@ class KernelBuild:
 
     def _build_locked(self) -> None:
         started = time.monotonic()
+        self.steps = 0
         (self.directory / "complete").unlink(missing_ok=True)
         with self.log_path.open("w") as build_log:
             source = self.tree if self.tree is not None else self._debian_tree(build_log)
@@ -274,8 +282,8 @@ class KernelBuild:
         except ConfigError as exc:
             raise KernelError(f"the build produced unusable artifacts: {exc.message}") from exc
         record = {"source": self.source_identity, "fragment": str(self.fragment),
-                  "fragment_sha256": hashlib.sha256(self.fragment_text.encode()).hexdigest(),
-                  "compiler": compiler_id(), "version": kernel.bzimage.version}
+                  "fragment_sha256": self.fragment_sha256, "compiler": compiler_id(),
+                  "version": kernel.bzimage.version, "steps": self.steps}
         _atomic_write(self.directory / "complete", json.dumps(record, indent=1) + "\n")
 
     @property
@@ -322,6 +330,7 @@ class KernelBuild:
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace")
                 build_log.write(line)
+                self.steps += bool(KBUILD_STEP.match(line))
                 if self._on_output is not None:
                     self._on_output(line.rstrip("\n"))
             code = proc.wait()
