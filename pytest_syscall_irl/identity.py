@@ -4,8 +4,10 @@ the kernel (release, bzImage, vmlinux), QEMU and GDB versions, the accelerator."
 from __future__ import annotations
 
 import subprocess
+from typing import TYPE_CHECKING, Any
 
-from .guest import LabSettings, decide_accel
+if TYPE_CHECKING:
+    from .guest import LabSettings
 
 
 def version_line(program: str) -> str:
@@ -16,6 +18,7 @@ def version_line(program: str) -> str:
 
 def describe(settings: LabSettings) -> tuple[list[str], list[tuple[str, str]]]:
     """(header lines, JUnit testsuite properties) of a run with these settings."""
+    from .guest import decide_accel  # QEMU's modules load only for runs that need a kernel
     kernel = settings.kernel
     accel, why = decide_accel(settings)
     qemu, gdb = version_line(settings.qemu), version_line(settings.gdb)
@@ -32,3 +35,35 @@ def describe(settings: LabSettings) -> tuple[list[str], list[tuple[str, str]]]:
                   ("syscall-irl vmlinux", str(kernel.vmlinux.path)), ("syscall-irl qemu", qemu),
                   ("syscall-irl gdb", gdb), ("syscall-irl accelerator", accel)]
     return lines, properties
+
+
+def record_suite_properties(config: Any, properties: list[tuple[str, str]]) -> None:
+    """Testsuite properties of the JUnit report, if this process writes one (an xdist controller
+    does, its workers do not): pytest's LogXML plugin takes them, as record_testsuite_property does."""
+    for plugin in config.pluginmanager.get_plugins():
+        if hasattr(plugin, "add_global_property"):
+            for name, value in properties:
+                plugin.add_global_property(name, value)
+
+
+class HeaderRelay:
+    """A pytest plugin for an xdist controller, which collects nothing and so cannot know that a
+    kernel is needed: writes the identity the first worker that resolved it sent with a report
+    (report.syscall_irl_identity), once, and records its JUnit properties."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.shown = False
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        identity = getattr(report, "syscall_irl_identity", None)
+        if not identity or self.shown:
+            return
+        self.shown = True
+        lines, properties = identity
+        record_suite_properties(self.config, [(str(name), str(value)) for name, value in properties])
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            for line in lines:
+                reporter.write_line(line)

@@ -55,6 +55,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          f"Also ${SNAPSHOTS_ENV}=0.")
     parser.addini("syscall_irl_snapshots", "default for --no-snapshots: restore guests from a saved ready "
                   "guest (true) or cold-boot each (false).", type="bool", default=True)
+    group.addoption("--syscall-irl-html", dest="syscall_irl_html", metavar="PATH",
+                    help="write an HTML page drawing each traced syscall's path through the stages.")
 
 
 def _lookup(config: pytest.Config, name: str) -> Setting:
@@ -138,7 +140,12 @@ def _settings(config: pytest.Config) -> LabSettings:
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = None
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        config.pluginmanager.register(_HeaderRelay(config), "syscall_irl_header_relay")
+        from .identity import HeaderRelay
+        config.pluginmanager.register(HeaderRelay(config), "syscall_irl_header_relay")
+    if config.getoption("syscall_irl_html", None) and not hasattr(config, "workerinput"):
+        from .html_report import HtmlPage
+        config.pluginmanager.register(HtmlPage(Path(config.getoption("syscall_irl_html")).resolve()),
+                                      "syscall_irl_html")
     config.addinivalue_line("markers", "boot_args(args): boot the test's guests (guest, fresh_guest) with these "
                             "extra kernel arguments, e.g. boot_args(\"pti=on\"); each set has its own snapshot")
 
@@ -196,22 +203,15 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
 
 def _announce(config: pytest.Config) -> list[str]:
     """The header lines; the same identity goes into the JUnit report's testsuite properties."""
+    from .identity import record_suite_properties
     lines, properties = _identity(config)
-    _record_suite_properties(config, properties)
+    record_suite_properties(config, properties)
     return lines
 
 
 def _identity(config: pytest.Config) -> tuple[list[str], list[tuple[str, str]]]:
     from .identity import describe
     return describe(_settings(config))
-
-
-def _record_suite_properties(config: pytest.Config, properties: list[tuple[str, str]]) -> None:
-    """Testsuite properties of the JUnit report, if one is written (only the controller writes it)."""
-    for plugin in config.pluginmanager.get_plugins():
-        if hasattr(plugin, "add_global_property"):  # pytest's LogXML (what record_testsuite_property uses)
-            for name, value in properties:
-                plugin.add_global_property(name, value)
 
 
 def _forward_header(config: pytest.Config, report: pytest.TestReport) -> None:
@@ -224,28 +224,6 @@ def _forward_header(config: pytest.Config, report: pytest.TestReport) -> None:
         report.syscall_irl_identity = _identity(config)  # type: ignore[attr-defined]
 
 
-class _HeaderRelay:
-    """On an xdist controller: writes the header a worker sent (see _forward_header), once, and
-    records its JUnit properties."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.shown = False
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        identity = getattr(report, "syscall_irl_identity", None)
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if not identity or self.shown:
-            return
-        self.shown = True
-        lines, properties = identity
-        _record_suite_properties(self.config, [(str(name), str(value)) for name, value in properties])
-        if reporter is not None:
-            reporter.ensure_newline()
-            for line in lines:
-                reporter.write_line(line)
-
-
 # --- failure artifacts ---------------------------------------------------------------
 
 def _used(item: pytest.Item) -> list[Any]:
@@ -256,6 +234,7 @@ def _used(item: pytest.Item) -> list[Any]:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
     _forward_header(item.config, report)
+    _attach_traces(item, report)
     if report.failed and _used(item):
         from .gdbmi import GdbSession
         from .guest import Guest
@@ -276,6 +255,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 for number, trace in enumerate(thing.traces, start=1):
                     report.sections.append((f"syscall trace {number}", str(trace)))
     return report
+
+
+def _attach_traces(item: pytest.Item, report: pytest.TestReport) -> None:
+    """With --syscall-irl-html, the test's traces ride on its report (to the xdist controller)."""
+    if report.when != "call" or not item.config.getoption("syscall_irl_html", None) or not _used(item):
+        return
+    from .html_report import trace_record
+    from .trace import SyscallTracer
+    report.syscall_irl_traces = [trace_record(trace) for thing in _used(item)  # type: ignore[attr-defined]
+                                 if isinstance(thing, SyscallTracer) for trace in thing.traces]
 
 
 def _read(path: Path) -> str:

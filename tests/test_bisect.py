@@ -103,6 +103,7 @@ def _history(tree: Path) -> dict[str, str]:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(2400)  # one full tinyconfig build (~3 min on 2 free cores) and two incremental ones
 def test_git_bisect_run_names_the_commit_that_breaks_fmask(tmp_path: Path) -> None:
     if reference_kernel() is None:
         pytest.skip("reference kernel not built (syscall-irl kernel build): its extracted source is reused")
