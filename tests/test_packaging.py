@@ -76,7 +76,9 @@ def test_oldest_allowed_versions_run_the_unit_tests(tmp_path: Path) -> None:
     pins = oldest_allowed()
     (tmp_path / "constraints.txt").write_text("\n".join(pins) + "\n")
     bin_dir = _venv(tmp_path / "venv")
-    _run([bin_dir / "python", "-m", "pip", "install", "-q", "-c", tmp_path / "constraints.txt", ROOT], cwd=tmp_path)
+    # check-jsonschema: tests/test_ci_docs.py is a unit test too (a dev tool, not a dependency).
+    _run([bin_dir / "python", "-m", "pip", "install", "-q", "-c", tmp_path / "constraints.txt", ROOT,
+          "check-jsonschema"], cwd=tmp_path)
     installed = _run([bin_dir / "python", "-m", "pip", "freeze"], cwd=tmp_path).lower().replace("_", "-")
     for pin in pins:
         assert pin.lower().replace("_", "-") in installed, f"{pin} not installed:\n{installed}"
