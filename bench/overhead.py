@@ -23,6 +23,7 @@ class PluginOverhead:
     without_plugin: Samples = field(default_factory=Samples)
     import_plugin: Samples = field(default_factory=Samples)
     import_pytest: Samples = field(default_factory=Samples)
+    plugin_import_own: Samples = field(default_factory=Samples)
 
     @property
     def added(self) -> float:
@@ -34,6 +35,18 @@ def _wall(command: list[str], cwd: Path) -> float:
     start = time.perf_counter()
     subprocess.run(command, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
+
+
+def _own_import_time(cwd: Path) -> float:
+    """Cumulative import time of pytest_syscall_irl.plugin alone (pytest already imported), from
+    `python -X importtime`: what the plugin costs, without the noise of whole interpreter starts."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import pytest; import pytest_syscall_irl.plugin"],
+                          cwd=cwd, capture_output=True, text=True, check=True)
+    for line in done.stderr.splitlines():
+        parts = [part.strip() for part in line.removeprefix("import time:").split("|")]
+        if len(parts) == 3 and parts[2] == "pytest_syscall_irl.plugin":
+            return int(parts[1]) / 1e6
+    raise RuntimeError("pytest_syscall_irl.plugin not in -X importtime output")
 
 
 def plugin_overhead(samples: int) -> PluginOverhead:
@@ -48,4 +61,5 @@ def plugin_overhead(samples: int) -> PluginOverhead:
             result.without_plugin.add(_wall([*pytest_cmd, "-p", "no:syscall_irl"], cwd))
             result.import_plugin.add(_wall([sys.executable, "-c", "import pytest, pytest_syscall_irl.plugin"], cwd))
             result.import_pytest.add(_wall([sys.executable, "-c", "import pytest"], cwd))
+            result.plugin_import_own.add(_own_import_time(cwd))
     return result
