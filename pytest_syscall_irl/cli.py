@@ -51,6 +51,16 @@ def _build_output(args: argparse.Namespace) -> tuple[Callable[[str], None] | Non
     return progress.feed, progress
 
 
+def _set_total(progress: BuildProgress | None, build: kernel_build.KernelBuild) -> None:
+    """The progress line's total: the step count of the last build of the same fragment."""
+    if progress is None:
+        return
+    try:
+        progress.total = previous_steps(build.cache / "kernels", build.fragment_sha256)
+    except SyscallIrlError:
+        pass  # an unreadable fragment is reported by the build itself (bisect-run: as a skip)
+
+
 def _kernel_build(args: argparse.Namespace) -> int:
     quiet = bool(args.quiet)
     on_output, progress = _build_output(args)
@@ -61,8 +71,7 @@ def _kernel_build(args: argparse.Namespace) -> int:
         on_stage=None if quiet else (lambda message: _progress(f"==> {message}")),
         on_output=on_output,
     )
-    if progress is not None:
-        progress.total = previous_steps(build.cache / "kernels", build.fragment_sha256)
+    _set_total(progress, build)
     try:
         print(build.build())
     finally:
@@ -125,7 +134,10 @@ def _bisect_run(args: argparse.Namespace) -> int:
     from .bisect import bisect_step
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     say = (lambda message: None) if args.quiet else (lambda message: _progress(f"==> {message}"))
-    build = kernel_build.KernelBuild(args.tree or ".", args.config or None, jobs=args.jobs, on_stage=say)
+    on_output, progress = _build_output(args)
+    build = kernel_build.KernelBuild(args.tree or ".", args.config or None, jobs=args.jobs, on_stage=say,
+                                     on_output=on_output)
+    _set_total(progress, build)
     result = bisect_step(build, pytest_args, say)
     _progress(f"syscall-irl bisect-run: exit {result.status}: {result.reason}")
     return result.status
@@ -158,6 +170,8 @@ def add_bisect_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     bisect.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                         help="parallel make jobs (default: the number of CPUs)")
     bisect.add_argument("--quiet", "-q", action="store_true", help="print only the verdict and pytest's output")
+    bisect.add_argument("--make-output", action="store_true",
+                        help="show make's output instead of a progress line (it is in build.log either way)")
     bisect.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS",
                         help="arguments for pytest (--kernel and --vmlinux are added)")
     bisect.set_defaults(func=_bisect_run)

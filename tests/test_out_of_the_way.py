@@ -3,6 +3,7 @@ come from the ini file, the environment or the command line (each later one wins
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -37,10 +38,15 @@ class _Recorder:
 
 @pytest.fixture
 def no_tools_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> _Recorder:
-    """No QEMU, GDB, dpkg-query or gcc to be found, and every program started recorded."""
-    empty = tmp_path / "empty-bin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
+    """No QEMU or GDB to be found (dpkg-query and gcc are: the reference kernel's cache key needs
+    them, so it stays found), and every program started recorded."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dpkg-query", "gcc"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(bin_dir))
     for option in options.OPTIONS:
         monkeypatch.delenv(option.env, raising=False)
     monkeypatch.delenv(options.SNAPSHOTS_ENV, raising=False)
