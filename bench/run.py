@@ -10,6 +10,8 @@
 - peak RSS (VmHWM) of QEMU per guest and of GDB
 - a distribution kernel with its 590 MB -dbg vmlinux (bench/distro.py): first run with an
   empty cache, warm suite beside the reference kernel's, a second kernel in one run, GDB RSS
+- what the installed plugin adds to a run of unrelated tests (bench/overhead.py);
+  `--overhead-only` measures just that (no kernel needed)
 
 Medians of repeated samples (machines are shared and noisy), then each target with
 MET or MISSED. Exit status 0 unless the benchmark itself failed.
@@ -21,7 +23,6 @@ import argparse
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,11 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import distro  # noqa: E402
+import overhead  # noqa: E402
 import probes  # noqa: E402
 from probes import Samples  # noqa: E402
 
 from pytest_syscall_irl.gdbmi import GdbSession  # noqa: E402
 from pytest_syscall_irl.guest import Lab, LabSettings, warm_gdb_index  # noqa: E402
+from pytest_syscall_irl.identity import version_line as version  # noqa: E402
 from pytest_syscall_irl.kernel import Kernel  # noqa: E402
 from pytest_syscall_irl.kernel_build import cache_dir, reference_kernel  # noqa: E402
 
@@ -59,11 +62,6 @@ def settings() -> LabSettings:
         raise SystemExit("qemu-system-x86_64 and gdb are needed: apt-get install qemu-system-x86 gdb")
     return LabSettings(kernel=Kernel.load(bzimage), qemu=qemu, gdb=gdb, accel="auto", boot_args="",
                        cache=cache_dir())
-
-
-def version(program: str) -> str:
-    out = subprocess.run([program, "--version"], capture_output=True, text=True).stdout
-    return out.splitlines()[0] if out else program
 
 
 def ms(seconds: float) -> str:
@@ -164,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                              "/usr/lib/debug/boot/vmlinux-R)")
     parser.add_argument("--distro-samples", type=int, default=3,
                         help="rounds of (distro, reference, both) suite runs (default 3; 0 skips the distro kernel)")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="measure only what the plugin adds to a run of unrelated tests")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.overhead_only:
+        print_overhead(overhead.plugin_overhead(max(args.samples, 15)))
+        return 0
     base = settings()
     with tempfile.TemporaryDirectory(prefix="sirl-bench-") as tmp:
         lab = Lab(base, Path(tmp) / "logs")
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = distro.distro_runs(base.kernel.bzimage.path, pair, args.distro_samples)
         print_distro(runs)
         found += distro_targets(runs)
+    print_overhead(overhead.plugin_overhead(max(args.samples, 15)))
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (other work on the machine skews every number)")
     print("\ntargets (TCG, 2 cores):")
     for target in found:
@@ -215,6 +219,20 @@ def distro_targets(runs: distro.DistroRuns) -> list[Target]:
                    f"{ratio:.2f}x"),
             Target("GDB peak RSS per worker with a 590 MB vmlinux, index cached, < 600 MB", gdb_peak < 600 * 1024,
                    mb(gdb_peak))]
+
+
+OVERHEAD_TARGET = 0.03  # seconds: the plugin's own import (-X importtime), all its hooks do without kernel tests
+
+
+def print_overhead(cost: overhead.PluginOverhead) -> None:
+    row("pytest run of 20 unrelated tests (fresh interpreter)", "A: plugin installed", cost.with_plugin,
+        "B: -p no:syscall_irl", cost.without_plugin)
+    print(f"  {'added by the plugin (median A - B)':<38} {ms(cost.added)}")
+    row("import", "A: pytest + pytest_syscall_irl.plugin", cost.import_plugin, "B: pytest", cost.import_pytest)
+    print(f"  {'pytest_syscall_irl.plugin alone':<38} {spread(cost.plugin_import_own, fmt=ms)} (-X importtime)")
+    own = cost.plugin_import_own.median
+    print(f"  {'MET' if own <= OVERHEAD_TARGET else 'MISSED':<7} the plugin's import (what a run without kernel "
+          f"tests pays; its hooks start nothing) <= {ms(OVERHEAD_TARGET)}: {ms(own)}")
 
 
 def print_results(ready: probes.ReadyGuests, reads: probes.RegisterReads, loads: probes.SymbolLoads,

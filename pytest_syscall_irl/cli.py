@@ -1,4 +1,4 @@
-"""The `syscall-irl` command: `syscall-irl kernel build`, `syscall-irl kernel path`.
+"""The `syscall-irl` command: `kernel build`, `kernel path`, `suite-path`, `bisect-run`, `failed-logs`.
 
 Each command group registers itself with a function that takes argparse's subparsers
 (see add_kernel_commands); add a group by appending its function to COMMAND_GROUPS.
@@ -11,8 +11,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from . import kernel_build
+from . import kernel_build, shipped
+from .build_progress import BuildProgress, previous_steps
 from .errors import SyscallIrlError
 
 
@@ -31,18 +33,54 @@ def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _progress_line(line: str) -> None:
+    # On a terminal the line redraws itself; in a CI log each update is a line of its own.
+    if sys.stderr.isatty():
+        print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+    else:
+        _progress(line)
+
+
+def _build_output(args: argparse.Namespace) -> tuple[Callable[[str], None] | None, BuildProgress | None]:
+    """Where make's output goes: nowhere (--quiet), through (--make-output), or a progress line."""
+    if args.quiet:
+        return None, None
+    if args.make_output:
+        return _progress, None
+    progress = BuildProgress(_progress_line, interval=1.0 if sys.stderr.isatty() else 15.0)
+    return progress.feed, progress
+
+
+def _set_total(progress: BuildProgress | None, build: kernel_build.KernelBuild) -> None:
+    """The progress line's total: the step count of the last build of the same fragment."""
+    if progress is None:
+        return
+    try:
+        progress.total = previous_steps(build.cache / "kernels", build.fragment_sha256)
+    except SyscallIrlError:
+        pass  # an unreadable fragment is reported by the build itself (bisect-run: as a skip)
+
+
 def _kernel_build(args: argparse.Namespace) -> int:
     quiet = bool(args.quiet)
+    on_output, progress = _build_output(args)
     build = kernel_build.KernelBuild(
         args.tree,
-        args.config,
+        args.config or None,  # --config "" is the default fragment (handy in CI matrices)
         debian=args.debian,
         base=args.base,
         jobs=args.jobs,
         on_stage=None if quiet else (lambda message: _progress(f"==> {message}")),
-        on_output=None if quiet else _progress,
+        on_output=on_output,
     )
-    print(build.build())
+    _set_total(progress, build)
+    try:
+        print(build.build())
+    finally:
+        if progress is not None and progress.steps and sys.stderr.isatty():
+            print(file=sys.stderr)  # end the progress line
+    if not quiet and build.steps:  # a build ran (a cached one is only reused)
+        _progress(f"==> full make output: {build.log_path}")
     return 0
 
 
@@ -111,7 +149,9 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     build.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                        help="parallel make jobs (default: the number of CPUs)")
     build.add_argument("--quiet", "-q", action="store_true",
-                       help="print only the bzImage path, not the stages and make output")
+                       help="print only the bzImage path, not the stages and the progress line")
+    build.add_argument("--make-output", action="store_true",
+                       help="show make's output instead of a progress line (it is in build.log either way)")
     build.set_defaults(func=_kernel_build)
     path = commands.add_parser("path", help="print the cached reference bzImage, or the build of the given "
                                "--debian/--config (exit 1 if none)")
@@ -127,8 +167,70 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     check.set_defaults(func=_kernel_check)
 
 
+def _suite_path(args: argparse.Namespace) -> int:
+    print(shipped.SUITES_DIR)
+    return 0
+
+
+def add_suite_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `suite-path`: where the shipped conformance suites are (checkout or installed package)."""
+    path = subparsers.add_parser("suite-path", help="print the directory of the shipped conformance suites "
+                                 "(`pytest $(syscall-irl suite-path)`, or `pytest --pyargs pytest_syscall_irl.suites`)")
+    path.set_defaults(func=_suite_path)
+
+
+def _bisect_run(args: argparse.Namespace) -> int:
+    from .bisect import bisect_step
+    pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    say = (lambda message: None) if args.quiet else (lambda message: _progress(f"==> {message}"))
+    on_output, progress = _build_output(args)
+    build = kernel_build.KernelBuild(args.tree or ".", args.config or None, jobs=args.jobs, on_stage=say,
+                                     on_output=on_output)
+    _set_total(progress, build)
+    result = bisect_step(build, pytest_args, say)
+    _progress(f"syscall-irl bisect-run: exit {result.status}: {result.reason}")
+    return result.status
+
+
+def _failed_logs(args: argparse.Namespace) -> int:
+    from .junit import collect_failed_logs
+    copied = collect_failed_logs(Path(args.junit), Path(args.destination))
+    _progress(f"syscall-irl: {copied} log(s) of failed tests copied to {args.destination}")
+    return 0
+
+
+def add_ci_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `failed-logs`: the guest and GDB/MI logs of the failed tests of a JUnit report."""
+    logs = subparsers.add_parser("failed-logs", help="copy the guest and GDB/MI logs of each failed test named in "
+                                 "a JUnit XML report to DEST/<test id>/ (for CI artifacts)")
+    logs.add_argument("junit", metavar="JUNIT_XML")
+    logs.add_argument("destination", metavar="DEST")
+    logs.set_defaults(func=_failed_logs)
+
+
+def add_bisect_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `bisect-run`, one step of `git bisect run`."""
+    bisect = subparsers.add_parser(
+        "bisect-run", help="for `git bisect run`: build the tree, run pytest on it; exit 0 good, 1 an invariant "
+        "failed, 125 skip (build failed, harness or environment broke)")
+    bisect.add_argument("--tree", metavar="DIR", help="kernel source tree (default: the current directory)")
+    bisect.add_argument("--config", metavar="FRAGMENT",
+                        help="config fragment merged over tinyconfig (default: guest/kernel.config)")
+    bisect.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
+                        help="parallel make jobs (default: the number of CPUs)")
+    bisect.add_argument("--quiet", "-q", action="store_true", help="print only the verdict and pytest's output")
+    bisect.add_argument("--make-output", action="store_true",
+                        help="show make's output instead of a progress line (it is in build.log either way)")
+    bisect.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS",
+                        help="arguments for pytest (--kernel and --vmlinux are added)")
+    bisect.set_defaults(func=_bisect_run)
+
+
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     add_kernel_commands,
+    add_suite_commands,
+    add_bisect_commands,
+    add_ci_commands,
 ]
 
 

@@ -27,13 +27,14 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 from filelock import FileLock
 
+from . import shipped
 from .errors import ImageError, SyscallIrlWarning
 from .integrity import directory_problem, seal_directory
 from .modules import GuestModules
 
 log = logging.getLogger(__name__)
 
-GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
+GUEST_DIR = shipped.GUEST_DIR
 BUSYBOX = "/bin/busybox"
 MUSL_GCC = "musl-gcc"
 ISO_VOLUME = "SIRL_PAYLOADS"

@@ -26,7 +26,8 @@ from typing import IO
 
 from filelock import FileLock, Timeout
 
-from . import procs
+from . import procs, shipped
+from .build_progress import KBUILD_STEP
 from .errors import ConfigError, KernelError, SyscallIrlError, tail
 from .integrity import atomic_write, file_digest
 from .kernel import Kernel, StrPath
@@ -70,8 +71,8 @@ def check_cache_dir(directory: Path) -> Path:
 
 
 def default_fragment() -> Path:
-    """The reference config fragment shipped in the repository (guest/kernel.config)."""
-    return Path(__file__).resolve().parent.parent / "guest" / "kernel.config"
+    """The reference config fragment shipped with the package (guest/kernel.config)."""
+    return shipped.KERNEL_FRAGMENT
 
 
 def needs_fragment() -> Path:
@@ -243,6 +244,7 @@ class KernelBuild:
         self.cache = cache if cache is not None else cache_dir()
         self._on_stage = on_stage
         self._on_output = on_output
+        self.steps = 0  # kbuild steps (`  CC  file.o` lines) of the last build, for progress estimates
 
     @cached_property
     def fragment_text(self) -> str:
@@ -260,6 +262,11 @@ class KernelBuild:
     def tarball(self) -> Path:
         """Debian's source tarball of this build (when no tree is given)."""
         return Path("/usr/src") / f"{self.package}.tar.xz"
+
+    @property
+    def fragment_sha256(self) -> str:
+        """sha256 of the fragment's text (build_progress finds earlier builds of it by this)."""
+        return hashlib.sha256(self.fragment_text.encode()).hexdigest()
 
     @cached_property
     def source_identity(self) -> str:
@@ -345,6 +352,7 @@ class KernelBuild:
 
     def _build_locked(self) -> None:
         started = time.monotonic()
+        self.steps = 0
         (self.directory / "complete").unlink(missing_ok=True)
         with self.log_path.open("w") as build_log:
             source = self.tree if self.tree is not None else self._debian_tree(build_log)
@@ -397,13 +405,18 @@ class KernelBuild:
             raise KernelError(f"the build produced unusable artifacts: {exc.message}") from exc
         record = {"source": self.source_identity, "fragment": " + ".join(str(f) for f in self.fragments),
                   "fragment_sha256": hashlib.sha256(self.fragment_text.encode()).hexdigest(),
-                  "compiler": compiler_id(), "version": kernel.bzimage.version,
+                  "compiler": compiler_id(), "version": kernel.bzimage.version, "steps": self.steps,
                   "artifacts": {name: _artifact_record(self.directory / name) for name in ARTIFACTS}}
         atomic_write(self.directory / "complete", json.dumps(record, indent=1) + "\n")
 
-    def _debian_tree(self, build_log: IO[str]) -> Path:
+    @property
+    def debian_tree(self) -> Path:
+        """Where Debian's source is (or will be) extracted: <cache>/src/linux-source-6.1-<version>."""
         version = self.source_identity.rpartition("=")[2]
-        target = self.cache / "src" / f"{self.package}-{version}"
+        return self.cache / "src" / f"{self.package}-{version}"
+
+    def _debian_tree(self, build_log: IO[str]) -> Path:
+        target = self.debian_tree
         if target.is_dir():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -440,6 +453,7 @@ class KernelBuild:
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace")
                 build_log.write(line)
+                self.steps += bool(KBUILD_STEP.match(line))
                 if self._on_output is not None:
                     self._on_output(line.rstrip("\n"))
             code = proc.wait()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import subprocess
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .errors import ConfigError, SyscallIrlError, tail
-from .kernel import Kernel
-from .kernel_build import cache_dir, check_cache_dir, reference_damage, reference_kernel
+from .options import BY_NAME, OPTIONS, SNAPSHOTS_ENV, Setting, given_in_env, pick, pick_snapshots, split_values
 
 if TYPE_CHECKING:
     # Imported where first used: pytest loads this plugin in every run of its environment,
     # and a run with no kernel tests need not pay for QEMU, GDB/MI and pexpect modules.
     from .gdbmi import GdbSession
     from .guest import Guest, Lab, LabSettings
+    from .kernel import Kernel
     from .tracer import SyscallTracer
 
 log = logging.getLogger(__name__)
@@ -36,61 +35,52 @@ SETTINGS_KEY = pytest.StashKey["list[LabSettings] | None"]()
 USAGE_ERROR_KEY = pytest.StashKey[str]()
 USAGE_ERROR_OUTPUT = "syscall_irl_usage_error"
 USED_KEY = pytest.StashKey[list[Any]]()
-KERNEL_FIXTURES = {"kernel", "guest", "fresh_guest", "gdb", "make_guest", "syscall_irl_lab", "syscall_trace"}
+HEADER_SENT_KEY = pytest.StashKey[bool]()
+# Every fixture of ours that needs a kernel depends on this one; a test's own fixture that
+# happens to be called `gdb` or `kernel` does not.
+LAB_FIXTURE = "syscall_irl_lab"
 NO_KERNEL = ("no kernel to test: pass --kernel=path/to/arch/x86/boot/bzImage, or build the reference "
              "kernel once with `syscall-irl kernel build` (it is then used by default)")
-
-OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("kernel", "bzImage to boot and test (default: the cached reference kernel); repeat it (or list several "
-               "in the ini key) to run every test on each kernel.", {"action": "append"}),
-    ("vmlinux", "vmlinux with the kernel's symbols (default: beside the kernel build tree or bzImage); with "
-                "several kernels, one per --kernel in the same order.", {"action": "append"}),
-    ("modules", "the kernel's module directory, whose msr, virtio and isofs modules (with their dependencies) "
-                "the guest inserts; 'none' to insert none (default: /lib/modules/<release> if it exists); "
-                "with several kernels, one per --kernel in the same order.", {"action": "append"}),
-    ("qemu", "QEMU system emulator (default: qemu-system-x86_64).", {}),
-    ("gdb", "GDB executable (default: gdb).", {}),
-    ("accel", "accelerator: auto (KVM where a KVM guest really boots, else TCG), kvm or tcg "
-              "(default: auto).", {"choices": ("auto", "kvm", "tcg")}),
-    ("boot_args", "extra kernel command line arguments, appended to the defaults.", {}),
-]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("syscall-irl", "x86_64 syscall path conformance (QEMU + GDB)")
-    for name, text, extra in OPTIONS:
-        flag = "--" + name.replace("_", "-")
-        group.addoption(flag, dest=f"syscall_irl_{name}", metavar=name.upper(), help=text, **extra)
-        parser.addini(f"syscall_irl_{name}", f"default for {flag}: {text}")
-    group.addoption("--payloads", dest="syscall_irl_payloads", action="append", metavar="DIR", default=None,
-                    help="a directory of your own guest programs (NAME.c, NAME.i386.c, static ELF files), "
-                         "shipped to /payloads/ beside the built-in ones; may be given several times.")
-    parser.addini("syscall_irl_payloads", "default for --payloads: directories of guest programs, relative to "
-                  "the ini file.", type="paths", default=[])
-    group.addoption("--no-snapshots", dest="syscall_irl_snapshots", action="store_false", default=None,
-                    help="cold-boot every guest instead of restoring a saved ready guest (default: restore).")
+    for option in OPTIONS:
+        extra: dict[str, Any] = {"choices": option.choices} if option.choices else {}
+        if option.repeat:
+            extra["action"] = "append"
+        group.addoption(option.flag, option.long_flag, dest=option.ini, metavar=option.name.upper(),
+                        help=f"{option.help} Also ${option.env}.", **extra)
+        parser.addini(option.ini, f"default for {option.flag}: {option.help}")
+    group.addoption("--no-snapshots", "--syscall-irl-no-snapshots", dest="syscall_irl_snapshots",
+                    action="store_false", default=None,
+                    help=f"cold-boot every guest instead of restoring a saved ready guest (default: restore). "
+                         f"Also ${SNAPSHOTS_ENV}=0.")
     parser.addini("syscall_irl_snapshots", "default for --no-snapshots: restore guests from a saved ready "
                   "guest (true) or cold-boot each (false).", type="bool", default=True)
+    group.addoption("--syscall-irl-html", dest="syscall_irl_html", metavar="PATH",
+                    help="write an HTML page drawing each traced syscall's path through the stages.")
+
+
+def _lookup(config: pytest.Config, name: str) -> Setting:
+    """The setting *name* with its origin: command line, else environment, else ini file."""
+    option = BY_NAME[name]
+    cli = config.getoption(option.ini)
+    if isinstance(cli, list):  # a repeatable option: see _values
+        cli = " ".join(cli)
+    return pick(option, cli=cli, env=os.environ, ini=config.getini(option.ini) or None,
+                ini_file=config.inipath, cwd=config.invocation_params.dir, rootdir=config.rootpath)
 
 
 def _setting(config: pytest.Config, name: str) -> tuple[str | None, Path]:
-    """(value, base directory for relative paths): command line first, then ini."""
-    value = config.getoption(f"syscall_irl_{name}")
-    if isinstance(value, list):  # a repeatable option: see _values
-        value = " ".join(value)
-    if value:
-        return str(value), config.invocation_params.dir
-    ini = config.getini(f"syscall_irl_{name}")
-    base = config.inipath.parent if config.inipath else config.rootpath
-    return (str(ini) if ini else None), base
+    """(value, base directory for relative paths) of the setting *name*."""
+    setting = _lookup(config, name)
+    return setting.value, setting.base
 
 
 def _values(config: pytest.Config, name: str) -> list[str]:
-    """A repeatable option's values (each --NAME), else its ini key's whitespace-separated values."""
-    given = config.getoption(f"syscall_irl_{name}")
-    if given:
-        return [str(value) for value in given]
-    return (_setting(config, name)[0] or "").split()
+    """A repeatable option's values (each --NAME), else those its environment twin or ini key lists."""
+    return split_values(BY_NAME[name], config.getoption(BY_NAME[name].ini), _lookup(config, name))
 
 
 def _paths(config: pytest.Config, name: str) -> list[Path]:
@@ -100,29 +90,41 @@ def _paths(config: pytest.Config, name: str) -> list[Path]:
             for value in _values(config, name)]
 
 
-def _ini_origin(config: pytest.Config, name: str) -> str | None:
-    """"syscall_irl_NAME = VALUE in FILE" when the ini file gave the setting, else None."""
-    if config.getoption(f"syscall_irl_{name}") or not config.getini(f"syscall_irl_{name}"):
+def _given_origin(config: pytest.Config, name: str) -> str | None:
+    """Where a setting not given on the command line came from ("syscall_irl_NAME = VALUE in
+    FILE", "$SYSCALL_IRL_NAME = VALUE"), else None."""
+    setting = _lookup(config, name)
+    if not setting.given or setting.origin.startswith("--"):
         return None
-    return f"syscall_irl_{name} = {config.getini(f'syscall_irl_{name}')} in {config.inipath or 'the ini file'}"
+    option = BY_NAME[name]
+    if setting.origin.startswith("$"):
+        return f"{setting.origin} = {setting.value}"
+    return f"{option.ini} = {setting.value} in {config.inipath or 'the ini file'}"
 
 
 @contextmanager
 def _naming_origin(config: pytest.Config, *names: str) -> Iterator[None]:
-    """A ConfigError about a setting says which ini file set it, when one did."""
+    """A ConfigError about a setting says which ini file (or environment variable) set it."""
     try:
         yield
     except ConfigError as exc:
-        origins = [origin for origin in (_ini_origin(config, name) for name in names) if origin]
+        origins = [origin for origin in (_given_origin(config, name) for name in names) if origin]
         if origins:
             raise ConfigError(f"{'; '.join(origins)}: {exc.message}") from None
         raise
 
 
+def _snapshots(config: pytest.Config) -> bool:
+    return pick_snapshots(cli=config.getoption("syscall_irl_snapshots"), env=os.environ,
+                          ini=bool(config.getini("syscall_irl_snapshots")))[0]
+
+
 def resolve_settings(config: pytest.Config) -> list[LabSettings]:
     """Turn the options into validated settings, one per kernel under test; ConfigError
-    names the problem and the fix (and the ini file, where one set it)."""
+    names the problem, the fix, and the ini file or variable that set it."""
     from .guest import LabSettings, check_accel, check_boot_args, pair_by_position
+    from .kernel import Kernel
+    from .kernel_build import cache_dir, check_cache_dir, reference_damage, reference_kernel
     from .modules import guest_modules
     from .programs import check_gdb, check_qemu
     cache = check_cache_dir(cache_dir())
@@ -147,11 +149,10 @@ def resolve_settings(config: pytest.Config) -> list[LabSettings]:
             check_boot_args(boot_args)
         except ConfigError as exc:
             raise ConfigError(f"--boot-args: {exc}") from None
-    snapshots = config.getoption("syscall_irl_snapshots")
-    restore = bool(config.getini("syscall_irl_snapshots") if snapshots is None else snapshots)
-    payload_dirs = _payload_dirs(config)
+    with _naming_origin(config, "payloads"):
+        payload_dirs = _payload_dirs(config)
     settings = [LabSettings(kernel=kernel, qemu=qemu, gdb=gdb, accel=_setting(config, "accel")[0] or "auto",
-                            boot_args=boot_args, cache=cache, snapshots=restore, payload_dirs=payload_dirs,
+                            boot_args=boot_args, cache=cache, snapshots=_snapshots(config), payload_dirs=payload_dirs,
                             modules=kernel_modules)
                 for kernel, kernel_modules in zip(kernels, modules)]
     with _naming_origin(config, "accel"):
@@ -161,22 +162,22 @@ def resolve_settings(config: pytest.Config) -> list[LabSettings]:
 
 
 def _payload_dirs(config: pytest.Config) -> tuple[Path, ...]:
-    """--payloads (relative to the invocation directory), else the ini's list; each must
-    be a directory."""
-    given = config.getoption("syscall_irl_payloads")
-    dirs = ([(config.invocation_params.dir / os.path.expanduser(d)).resolve() for d in given] if given
-            else [Path(d).resolve() for d in config.getini("syscall_irl_payloads")])
+    """The --payloads directories (relative to where they were given); each must be a directory."""
+    dirs = _paths(config, "payloads")
     for directory in dirs:
         if not directory.is_dir():
-            where = "--payloads" if given else "syscall_irl_payloads in the ini file"
-            raise ConfigError(f"{where}: {directory} is not a directory: name a directory of guest programs "
+            raise ConfigError(f"--payloads: {directory} is not a directory: name a directory of guest programs "
                               f"(NAME.c, NAME.i386.c or static ELF files)")
     return tuple(dirs)
 
 
 def _explicit(config: pytest.Config) -> bool:
-    return any(_setting(config, name)[0] for name, _, _ in OPTIONS) or \
-        config.getoption("syscall_irl_snapshots") is not None or bool(config.getoption("syscall_irl_payloads"))
+    """True if the user gave an option of ours (command line, environment or ini file)."""
+    try:
+        return any(_lookup(config, option.name).given for option in OPTIONS) or \
+            config.getoption("syscall_irl_snapshots") is not None or given_in_env(os.environ)
+    except ConfigError:
+        return True  # given, and wrong: resolving the settings reports it
 
 
 def _settings(config: pytest.Config) -> list[LabSettings]:
@@ -185,6 +186,8 @@ def _settings(config: pytest.Config) -> list[LabSettings]:
     settings = config.stash.get(SETTINGS_KEY, None)
     if settings is None:
         try:
+            for option in OPTIONS:  # a bad value anywhere is named with its origin, first
+                _lookup(config, option.name)
             settings = resolve_settings(config)
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from exc
@@ -194,6 +197,13 @@ def _settings(config: pytest.Config) -> list[LabSettings]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = None
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        from .identity import HeaderRelay
+        config.pluginmanager.register(HeaderRelay(config), "syscall_irl_header_relay")
+    if config.getoption("syscall_irl_html", None) and not hasattr(config, "workerinput"):
+        from .html_report import HtmlPage
+        config.pluginmanager.register(HtmlPage(Path(config.getoption("syscall_irl_html")).resolve()),
+                                      "syscall_irl_html")
     config.addinivalue_line("markers", "boot_args(args): boot the test's guests (guest, fresh_guest) with these "
                             "extra kernel arguments, e.g. boot_args(\"pti=on\"); each set has its own snapshot")
     config.addinivalue_line("markers", "cpu(model): boot the test's guests (guest, fresh_guest) with this QEMU CPU "
@@ -207,9 +217,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _settings(session.config)
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: a deselected kernel test needs no kernel
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     # Without explicit options, the default kernel is needed only if a test asks for one.
-    if not any(KERNEL_FIXTURES.intersection(getattr(item, "fixturenames", ())) for item in items):
+    if not any(LAB_FIXTURE in getattr(item, "fixturenames", ()) for item in items):
         return
     if not hasattr(config, "workerinput"):
         _settings(config)
@@ -229,11 +240,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Several kernels: every test using one runs once per kernel. The lab is a session
     # fixture parametrized by kernel, so pytest groups each kernel's tests and, when a
     # worker moves to the next kernel, tears down the last one's lab, guests and GDB.
-    if "syscall_irl_lab" not in metafunc.fixturenames or len(_values(metafunc.config, "kernel")) < 2:
+    if LAB_FIXTURE not in metafunc.fixturenames or len(_values(metafunc.config, "kernel")) < 2:
         return
     from .guest import kernel_ids
     ids = kernel_ids(_settings(metafunc.config))
-    metafunc.parametrize("syscall_irl_lab", range(len(ids)), ids=ids, indirect=True, scope="session")
+    metafunc.parametrize(LAB_FIXTURE, range(len(ids)), ids=ids, indirect=True, scope="session")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -243,47 +254,45 @@ def pytest_testnodedown(node: Any, error: object) -> None:
         node.config.stash[USAGE_ERROR_KEY] = message
 
 
-@pytest.hookimpl(tryfirst=True)  # before junitxml writes its file
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if session.config.stash.get(USAGE_ERROR_KEY, None):
         session.exitstatus = pytest.ExitCode.USAGE_ERROR
-    elif not hasattr(session.config, "workerinput"):
-        _record_kernels(session.config)
-
-
-def _record_kernels(config: pytest.Config) -> None:
-    """Each kernel under test and its options as JUnit testsuite properties. Done here, in
-    the process that writes the XML: the record_testsuite_property fixture records only
-    in the process it runs in, an xdist worker's being lost."""
-    from _pytest.junitxml import xml_key
-    xml = config.stash.get(xml_key, None)
-    settings = config.stash.get(SETTINGS_KEY, None)
-    if xml is None or not settings:
-        return
-    from .guest import kernel_properties
-    for name, value in kernel_properties(settings):
-        xml.add_global_property(name, value)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
-    from .guest import decide_accel, kernel_lines
-    if not _explicit(config) and reference_kernel() is None:
+    # Options given: the header (and any usage error) comes before collection. Otherwise it
+    # waits until a collected test needs a kernel (pytest_report_collectionfinish): a run of
+    # unrelated tests in the same environment starts no program of ours and reads no kernel.
+    return _announce(config) if _explicit(config) else None
+
+
+def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> list[str] | None:
+    if _explicit(config) or config.stash.get(SETTINGS_KEY, None) is None:
         return None
-    every = _settings(config)
-    settings = every[0]
-    accel, why = decide_accel(settings)
-    return [
-        *(f"syscall-irl: {line}" for line in kernel_lines(every)),
-        f"syscall-irl: {_version_line(settings.qemu)}; {_version_line(settings.gdb)}",
-        f"syscall-irl: accelerator {accel} ({why})",
-        "syscall-irl: guests " + (f"restored from a saved ready guest ({settings.cache / 'snapshots'})"
-                                  if settings.snapshots else "cold-booted (--no-snapshots)"),
-    ]
+    return _announce(config)
 
 
-def _version_line(program: str) -> str:
-    out = subprocess.run([program, "--version"], capture_output=True, text=True).stdout
-    return out.splitlines()[0] if out else program
+def _announce(config: pytest.Config) -> list[str]:
+    """The header lines; the same identity goes into the JUnit report's testsuite properties."""
+    from .identity import record_suite_properties
+    lines, properties = _identity(config)
+    record_suite_properties(config, properties)
+    return lines
+
+
+def _identity(config: pytest.Config) -> tuple[list[str], list[tuple[str, str]]]:
+    from .identity import describe
+    return describe(_settings(config))
+
+
+def _forward_header(config: pytest.Config, report: pytest.TestReport) -> None:
+    """An xdist controller collects nothing, so without options it cannot know that a kernel
+    is needed: a worker that resolved the settings sends the header with its first report."""
+    if not hasattr(config, "workerinput") or _explicit(config) or config.stash.get(HEADER_SENT_KEY, False):
+        return
+    if config.stash.get(SETTINGS_KEY, None) is not None:
+        config.stash[HEADER_SENT_KEY] = True
+        report.syscall_irl_identity = _identity(config)  # type: ignore[attr-defined]
 
 
 # --- failure artifacts ---------------------------------------------------------------
@@ -295,6 +304,8 @@ def _used(item: pytest.Item) -> list[Any]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     report = yield
+    _forward_header(item.config, report)
+    _attach_traces(item, report)
     if report.failed and _used(item):
         from .gdbmi import GdbSession
         from .guest import Guest
@@ -315,6 +326,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 for number, trace in enumerate(thing.traces, start=1):
                     report.sections.append((f"syscall trace {number}", str(trace)))
     return report
+
+
+def _attach_traces(item: pytest.Item, report: pytest.TestReport) -> None:
+    """With --syscall-irl-html, the test's traces ride on its report (to the xdist controller)."""
+    if report.when != "call" or not item.config.getoption("syscall_irl_html", None) or not _used(item):
+        return
+    from .html_report import trace_record
+    from .tracer import SyscallTracer
+    report.syscall_irl_traces = [trace_record(trace) for thing in _used(item)  # type: ignore[attr-defined]
+                                 if isinstance(thing, SyscallTracer) for trace in thing.traces]
 
 
 def _read(path: Path) -> str:

@@ -6,6 +6,9 @@ import os
 
 from pytest_syscall_irl.kernel_build import cache_dir
 
+# The plugin's own tests drive pytest runs; suites and users' runs do not load pytester.
+pytest_plugins = ["pytester"]
+
 # pytester moves HOME for the runs it makes: pin the cache (and the reference kernel in it)
 # for them, before any test starts.
 os.environ.setdefault("SYSCALL_IRL_CACHE", str(cache_dir()))

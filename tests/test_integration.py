@@ -6,7 +6,6 @@ These run in CI (the root conftest fails them there if they skip).
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from pytest_syscall_irl.gdbmi import GdbSession
 from pytest_syscall_irl.guest import Guest
 from pytest_syscall_irl.kernel import Kernel
+from pytest_syscall_irl.junit import collect_failed_logs, failed_logs
 from pytest_syscall_irl.kernel_build import reference_kernel
 
 pytestmark = pytest.mark.integration
@@ -271,10 +271,11 @@ def test_a_failing_test_reports_its_guest_and_gdb_logs(pytester: pytest.Pytester
     result.stdout.fnmatch_lines(
         ["*guest shared-* console, restored from snapshot*", "*SIRL{*", "*gdb/mi transcript (tail)*"]
     )
-    junit = (pytester.path / "junit.xml").read_text()
-    testcase = junit[junit.index("<testcase"):]  # the testsuite's properties name the kernel
-    logs = re.findall(r'<property name="syscall-irl [^"]*" value="([^"]*)"', testcase)
-    assert len(logs) == 2 and all(Path(p).exists() for p in logs), junit
+    # The failed testcase's properties name its guest's log directory and the GDB/MI transcript.
+    (logs,) = failed_logs(pytester.path / "junit.xml").values()
+    assert len(logs) == 2 and all(p.exists() for p in logs), logs
+    assert collect_failed_logs(pytester.path / "junit.xml", pytester.path / "artifacts") == 2
+    assert any((pytester.path / "artifacts").rglob("*.mi.log"))
 
 
 LEAVE_RUNNING = """

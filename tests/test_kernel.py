@@ -334,6 +334,8 @@ def make_fake_tree(tmp_path: Path, bzimage: Path, vmlinux: Path, dropping: str =
         "tinyconfig": ["@echo CONFIG_64BIT=y > $(O)/.config"],
         "olddefconfig": [f"@sed -i '/{dropping or 'NOTHING'}/d' $(O)/.config", "@echo configured"],
         "bzImage": [
+            "@echo '  CC      init/main.o'",
+            "@echo '  LD      vmlinux'",
             "@mkdir -p $(O)/arch/x86/boot",
             f"cp {bzimage} $(O)/arch/x86/boot/bzImage",
             f"cp {vmlinux} $(O)/vmlinux",
@@ -427,7 +429,16 @@ def test_cli_kernel_build_prints_progress_then_the_path(
     captured = capsys.readouterr()
     path = Path(captured.out.strip())
     assert path.name == "bzImage" and path.is_relative_to(tmp_path / "cache" / "kernels")
-    assert "==> building bzImage with 1 jobs" in captured.err and "configured" in captured.err
+    assert "==> building bzImage with 1 jobs" in captured.err
+    # make's own output is in the log, not on the screen: a progress line counts its steps.
+    assert "configured" not in captured.err and "building: 1 steps, 0:00 elapsed" in captured.err
+    assert f"==> full make output: {path.parent / 'build.log'}" in captured.err
+    assert "configured" in (path.parent / "build.log").read_text()
+    # The next build of the same fragment knows the total (2 steps) and gives an ETA.
+    assert cli.main(["kernel", "build", "--tree", str(tree), "--jobs", "1"]) == 0
+    assert "building: 1/~2 steps (50%)" in capsys.readouterr().err
+    assert cli.main(["kernel", "build", "--tree", str(tree), "--make-output"]) == 0
+    assert "configured" in capsys.readouterr().err
 
 
 # --- the real reference kernel ---------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""The plugin stays out of the way of runs that use none of its fixtures, and its settings
+come from the ini file, the environment or the command line (each later one wins)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_syscall_irl import options, procs
+from pytest_syscall_irl.errors import ConfigError
+from pytest_syscall_irl.kernel import Kernel
+from pytest_syscall_irl.kernel_build import reference_kernel
+
+# A fixture of the test's own that happens to share a name with one of ours.
+PLAIN = "import pytest\n\n@pytest.fixture\ndef gdb():\n    return 'own'\n\n\ndef test_plain(gdb):\n    assert gdb\n"
+USES_KERNEL = "def test_k(kernel):\n    assert kernel.release\n"
+
+
+class _Recorder:
+    """Stands in for subprocess.Popen and procs.spawn: records every program started."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started: list[Any] = []
+        real_popen = subprocess.Popen
+
+        def popen(args: Any, *rest: Any, **kwargs: Any) -> Any:
+            self.started.append(args)
+            return real_popen(args, *rest, **kwargs)
+
+        monkeypatch.setattr(subprocess, "Popen", popen)
+        monkeypatch.setattr(procs, "spawn", lambda command, **kw: self.started.append(command))
+
+
+@pytest.fixture
+def no_tools_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> _Recorder:
+    """No QEMU or GDB to be found (dpkg-query and gcc are: the reference kernel's cache key needs
+    them, so it stays found), and every program started recorded."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dpkg-query", "gcc"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    for option in options.OPTIONS:
+        monkeypatch.delenv(option.env, raising=False)
+    monkeypatch.delenv(options.SNAPSHOTS_ENV, raising=False)
+    return _Recorder(monkeypatch)
+
+
+@pytest.mark.parametrize("args", [[], ["-v"], ["-k", "plain"]])
+def test_unrelated_tests_start_nothing_and_need_no_qemu(pytester: pytest.Pytester, no_tools_on_path: _Recorder,
+                                                        args: list[str]) -> None:
+    # In-process, so the recorder sees every program the plugin would start (the header
+    # used to run dpkg-query, gcc, QEMU and GDB, and failed without QEMU on PATH).
+    # A kernel test deselected with -k needs no kernel either.
+    pytester.makepyfile(test_plain=PLAIN, **({"test_k": USES_KERNEL} if "-k" in args else {}))
+    result = pytester.runpytest_inprocess(*args)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    assert no_tools_on_path.started == []
+    assert "syscall-irl:" not in result.stdout.str()
+
+
+@pytest.mark.integration
+def test_a_kernel_test_still_resolves_the_settings(pytester: pytest.Pytester, no_tools_on_path: _Recorder) -> None:
+    # The other side of the test above: with a kernel fixture collected, the settings are
+    # resolved, and here (no QEMU on PATH) that is the usage error naming QEMU.
+    if reference_kernel() is None:
+        pytest.skip("reference kernel not built (syscall-irl kernel build)")
+    pytester.makepyfile(test_plain=PLAIN, test_k=USES_KERNEL)
+    result = pytester.runpytest_inprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "qemu executable 'qemu-system-x86_64' not found" in result.stderr.str()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+def test_header_once_a_kernel_test_is_collected(pytester: pytest.Pytester, workers: list[str]) -> None:
+    if reference_kernel() is None:
+        pytest.skip("reference kernel not built (syscall-irl kernel build)")
+    pytester.makepyfile(test_plain=PLAIN)
+    assert "syscall-irl:" not in pytester.runpytest_subprocess(*workers).stdout.str()
+    pytester.makepyfile(test_k=USES_KERNEL)
+    result = pytester.runpytest_subprocess(*workers, "--junitxml=junit.xml")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    result.stdout.fnmatch_lines(["syscall-irl: kernel 6.*", "syscall-irl: vmlinux *"])
+    assert result.stdout.str().count("syscall-irl: kernel ") == 1
+    # The JUnit report names the kernel: its release as the bzImage's own header gives it.
+    suite = ElementTree.parse(pytester.path / "junit.xml").getroot().find("testsuite")
+    assert suite is not None
+    properties = {prop.get("name"): prop.get("value") for prop in suite.iter("property")}
+    assert properties["syscall-irl kernel"] == Kernel.load(reference_kernel()).release
+    assert properties["syscall-irl accelerator"] in ("kvm", "tcg")
+    assert properties["syscall-irl qemu"].startswith("QEMU emulator version")
+
+
+# --- where a setting comes from ------------------------------------------------------
+
+KERNEL = options.BY_NAME["kernel"]
+
+
+def _pick(option: options.Option, cli: str | None = None, env: dict[str, str] | None = None,
+          ini: str | None = None) -> options.Setting:
+    return options.pick(option, cli=cli, env=env or {}, ini=ini, ini_file=Path("/proj/pytest.ini"),
+                        cwd=Path("/cwd"), rootdir=Path("/proj"))
+
+
+def test_command_line_beats_environment_beats_ini() -> None:
+    env = {"SYSCALL_IRL_KERNEL": "env/bzImage"}
+    assert _pick(KERNEL, cli="cli/bzImage", env=env, ini="ini/bzImage").origin == "--kernel"
+    assert _pick(KERNEL, env=env, ini="ini/bzImage") == options.Setting("env/bzImage", "$SYSCALL_IRL_KERNEL",
+                                                                         Path("/cwd"))
+    assert _pick(KERNEL, ini="ini/bzImage") == options.Setting(
+        "ini/bzImage", "syscall_irl_kernel in /proj/pytest.ini", Path("/proj"))
+    assert not _pick(KERNEL).given
+
+
+@pytest.mark.parametrize("where, expected", [
+    ({"env": {"SYSCALL_IRL_ACCEL": "fast"}}, "$SYSCALL_IRL_ACCEL = 'fast'"),
+    ({"ini": "fast"}, "syscall_irl_accel in /proj/pytest.ini = 'fast'"),
+])
+def test_an_invalid_value_names_where_it_came_from(where: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError, match="use auto, kvm, tcg") as caught:
+        _pick(options.BY_NAME["accel"], **where)
+    assert expected in str(caught.value)
+
+
+def test_snapshots_from_the_environment() -> None:
+    assert options.pick_snapshots(cli=None, env={"SYSCALL_IRL_SNAPSHOTS": "0"}, ini=True) == (False,
+                                                                                             "$SYSCALL_IRL_SNAPSHOTS")
+    assert options.pick_snapshots(cli=False, env={"SYSCALL_IRL_SNAPSHOTS": "yes"}, ini=True)[0] is False
+    with pytest.raises(ConfigError, match=r"\$SYSCALL_IRL_SNAPSHOTS = 'maybe'"):
+        options.pick_snapshots(cli=None, env={"SYSCALL_IRL_SNAPSHOTS": "maybe"}, ini=True)
+
+
+def test_every_option_has_a_prefixed_flag_and_an_environment_twin(pytester: pytest.Pytester) -> None:
+    help_text = pytester.runpytest_subprocess("--help").stdout.str()
+    for option in options.OPTIONS:
+        assert option.flag in help_text and option.long_flag in help_text and option.env in help_text
+    assert "--syscall-irl-no-snapshots" in help_text
+
+
+@pytest.mark.parametrize("how, named", [
+    (["--syscall-irl-kernel=cli/bzImage"], "cli/bzImage"),
+    (["--kernel=cli/bzImage", "-n", "2"], "cli/bzImage"),
+    ([], "env/bzImage"),
+])
+def test_environment_twin_in_a_real_run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                        how: list[str], named: str) -> None:
+    pytester.makeini("[pytest]\nsyscall_irl_kernel = ini/bzImage\n")
+    monkeypatch.setenv("SYSCALL_IRL_KERNEL", "env/bzImage")
+    pytester.makepyfile(test_x=USES_KERNEL)
+    result = pytester.runpytest_subprocess(*how)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert named in result.stderr.str() and "ini/bzImage" not in result.stderr.str()
+
+
+def test_invalid_environment_value_in_a_real_run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYSCALL_IRL_ACCEL", "fast")
+    pytester.makepyfile(test_x=USES_KERNEL)
+    result = pytester.runpytest_subprocess()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "$SYSCALL_IRL_ACCEL = 'fast': use auto, kvm, tcg" in result.stderr.str()
