@@ -158,7 +158,7 @@ def test_explicit_kvm_where_the_probe_failed_is_refused_quoting_it(
 
 
 def _complete_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KernelBuild:
-    monkeypatch.setattr(kernel_build, "debian_source_version", lambda: "6.1.192-2")
+    monkeypatch.setattr(kernel_build, "debian_source_version", lambda *_: "6.1.192-2")
     build = KernelBuild(cache=tmp_path)
     build.directory.mkdir(parents=True)
     for name in kernel_build.ARTIFACTS:
