@@ -11,7 +11,7 @@ as the booted kernel patched it) are here; walk.py takes the trace. No pytest he
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,12 +19,13 @@ from . import x86
 from .console import CommandResult
 from .kernel import Kernel
 from .qemu import MachineConfig
-from .roads import ROADS, SYSCALL64, Road, SyscallNames, road_of
+from .roads import SYSCALL64, Road, SyscallNames, road_of
 from .roads import road as road_named
 from .trace import NO_HANDLER, STAGES, SyscallSelector, SyscallTrace, TraceError
-from .walk import CommandEnded, Debugger, EntryCode, Fault, Running, TracedGuest, Walk, resume_watching
+from .walk import (CommandEnded, Debugger, EntryCode, Fault, Running, TracedGuest, Walk, process_condition,
+                   resume_watching)
 
-__all__ = ["Debugger", "EntryCode", "Fault", "SyscallTracer", "TracedGuest", "describe_roads"]
+__all__ = ["Debugger", "EntryCode", "Fault", "SyscallTracer", "TracedGuest"]
 
 USER_LABEL = "sirl_syscall_insn"
 
@@ -128,8 +129,8 @@ class SyscallTracer:
         *command* ran (counted at the road's kernel entry), and the command's result."""
         way = road_named(road)
         selector = SyscallSelector(self.names(way).number(nr), dict(args or {}), comm=comm, pid=pid)
-        walk = Walk(self, SyscallTrace(command, selector, way, ""), time.monotonic())
-        terms = [selector.register_condition(way.abi.arg_registers, way.abi.bits), walk.process_condition(False)]
+        terms = [selector.register_condition(way.abi.arg_registers, way.abi.bits),
+                 process_condition(self.kernel, selector, payload=False)]
         return self.count(command, self.entry_address(way), " && ".join(t for t in terms if t), timeout)
 
     # --- kernel facts, once per process --------------------------------------------------
@@ -202,11 +203,3 @@ class SyscallTracer:
                 ended = pending.wait(max(1.0, deadline - time.monotonic()))
             result.output, result.status = ended.output, ended.status
         return result
-
-
-def describe_roads() -> Iterator[str]:
-    """One line per road, for reports and documentation."""
-    for road in ROADS.values():
-        exits = " or ".join(way.name for way in road.exits)
-        yield (f"{road.name}: {road.mnemonic} -> {road.found_by} ({' / '.join(road.entry_symbols)}) -> "
-               f"{' / '.join(road.dispatch_symbols)} -> {exits}")

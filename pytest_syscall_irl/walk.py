@@ -35,7 +35,8 @@ from .gdbmi_records import Breakpoint, Frame, Instruction, StopEvent
 from .image import Payload
 from .qemu import MachineConfig
 from .roads import IRET_PATH_SYMBOL, IRETQ_SYMBOL, SYSRET_CODE
-from .trace import NO_HANDLER, TRACE_REGISTERS, Stage, SyscallTrace, TraceError
+from .kernel import Kernel
+from .trace import NO_HANDLER, TRACE_REGISTERS, Stage, SyscallSelector, SyscallTrace, TraceError
 
 if TYPE_CHECKING:
     from .tracer import SyscallTracer
@@ -141,6 +142,24 @@ def resume_watching(gdb: Debugger, pending: Running | None, left: Callable[[], f
 
 
 
+def process_condition(kernel: Kernel, selector: SyscallSelector, payload: bool) -> str:
+    """The selector's process terms (comm, pid, never the agent) as a condition in user
+    mode or before the entry swapgs (kernel GS base in MSR_KERNEL_GS_BASE). A payload's
+    instruction address already picks its program, so only a comm or pid asked for is
+    added there: reading task_struct fails under PTI (user page tables map no kernel
+    data), and GDB would stop on the failed condition."""
+    asked = selector.comm is not None or selector.pid is not None
+    if not kernel.dwarf:
+        if asked:
+            raise TraceError(f"selecting a process by comm or pid reads task_struct, which needs the vmlinux's "
+                             f"DWARF; {kernel.vmlinux.path} has none: select by arguments only")
+        return ""
+    if payload and not asked:
+        return ""
+    return tasks.task_condition(kernel.vmlinux, tasks.GS_IN_USER, pid=selector.pid, comm=selector.comm,
+                                exclude_pids=() if selector.agent else (1,))
+
+
 class Walk:
     """One walk down a road; each method takes one part of it."""
 
@@ -216,7 +235,7 @@ class Walk:
     def arm_first(self, user_address: int | None) -> None:
         selector, abi = self.trace.selector, self.road.abi
         terms = [selector.register_condition(abi.arg_registers, abi.bits)]
-        who = self.process_condition(payload=user_address is not None)
+        who = process_condition(self.t.kernel, selector, payload=user_address is not None)
         if who:
             terms.append(who)
         self.gdb.delete_breakpoints()
@@ -225,24 +244,6 @@ class Walk:
             self.gdb.break_insert(f"*{user_address:#x}", condition=" && ".join(terms), hardware=True)
         else:
             self.gdb.break_insert(f"*{self.t.entry_address(self.road):#x}", condition=" && ".join(terms))
-
-    def process_condition(self, payload: bool) -> str:
-        """The selector's process terms (comm, pid, never the agent) as a condition in user
-        mode or before the entry swapgs (kernel GS base in MSR_KERNEL_GS_BASE). A
-        payload's instruction address already picks its program, so only a comm or pid
-        asked for is added: reading task_struct there fails under PTI (user page tables
-        map no kernel data), where GDB would stop on the failed condition."""
-        selector = self.trace.selector
-        asked = selector.comm is not None or selector.pid is not None
-        if not self.t.kernel.dwarf:
-            if asked:
-                raise TraceError(f"selecting a process by comm or pid reads task_struct, which needs the "
-                                 f"vmlinux's DWARF; {self.vmlinux.path} has none: select by arguments only")
-            return ""
-        if payload and not asked:
-            return ""
-        return tasks.task_condition(self.vmlinux, tasks.GS_IN_USER, pid=selector.pid, comm=selector.comm,
-                                    exclude_pids=() if selector.agent else (1,))
 
     def walk(self, from_user: bool) -> None:
         try:
