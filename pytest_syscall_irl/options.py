@@ -102,7 +102,10 @@ def pick(option: Option, *, cli: str | None, env: Mapping[str, str], ini: str | 
     else:
         return Setting(None, "default", cwd)
     if option.choices and setting.value not in option.choices:
-        raise ConfigError(f"{setting.origin} = {setting.value!r}: use {', '.join(option.choices)}")
+        # An ini value is named as it is written there, with its file.
+        shown = (f"{option.ini} = {setting.value} in {ini_file}" if ini and not cli and not env.get(option.env)
+                 else f"{setting.origin} = {setting.value!r}")
+        raise ConfigError(f"{shown}: use {', '.join(option.choices)}")
     return setting
 
 

@@ -411,19 +411,27 @@ class Walk:
         self.gdb.delete_breakpoints()
 
     def exit_stages(self, regs_ptr: int) -> None:
-        """Every exit of the road armed at once, qualified by where pt_regs now says the
-        kernel returns to (registers and the IRET frame only: with PTI the exit runs on
-        the user page tables, where the kernel's data cannot be read)."""
-        pt = self.read_pt_regs(regs_ptr)
-        ip, sp = pt["ip"], pt["sp"]
+        """Back in the entry code from the C entry (dispatch_return), where pt_regs is final
+        (the handler, signal delivery and the exit work are done), then every exit of the
+        road armed at once, qualified by where pt_regs says the kernel returns to
+        (registers and the IRET frame only: with PTI the exit runs on the user page tables,
+        where the kernel's data cannot be read)."""
         self.regs_ptr = regs_ptr
-        # Back in compatibility mode only ESP is the program's (QEMU keeps RSP's upper half zero).
-        user_sp = f"$rsp == {sp:#x}" if pt["cs"] != x86.USER32_CS else f"($rsp & 0xffffffff) == {sp & 0xFFFFFFFF:#x}"
-        self.arm("user_return", f"*{ip:#x}", f"$rip == {ip:#x} && {user_sp} && ($cs & 3) == 3", hardware=True)
         if self.dispatch_sp:
             # What the C entry returns (do_syscall_64's bool since 6.7: may it SYSRET?).
             back = int.from_bytes(self.gdb.read_memory(self.dispatch_sp, 8), "little")
-            self.arm("dispatch_return", f"*{back:#x}", f"$rsp == {self.dispatch_sp + 8:#x}")
+            number = self.gdb.break_insert(f"*{back:#x}", condition=f"$rsp == {self.dispatch_sp + 8:#x}").number
+            stop = self.stop()
+            if stop.breakpoint != number:
+                raise TraceError(f"expected the return of {self.trace.dispatch.name}, stopped at {stop}; "
+                                 f"so far:\n{self.trace}")
+            self.record("dispatch_return", note=f"rax = what {self.trace.dispatch.name} returned")
+            self.gdb.delete_breakpoints()
+        pt = self.read_pt_regs(regs_ptr)
+        ip, sp = pt["ip"], pt["sp"]
+        # Back in compatibility mode only ESP is the program's (QEMU keeps RSP's upper half zero).
+        user_sp = f"$rsp == {sp:#x}" if pt["cs"] != x86.USER32_CS else f"($rsp & 0xffffffff) == {sp & 0xFFFFFFFF:#x}"
+        self.arm("user_return", f"*{ip:#x}", f"$rip == {ip:#x} && {user_sp} && ($cs & 3) == 3", hardware=True)
         for way in self.road.exits:
             if way.name == "iret":
                 if self.vmlinux.has_symbol(IRET_PATH_SYMBOL):
@@ -467,8 +475,6 @@ class Walk:
             elif name == "iret_path":
                 self.record(name, note="pt_regs = what the IRET exit restores", pt_regs_at=self.regs_ptr)
                 self.arm_iretq(ip, sp)
-            elif name == "dispatch_return":
-                self.record(name, note=f"rax = what {self.trace.dispatch.name} returned")
             else:
                 self.record(name, note="back in user mode" if name == "user_return" else "")
             self.gdb.delete_breakpoint(stop.breakpoint or -1)
