@@ -89,12 +89,13 @@ def test_header_once_a_kernel_test_is_collected(pytester: pytest.Pytester, worke
     result = pytester.runpytest_subprocess(*workers, "--junitxml=junit.xml")
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     result.stdout.fnmatch_lines(["syscall-irl: kernel 6.*", "syscall-irl: kernel vmlinux *"])
-    assert result.stdout.str().count("syscall-irl: kernel ") == 1
+    assert result.stdout.str().count("syscall-irl: kernel vmlinux ") == 1
     # The JUnit report names the kernel: its release as the bzImage's own header gives it.
     suite = ElementTree.parse(pytester.path / "junit.xml").getroot().find("testsuite")
     assert suite is not None
     properties = {prop.get("name"): prop.get("value") for prop in suite.iter("property")}
-    assert properties["syscall-irl kernel"] == Kernel.load(reference_kernel()).release
+    release = Kernel.load(reference_kernel()).release
+    assert properties[f"syscall-irl kernel[{release}] release"] == release
     assert properties["syscall-irl accelerator"] in ("kvm", "tcg")
     assert properties["syscall-irl qemu"].startswith("QEMU emulator version")
 
