@@ -25,7 +25,14 @@ def _ia32_nr(kernel, name):
 
 
 @pytest.fixture
-def int80_trace(request, syscall_trace, kernel):
+def ia32(kernel):
+    """Skips where the kernel has no IA32 emulation (no ia32 handlers, no 32-bit entries)."""
+    if not kernel.vmlinux.has_symbol("__ia32_sys_getppid"):
+        pytest.skip("kernel built without CONFIG_IA32_EMULATION: no 32-bit syscalls to check")
+
+
+@pytest.fixture
+def int80_trace(request, ia32, syscall_trace, kernel):
     """getppid (i386 number) by `int $0x80` from a 64-bit or a 32-bit program, with six arguments."""
     nr = str(_ia32_nr(kernel, "getppid"))
     if request.param == 64:
@@ -45,7 +52,7 @@ def _fast_trace(syscall_trace, kernel, way):
 # --- int $0x80 -------------------------------------------------------------------------
 
 
-def test_idt_vector_0x80_is_the_int80_entry(kernel, gdb):
+def test_idt_vector_0x80_is_the_int80_entry(ia32, kernel, gdb):
     table = kernel.vmlinux.symbol("idt_table")
     gate = x86.decode_idt_gate(gdb.read_memory(table + x86.IDT_GATE_SIZE * x86.IA32_SYSCALL_VECTOR, 16))
     name = roads.INT80.entry_symbol(kernel.vmlinux)
@@ -132,7 +139,7 @@ def test_sysenter_msrs(read_msr, kernel, gdb, syscall_trace):
     "syscall",
     pytest.param("sysenter", marks=pytest.mark.cpu(INTEL)),
 ])
-def test_compat_fast_entry(way, syscall_trace, kernel):
+def test_compat_fast_entry(way, ia32, syscall_trace, kernel):
     trace = _fast_trace(syscall_trace, kernel, way)
     road = roads.SYSCALL32 if way == "syscall" else roads.SYSENTER32
     name = road.entry_symbol(kernel.vmlinux)
