@@ -22,8 +22,8 @@ from .qemu import MachineConfig
 from .roads import SYSCALL64, Road, SyscallNames, road_of
 from .roads import road as road_named
 from .trace import NO_HANDLER, STAGES, SyscallSelector, SyscallTrace, TraceError
-from .walk import (CommandEnded, Debugger, EntryCode, Fault, Running, TracedGuest, Walk, process_condition,
-                   resume_watching)
+from .walk import (CommandEnded, Debugger, EntryCode, Fault, Running, TracedGuest, Walk, clear_breakpoints,
+                   process_condition, resume_watching)
 
 __all__ = ["Debugger", "EntryCode", "Fault", "SyscallTracer", "TracedGuest"]
 
@@ -116,11 +116,11 @@ class SyscallTracer:
                     raise TraceError(f"counting {where} in `{command}`: unexpected stop {stop}")
                 hits += 1
         except CommandEnded as ended:
+            clear_breakpoints(self.gdb, quietly=False)
             return hits, ended.result
-        finally:
-            if self.gdb.state == "running":
-                self.gdb.interrupt()
-            self.gdb.delete_breakpoints()
+        except BaseException:
+            clear_breakpoints(self.gdb, quietly=True)  # never in place of the error being raised
+            raise
 
     def count_syscalls(self, command: str, *, nr: int | str, road: str = "syscall64",
                        args: Mapping[int, int] | None = None, comm: str | None = None, pid: int | None = None,

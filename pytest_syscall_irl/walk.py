@@ -142,6 +142,19 @@ def resume_watching(gdb: Debugger, pending: Running | None, left: Callable[[], f
 
 
 
+def clear_breakpoints(gdb: Debugger, quietly: bool) -> None:
+    """Delete every breakpoint (a running target is stopped first). *quietly*: an error
+    here is logged, so that it never replaces the error being raised."""
+    try:
+        if gdb.state == "running":
+            gdb.interrupt()
+        gdb.delete_breakpoints()
+    except SyscallIrlError as exc:
+        if not quietly:
+            raise
+        log.warning("cleaning up after a failed trace: %s", exc)
+
+
 def process_condition(kernel: Kernel, selector: SyscallSelector, payload: bool) -> str:
     """The selector's process terms (comm, pid, never the agent) as a condition in user
     mode or before the entry swapgs (kernel GS base in MSR_KERNEL_GS_BASE). A payload's
@@ -189,16 +202,8 @@ class Walk:
         return resume_watching(self.gdb, self.pending, self.left)
 
     def clean_up(self, quietly: bool) -> None:
-        """Delete the breakpoints (a running target is stopped first). *quietly*: an
-        error here is logged, so that it never replaces the error being raised."""
-        try:
-            if self.gdb.state == "running":
-                self.gdb.interrupt()
-            self.gdb.delete_breakpoints()
-        except SyscallIrlError as exc:
-            if not quietly:
-                raise
-            log.warning("cleaning up after a failed trace: %s", exc)
+        """Delete the breakpoints; see clear_breakpoints."""
+        clear_breakpoints(self.gdb, quietly)
 
     def record(self, name: str, note: str = "", pt_regs_at: int | None = None, backtrace: bool = False,
                frame: bool = False) -> Stage:

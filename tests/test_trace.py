@@ -241,3 +241,11 @@ def test_cleanup_never_replaces_the_error_being_raised(tmp_path: Path) -> None:
 
 def test_syscall_errors_are_syscall_irl_errors() -> None:
     assert issubclass(TraceError, SyscallIrlError)
+
+
+def test_a_count_that_times_out_keeps_its_error_through_cleanup(tmp_path: Path) -> None:
+    gdb = FakeDebugger(fail_delete=True)
+    tracer = _tracer(gdb, tmp_path, console=FakeConsole(polls=10**9))
+    with pytest.raises(TraceError, match="did not end within"):
+        tracer.count("sleep 100", 0xFFFFFFFF81000000, timeout=0.3)
+    assert gdb.state == "stopped"
