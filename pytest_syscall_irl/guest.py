@@ -419,9 +419,14 @@ class Lab:
         except BaseException as exc:
             console.close()
             machine.shutdown()
-            if isinstance(exc, SyscallIrlError) and not exc.log_tail:
+            if not isinstance(exc, SyscallIrlError):
+                raise
+            if not exc.log_tail:
                 exc.log_tail = machine.log_tail()
-            raise
+            failure = machine.load_failure(exc)  # QEMU may exit on a bad state before the console connects
+            if failure is exc:
+                raise
+            raise failure from exc
         restored = config.incoming is not None
         guest = Guest(name, machine, console, self.image, time.monotonic() - start, restored=restored)
         log.info("%s %s in %.2f s (%s, payloads via %s)", name, "restored" if restored else "booted",

@@ -23,7 +23,7 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from . import procs
-from .errors import QemuError, StateLoadError, tail
+from .errors import QemuError, StateLoadError, SyscallIrlError, tail
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +235,15 @@ class QemuMachine:
             self._qmp.settimeout(SOCKET_WAIT)
         except QemuError as exc:
             self.shutdown()
-            raise self._load_failure(exc) from exc.__cause__
+            raise self.load_failure(exc) from exc.__cause__
         except Exception as exc:
             failure = self._failure(f"QEMU failed to start: {exc}")
             self.shutdown()
-            raise self._load_failure(failure) from exc
+            raise self.load_failure(failure) from exc
 
-    def _load_failure(self, failure: QemuError) -> QemuError:
-        # A state QEMU cannot load can make it exit before QMP even answers.
+    def load_failure(self, failure: SyscallIrlError) -> SyscallIrlError:
+        """*failure* as a StateLoadError when QEMU's log says it could not load the state it
+        was started from: it may exit before QMP answers, or before the console connects."""
         if self.config.incoming is None or isinstance(failure, StateLoadError) or \
                 "load of migration failed" not in (failure.log_tail or ""):
             return failure

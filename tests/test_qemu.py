@@ -145,3 +145,19 @@ def test_socket_dirs_of_zombie_owners_are_swept(tmp_path: Path) -> None:
     sweep_socket_dirs(tmp_path)
     assert not stale.exists()
     child.wait()
+
+
+def test_a_console_that_never_connects_to_an_unloadable_state_is_a_state_load_error(tmp_path: Path) -> None:
+    # QEMU can exit on a state it cannot load after QMP answered, before the console connects.
+    from pytest_syscall_irl.errors import ConsoleError, StateLoadError
+
+    config = MachineConfig(kernel=tmp_path / "bzImage", initrd=tmp_path / "initrd", incoming=tmp_path / "state")
+    machine = QemuMachine(config, tmp_path / "logs")
+    try:
+        tail = "--- qemu.log ---\nqemu-system-x86_64: load of migration failed: Operation not supported"
+        refused = ConsoleError("cannot connect to the guest console", log_tail=tail)
+        assert isinstance(machine.load_failure(refused), StateLoadError)
+        other = ConsoleError("cannot connect to the guest console", log_tail="--- qemu.log ---\nsomething else")
+        assert machine.load_failure(other) is other
+    finally:
+        machine.shutdown()
