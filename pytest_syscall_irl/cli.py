@@ -1,4 +1,4 @@
-"""The `syscall-irl` command: `kernel build`, `kernel path`, `suite-path`, `bisect-run`, `failed-logs`.
+"""The `syscall-irl` command: `kernel build|path|check|fetch`, `suite-path`, `bisect-run`, `failed-logs`.
 
 Each command group registers itself with a function that takes argparse's subparsers
 (see add_kernel_commands); add a group by appending its function to COMMAND_GROUPS.
@@ -126,6 +126,21 @@ def _kernel_check(args: argparse.Namespace) -> int:
     return 1 if any(finding.fatal for finding in missing) else 0
 
 
+def _kernel_fetch(args: argparse.Namespace) -> int:
+    from .debian_kernel import DebianKernel
+
+    say = (lambda message: None) if args.quiet else (lambda message: _progress(f"==> {message}"))
+    fetched = DebianKernel(args.package, kernel_build.check_cache_dir(kernel_build.cache_dir()),
+                           on_stage=say).fetch()
+    if args.print == "directory":
+        print(fetched.directory)
+    else:
+        # Unquoted, for $(...): package names and versions hold no blanks or glob characters
+        # (a cache path with blanks needs --print directory).
+        print(" ".join(fetched.options()))
+    return 0
+
+
 def _add_base_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", metavar="tinyconfig|defconfig|FILE", default="tinyconfig",
                         help="the config the fragments merge over: `make tinyconfig` (default, with "
@@ -165,6 +180,17 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     check.add_argument("--modules", metavar="DIR", help="its module directory, or 'none' "
                        "(default: /lib/modules/<release> if it exists)")
     check.set_defaults(func=_kernel_check)
+    fetch = commands.add_parser(
+        "fetch", help="download a Debian kernel image package and its -dbg vmlinux into the cache (nothing is "
+        "installed); prints the pytest options that test it: pytest test_suites $(syscall-irl kernel fetch ...)")
+    fetch.add_argument("package", metavar="PACKAGE",
+                       help="a Debian kernel image package or meta-package, e.g. linux-image-cloud-amd64 or "
+                            "linux-image-6.12-cloud-amd64 (apt's package lists must know it)")
+    fetch.add_argument("--print", choices=("options", "directory"), default="options",
+                       help="print the --kernel/--vmlinux/--modules options (default) or the directory holding "
+                            "vmlinuz, vmlinux and modules/")
+    fetch.add_argument("--quiet", "-q", action="store_true", help="print only the result, not the stages")
+    fetch.set_defaults(func=_kernel_fetch)
 
 
 def _suite_path(args: argparse.Namespace) -> int:

@@ -12,7 +12,13 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .errors import KernelError
 
 MANIFEST = "MANIFEST.json"
 
@@ -74,3 +80,22 @@ def seal_directory(directory: Path) -> None:
 def directory_problem(directory: Path) -> str | None:
     """What in *directory* differs from its manifest (see `seal_directory`)."""
     return manifest_problem(directory / MANIFEST)
+
+
+@contextmanager
+def waiting_lock(path: Path, what: str, say: Callable[[str], None], timeout: float) -> Iterator[None]:
+    """Hold the file lock *path*; if another process holds it (doing *what*), say so and wait
+    up to *timeout* seconds for it (KernelError after that)."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        say(f"waiting for another process {what} (lock {path})")
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout as exc:
+            raise KernelError(f"gave up after {timeout:.0f} s waiting for {path}") from exc
+    try:
+        yield
+    finally:
+        lock.release()

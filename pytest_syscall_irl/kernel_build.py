@@ -18,18 +18,16 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from functools import cached_property
 from pathlib import Path
 from typing import IO
 
-from filelock import FileLock, Timeout
-
 from . import procs, shipped
 from .build_progress import KBUILD_STEP
 from .errors import ConfigError, KernelError, SyscallIrlError, tail
-from .integrity import atomic_write, file_digest
+from .integrity import atomic_write, file_digest, waiting_lock
 from .kernel import Kernel, StrPath
 
 log = logging.getLogger(__name__)
@@ -464,21 +462,8 @@ class KernelBuild:
             raise KernelError(f"kernel build step failed (log: {self.log_path})", command=command,
                               exit_code=code, log_tail=tail(self.log_path.read_text()))
 
-    @contextmanager
-    def _locked(self, path: Path, what: str) -> Iterator[None]:
-        lock = FileLock(str(path))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            self._stage(f"waiting for another process {what} (lock {path})")
-            try:
-                lock.acquire(timeout=LOCK_TIMEOUT)
-            except Timeout as exc:
-                raise KernelError(f"gave up after {LOCK_TIMEOUT:.0f} s waiting for {path}") from exc
-        try:
-            yield
-        finally:
-            lock.release()
+    def _locked(self, path: Path, what: str) -> AbstractContextManager[None]:
+        return waiting_lock(path, what, self._stage, LOCK_TIMEOUT)
 
     def _stage(self, message: str) -> None:
         log.info("%s", message)
