@@ -42,10 +42,11 @@ def register(stage: str, name: str, change: Callable[[int], int]) -> Apply:
     return apply
 
 
-def pt_regs(field: str, change: Callable[[int], int], stage: str = "do_syscall_64") -> Apply:
+def pt_regs(field: str, change: Callable[[int], int], stage: str = "do_syscall_64", undo: bool = True) -> Apply:
     """At *stage* (a C entry, or the handler: both take pt_regs first), struct pt_regs
     holds change(value) in *field*; a C entry stage named "dispatch" is the one of the
-    road the test takes, found from the kernel (do_int80_emulation, ...)."""
+    road the test takes, found from the kernel (do_int80_emulation, ...). With undo=False
+    the change stays: the exit gives it to user mode (a kernel that loses a register)."""
 
     def apply(request: pytest.FixtureRequest) -> None:
         kernel = request.getfixturevalue("kernel")
@@ -56,7 +57,7 @@ def pt_regs(field: str, change: Callable[[int], int], stage: str = "do_syscall_6
             where = gdb.registers([regs_reg])[regs_reg] + x86.PT_REGS_OFFSETS[field]
             old = gdb.read_memory(where, 8)
             gdb.write_memory(where, (change(int.from_bytes(old, "little")) % 2**64).to_bytes(8, "little"))
-            return lambda: gdb.write_memory(where, old)
+            return (lambda: gdb.write_memory(where, old)) if undo else None
 
         request.getfixturevalue("syscall_trace").inject(at, fault)
 
@@ -431,6 +432,16 @@ FAULTS: dict[str, Fault] = {
         "test_" + COMPAT + "test_int80_runs_the_ia32_handler_and_returns_in_eax[from-64-bit]",
         register("user_return", "rax", lambda v: v + 1),
         r"user EAX 0x\w+, expected the handler's 0x",
+    ),
+    "int80-r8": Fault(  # what kernels before 4.17 did: r8-r11 zeroed on the way out
+        "test_" + COMPAT + "test_int80_gives_back_every_register_but_eax[from-64-bit]",
+        pt_regs("r8", lambda v: 0, stage="dispatch", undo=False),
+        r"after int \$0x80 these registers changed: \{'r8': '0x0 \(was 0x8888888888888888\)'\}",
+    ),
+    "int80-ebp": Fault(
+        "test_" + COMPAT + "test_int80_gives_back_every_register_but_eax[from-32-bit]",
+        pt_regs("bp", lambda v: v ^ 0x100, stage="dispatch", undo=False),
+        r"after int \$0x80 these registers changed: \{'rbp': '0x66666766 \(was 0x66666666\)'\}",
     ),
     "cstar": Fault(
         "test_" + COMPAT + "test_cstar_is_the_compat_syscall_entry",

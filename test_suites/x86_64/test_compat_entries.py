@@ -18,6 +18,11 @@ INTEL = "qemu64,vendor=GenuineIntel"
 SIX = {i: 0x1111_1111 * (i + 1) for i in range(6)}
 ARGV = [f"{SIX[i]:#x}" for i in range(6)]
 LOW = 0xFFFF_FFFF
+# What the int80 payload holds in the registers the 32-bit ABI does not know across its int $0x80.
+HIGH_REGISTERS = {f"r{n}": int(f"{n:x}" * 16, 16) for n in range(8, 16)}
+# int $0x80 saves all of pt_regs and IRET gives it back; r8-r11 too since "x86/entry/64/compat:
+# Preserve r8-r11 in int $0x80" (4.17; they were zeroed before).
+R8_R11_KEPT_SINCE = (4, 17, 0)
 
 
 def _ia32_nr(kernel, name):
@@ -98,6 +103,26 @@ def test_int80_runs_the_ia32_handler_and_returns_in_eax(int80_trace, kernel):
     )
     assert int80_trace.output == f"{returned}\n", f"the program printed {int80_trace.output!r}"
     assert int80_trace.exit == "iret", f"int $0x80 returns by IRET, not {int80_trace.exit}"
+
+
+@pytest.mark.parametrize("int80_trace", [64, 32], indirect=True, ids=["from-64-bit", "from-32-bit"])
+def test_int80_gives_back_every_register_but_eax(int80_trace, kernel, request):
+    before, after = int80_trace["user"], int80_trace["user_return"]
+    from_64_bit = request.node.callspec.params["int80_trace"] == 64
+    kept = ["rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp"]
+    if from_64_bit:
+        loaded = {name: f"{before[name]:#x}" for name, value in HIGH_REGISTERS.items() if before[name] != value}
+        assert not loaded, f"the int80 payload did not load its values before int $0x80: {loaded}"
+        kept += [name for name in HIGH_REGISTERS
+                 if kernel.version_tuple >= R8_R11_KEPT_SINCE or name not in ("r8", "r9", "r10", "r11")]
+    # A 32-bit program sees the low halves only (their upper halves are undefined after a mode switch).
+    width = 2**64 - 1 if from_64_bit else LOW
+    changed = {name: f"{after[name] & width:#x} (was {before[name] & width:#x})" for name in kept
+               if after[name] & width != before[name] & width}
+    assert not changed, f"back in user mode after int $0x80 these registers changed: {changed}"
+    assert after["rip"] == before["rip"] + 2, (
+        f"back in user mode at {after['rip']:#x}, expected the instruction after int $0x80 {before['rip'] + 2:#x}"
+    )
 
 
 # --- syscall_init's MSRs ---------------------------------------------------------------
