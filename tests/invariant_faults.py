@@ -443,6 +443,17 @@ FAULTS: dict[str, Fault] = {
         pt_regs("bp", lambda v: v ^ 0x100, stage="dispatch", undo=False),
         r"after int \$0x80 these registers changed: \{'rbp': '0x66666766 \(was 0x66666666\)'\}",
     ),
+    "compat-sysretl-r9": Fault(  # a kernel that drops `xorl %r9d, %r9d` before sysretl
+        "test_" + COMPAT + "test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15[syscall]",
+        register("sysretl", "r9", lambda v: 0xFFFF_8880_0123_4000),
+        r"at sysretl, about to return to a 32-bit syscall caller, these registers are not 0: "
+        r"\{'r9': '0xffff888001234000'\}",
+    ),
+    "compat-iret-r13": Fault(
+        "test_" + COMPAT + "test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15[int80]",
+        register("iretq", "r13", lambda v: 0xFFFF_FFFF_8100_0000),
+        r"at iretq, about to return to a 32-bit int80 caller, these registers are not 0: \{'r13': '0xffffffff81000000'\}",
+    ),
     "cstar": Fault(
         "test_" + COMPAT + "test_cstar_is_the_compat_syscall_entry",
         msr_redirect(x86.MSR_CSTAR, x86.MSR_LSTAR),

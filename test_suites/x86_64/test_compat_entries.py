@@ -188,3 +188,28 @@ def test_compat_fast_entry(way, ia32, syscall_trace, kernel):
     assert trace["user_return"]["rax"] & LOW == returned and trace.output == f"{returned}\n", (
         f"user EAX {trace['user_return']['rax'] & LOW:#x}, printed {trace.output!r}, the handler returned {returned:#x}"
     )
+
+
+@pytest.mark.parametrize("way", [
+    "int80",
+    "syscall",
+    pytest.param("sysenter", marks=pytest.mark.cpu(INTEL)),
+])
+def test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15(way, ia32, syscall_trace, kernel):
+    """execve gives an ia32 process r8..r15 = 0 (elf_common_init) and compatibility mode cannot
+    name them, so they are 0 whenever it runs: the exits must not hand it kernel values there.
+    SYSRETL takes RFLAGS from r11 and the kernel zeroes r8..r10 before it ("to avoid info
+    leaks"); r12..r15 are callee-saved through the C code; IRET restores them all from pt_regs."""
+    if way == "int80":
+        nr = str(_ia32_nr(kernel, "getppid"))
+        trace = syscall_trace.payload("compat32", "int80", nr, *ARGV, nr="getppid", args=SIX, at="sirl_int80_insn")
+    else:
+        trace = _fast_trace(syscall_trace, kernel, way)
+    exit_stage = {"sysretl": "sysretl", "iret": "iretq"}.get(trace.exit)
+    assert exit_stage in trace, f"a 32-bit {way} left the kernel by {trace.exit or '?'}, not SYSRETL or IRET\n{trace}"
+    # The debugger sees r8..r15 only at the exit instruction, still in 64-bit mode (QEMU's
+    # gdbstub reports them as 0 while the CPU runs compatibility-mode code).
+    stage = trace[exit_stage]
+    leaked = {f"r{n}": f"{stage[f'r{n}']:#x}" for n in range(8, 16)
+              if stage[f"r{n}"] != 0 and not (exit_stage == "sysretl" and n == 11)}
+    assert not leaked, f"at {exit_stage}, about to return to a 32-bit {way} caller, these registers are not 0: {leaked}"
