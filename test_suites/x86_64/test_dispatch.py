@@ -92,13 +92,40 @@ def test_the_handler_runs_under_do_syscall_64_and_the_entry(syscall_trace, kerne
     )
 
 
-def test_out_of_range_number_returns_enosys(syscall_trace, kernel):
-    nr = 4095  # far beyond NR_syscalls; the x32 bit (0x40000000) is not set
+def _nr_syscalls(kernel):
+    """NR_syscalls: the slots of sys_call_table, from its size in the symbol table (not from
+    the bound the entry code checks)."""
+    if not kernel.vmlinux.has_symbol("sys_call_table"):
+        pytest.skip(f"kernel {kernel.release} has no sys_call_table symbol to size NR_syscalls by")
+    return kernel.vmlinux.symbol_size("sys_call_table") // 8
+
+
+# Numbers no handler may take: far out, the first one past the table (an off-by-one bound
+# check would index sys_call_table[NR_syscalls] or fall into x64_sys_call's last case),
+# and -1 (all ones; the kernel leaves pt_regs->ax at -ENOSYS for it). The x32 bit is not set.
+OUT_OF_RANGE = {"4095": lambda kernel: 4095, "NR_syscalls": _nr_syscalls, "all-ones": lambda kernel: -1}
+
+
+@pytest.mark.parametrize("which", list(OUT_OF_RANGE))
+def test_out_of_range_number_returns_enosys(which, syscall_trace, kernel):
+    nr = OUT_OF_RANGE[which](kernel)
     trace = syscall_trace.payload("rawsys", f"{nr}", nr=nr)
     assert not trace["handler"].taken, f"a handler ran for nr {nr}: {trace['handler'].line()}"
     rax = x86.to_signed(trace["user_return"]["rax"])
     assert rax == -x86.ENOSYS, f"user RAX after syscall {nr} is {rax}, expected -ENOSYS ({-x86.ENOSYS})"
     assert trace.output == f"{-x86.ENOSYS}\n", f"the payload printed {trace.output!r}"
+
+
+def test_the_last_number_of_the_table_runs_its_handler(syscall_trace, kernel):
+    nr = _nr_syscalls(kernel) - 1
+    # Its handler as the kernel image's table names it; with all arguments 0 it does nothing
+    # (set_mempolicy_home_node in 6.1, mseal in 6.12: an empty range).
+    trace = syscall_trace.payload("rawsys", f"{nr}", nr=nr, args={0: 0, 1: 0})
+    handler = kernel.vmlinux.symbol(trace.handler)
+    assert trace["handler"].taken and trace["handler"]["rip"] == handler, (
+        f"syscall {nr}, the last slot of sys_call_table, should run {trace.handler} {handler:#x}\n{trace}"
+    )
+    assert trace["user_return"]["rax"] == trace["handler_return"]["rax"], f"user RAX is not the handler's\n{trace}"
 
 
 def test_user_sees_the_handlers_return_value(syscall_trace):
