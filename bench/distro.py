@@ -18,14 +18,18 @@ from pathlib import Path
 
 from probes import Samples, run_suite
 
+from pytest_syscall_irl.debian_kernel import DebianKernel
+from pytest_syscall_irl.errors import SyscallIrlError
 from pytest_syscall_irl.kernel import find_vmlinux
+from pytest_syscall_irl.kernel_build import cache_dir
 
 DEBUG_BOOT = Path("/usr/lib/debug/boot")
+FETCHED = "linux-image-6.12-cloud-amd64"  # without an installed one: `syscall-irl kernel fetch` it
 
 
 @dataclass
 class DistroRuns:
-    kernel: tuple[Path, Path]
+    kernel: tuple[Path, ...]  # bzImage, vmlinux[, modules]
     first_result: float = 0.0  # seconds from start to the first test result, empty cache
     first_total: float = 0.0
     warm: Samples = field(default_factory=Samples)  # the distro kernel, -n 2
@@ -43,22 +47,34 @@ def _release_key(path: Path) -> list[int]:
     return [int(n) for n in re.findall(r"\d+", path.name)]
 
 
-def find_distro_kernel() -> tuple[Path, Path] | None:
-    """The newest /boot/vmlinuz-R whose -dbg vmlinux (/usr/lib/debug/boot/vmlinux-R) is installed."""
+def find_distro_kernel() -> tuple[Path, ...] | None:
+    """The newest /boot/vmlinuz-R whose -dbg vmlinux (/usr/lib/debug/boot/vmlinux-R) is installed,
+    else Debian's 6.12 cloud kernel fetched into the cache (bzImage, vmlinux, modules)."""
     pairs = [(bz, DEBUG_BOOT / bz.name.replace("vmlinuz-", "vmlinux-", 1)) for bz in Path("/boot").glob("vmlinuz-*")]
     found = sorted((pair for pair in pairs if pair[1].is_file()), key=lambda pair: _release_key(pair[0]))
-    return found[-1] if found else None
+    if found:
+        return found[-1]
+    try:
+        fetched = DebianKernel(FETCHED, cache_dir()).fetch()
+    except SyscallIrlError as exc:
+        print(f"\nno distribution kernel installed and {FETCHED} could not be fetched: {exc}")
+        return None
+    return fetched.bzimage, fetched.vmlinux, fetched.modules
 
 
-def distro_runs(reference: Path, distro: tuple[Path, Path], samples: int) -> DistroRuns:
+def distro_runs(reference: Path, distro: tuple[Path, ...], samples: int) -> DistroRuns:
     """The first run in an empty cache, then *samples* rounds of (distro, reference, both)."""
     result = DistroRuns(distro)
     with tempfile.TemporaryDirectory(prefix="sirl-bench-distro-") as tmp:
         root, runs = Path(tmp), iter(range(10**6))
         env = {"SYSCALL_IRL_CACHE": str(root / "cache"), "SIRL_BENCH_FIRST_FILE": str(root / "first")}
-        own = [f"--kernel={distro[0]}", f"--vmlinux={distro[1]}"]
+        modules = [f"--modules={distro[2]}"] if len(distro) > 2 else []
+        own = [f"--kernel={distro[0]}", f"--vmlinux={distro[1]}", *modules]
         ref = [f"--kernel={reference}"]
+        # --vmlinux and --modules pair with the kernels by position.
         both = [*ref, own[0], f"--vmlinux={find_vmlinux(reference)}", own[1]]
+        if modules:
+            both += ["--modules=none", *modules]
 
         def run(options: list[str], rss: str = "rss") -> float:
             return run_suite(2, False, root / f"run{next(runs)}", root / rss, options, env)
