@@ -30,7 +30,11 @@ READY = re.compile(r"SIRL\{READY:(\w+):(\S+)\}")
 # non-canonical address ...: 0000 [#1]"; a user one is a "traps: prog[pid] general
 # protection fault ip:..." line, which is no crash of the kernel.
 PANIC = re.compile(r"Kernel panic - not syncing|\bOops\b[:\s]|\bBUG: |general protection fault[:,]")
-KERNEL_LINE = re.compile(r"^\s*\[\s*\d+\.\d+\] ")
+# One kernel message as the console prints it (printk.time=1): "[    4.324469] text\r\n". The
+# console writes a record whole, but between any two bytes of what the guest's programs
+# write to the same serial line, so a record may sit in the middle of a line of theirs.
+KERNEL_RECORD = r"\[\s*\d+\.\d{6}\] [^\n]*\n"
+KERNEL_RECORDS = re.compile(KERNEL_RECORD)
 # After a panic line, keep reading this long to capture the trace that follows it.
 PANIC_GRACE = 1.0
 
@@ -52,9 +56,9 @@ class CommandResult:
 
 
 def clean_output(raw: str) -> str:
-    """Normalise line ends and drop kernel log lines (printk.time prefix)."""
-    lines = raw.replace("\r", "").split("\n")
-    return "\n".join(line for line in lines if not KERNEL_LINE.match(line))
+    """Drop the kernel messages (printk.time prefix) from *raw*, wherever they sit, and
+    normalise line ends: "hel[    4.3] probe\r\nlo\r\n" is "hello\n"."""
+    return KERNEL_RECORDS.sub("", raw.replace("\r", ""))
 
 
 class PendingCommand:
@@ -202,7 +206,8 @@ class GuestConsole:
     def _finish(self, pending: PendingCommand, timeout: float | None) -> CommandResult:
         ident = pending.ident
         if not pending.begun:
-            self.expect(re.compile(r"SIRL\{%d:B\}\r*\n" % ident), timeout)
+            # Kernel messages may come between the marker and its line end.
+            self.expect(re.compile(r"SIRL\{%d:B\}(?:\r*%s)*\r*\n" % (ident, KERNEL_RECORD)), timeout)
             pending.begun = True
         end = self.expect(re.compile(r"SIRL\{%d:E:(\d+)\}" % ident), timeout)
         output = clean_output(str(self.child.before or ""))

@@ -118,6 +118,29 @@ def test_multiline_command_is_refused(serve: Callable[[Reply], GuestConsole]) ->
 
 def test_clean_output() -> None:
     assert clean_output("a\r\r\n[    1.000000] msg\r\nb") == "a\nb"
+    # A record the console printed between two bytes of a program's line.
+    assert clean_output("hel[    4.503601] sh (82) used greatest stack depth\r\nlo\r\n") == "hello\n"
+
+
+def test_kernel_messages_inside_the_framing_are_taken_out(tmp_path: Path) -> None:
+    # Seen on a defconfig kernel: a late probe message printed right after the begin
+    # marker, before its line end, and another in the middle of the command's output.
+    console, server = _silent_console(tmp_path)
+    conn = server.accept()[0]
+    try:
+        conn.sendall(b"SIRL{READY:iso:6.1.192}\r\n")
+        console.wait_ready(5)
+        pending = console.start("echo hello")
+        conn.recv(4096)
+        conn.sendall(b"SIRL{1:B}[    4.324469] input: ImExPS/2 Generic Explorer Mouse as /devices/platform/i8042"
+                     b"/serio1/input/input3\r\n\r\nhel[    4.503601] sh (82) used greatest stack depth: 14056 bytes "
+                     b"left\r\nlo\r\nSIRL{1:E:0}")
+        result = pending.wait(5)
+        assert (result.output, result.status) == ("hello\n", 0)
+    finally:
+        conn.close()
+        console.close()
+        server.close()
 
 
 def test_ready_seen_when_it_is_the_very_first_byte(tmp_path: Path) -> None:
