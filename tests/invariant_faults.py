@@ -462,7 +462,8 @@ FAULTS: dict[str, Fault] = {
     "compat-iret-r13": Fault(
         "test_" + COMPAT + "test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15[int80]",
         register("iretq", "r13", lambda v: 0xFFFF_FFFF_8100_0000),
-        r"at iretq, about to return to a 32-bit int80 caller, these registers are not 0: \{'r13': '0xffffffff81000000'\}",
+        r"at iretq, about to return to a 32-bit int80 caller, these registers are not 0: "
+        r"\{'r13': '0xffffffff81000000'\}",
     ),
     "cstar": Fault(
         "test_" + COMPAT + "test_cstar_is_the_compat_syscall_entry",
