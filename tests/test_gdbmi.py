@@ -238,7 +238,8 @@ def test_registers_skip_unnamed_and_vector_and_then_ask_only_for_integers(
     assert gdb.registers() == expected
     assert gdb.raw_registers()["xmm0"].startswith("{v4_float")
     register_reads = [c for c in sent(transcript) if c.startswith("-data-list-register-values")]
-    assert register_reads[:2] == ["-data-list-register-values x", "-data-list-register-values x 0 1 2 3 6 8"]
+    # al is a view of rax: derived from it after the first read, not read again.
+    assert register_reads[:2] == ["-data-list-register-values x", "-data-list-register-values x 0 1 2 3 6"]
     assert sent(transcript).count("-data-list-register-names") == 1
     assert gdb.registers(["rip", "eflags"]) == {"rip": 0xFFFFFFFF818E0BBE, "eflags": 0x246}
     assert sent(transcript)[-1] == "-data-list-register-values x 2 3"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pytest_syscall_irl.gdbmi import GdbSession
+from pytest_syscall_irl.gdbmi_records import X86_64_REGISTER_VIEWS
 from pytest_syscall_irl.guest import Guest
 from pytest_syscall_irl.kernel import Kernel
 from pytest_syscall_irl.junit import collect_failed_logs, failed_logs
@@ -52,6 +53,22 @@ def test_stop_at_a_kernel_breakpoint_and_read_registers(kernel: Kernel, guest: G
     assert stop.reason == "breakpoint-hit" and regs["rip"] == ksys_write
     assert regs["cs"] & 3 == 0 and (regs["rdi"], regs["rdx"]) == (1, 12)
     assert gdb.read_memory(regs["rsi"], regs["rdx"]) == b"syscall_irl\n"
+    gdb.delete_breakpoints()
+    gdb.resume()
+    assert pending.wait(30).output == "syscall_irl\n"
+
+
+def test_register_views_derived_here_are_what_gdb_prints(kernel: Kernel, guest: Guest, gdb: GdbSession) -> None:
+    # Stopped where the registers hold varied values: ksys_write of `echo`, rdx = 12.
+    gdb.break_insert(f"*{kernel.vmlinux.symbol('ksys_write'):#x}", condition="$rdi == 1")
+    pending = guest.console.start("echo syscall_irl")
+    gdb.continue_until_stop(timeout=30)
+    gdb.registers()  # the first read learns which registers are views
+    derived = gdb.registers()
+    printed = gdb.raw_registers()  # every register as GDB formats it, views included
+    views = {name: int(printed[name], 16) for name in X86_64_REGISTER_VIEWS}
+    assert {name: derived[name] for name in views} == views
+    assert any(views[name] != 0 for name in ("eax", "ecx", "edx", "esi", "edi", "esp")), views
     gdb.delete_breakpoints()
     gdb.resume()
     assert pending.wait(30).output == "syscall_irl\n"
