@@ -92,6 +92,13 @@ class FetchedKernel:
         return [f"--kernel={self.bzimage}", f"--vmlinux={self.vmlinux}", f"--modules={self.modules}"]
 
 
+def _depmod() -> str:
+    """depmod, also where a user's PATH lacks /usr/sbin (Debian's default for non-root users)."""
+    found = shutil.which("depmod") or next(
+        (path for path in ("/usr/sbin/depmod", "/sbin/depmod") if os.access(path, os.X_OK)), None)
+    return found or "depmod"  # not installed: _command names the package
+
+
 def _files(directory: Path) -> Iterator[Path]:
     for root, _dirs, names in os.walk(directory):
         for name in sorted(names):
@@ -247,7 +254,7 @@ class DebianKernel:
         (base / "usr/lib/modules").symlink_to("../../lib/modules")
         os.rename(modules, base / "lib/modules" / release)
         modules = base / "lib/modules" / release
-        self._command(["depmod", "-b", str(base), release])
+        self._command([_depmod(), "-b", str(base), release])
         if not (modules / "modules.dep").is_file():
             raise KernelError(f"depmod -b {base} {release} wrote no modules.dep")
         shutil.rmtree(target, ignore_errors=True)
