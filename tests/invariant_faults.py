@@ -297,6 +297,11 @@ FAULTS: dict[str, Fault] = {
         register("sysretq", "cr3", lambda v: v & ~x86.PTI_USER_PGTABLE_BIT),
         r"sysretq: CR3 0x\w+, expected the user PGD 0x\w+ again before user mode",
     ),
+    "cr3-iret-exit": Fault(  # a kernel whose IRET exit forgets SWITCH_TO_USER_CR3
+        "test_cr3.py::test_int80_switches_the_page_tables_on_the_idt_road_and_the_iret_exit",
+        register("iretq", "cr3", lambda v: v & ~x86.PTI_USER_PGTABLE_BIT),
+        r"iretq: CR3 0x\w+, expected the user PGD 0x\w+ again before user mode",
+    ),
     "cr3-no-pti": Fault(
         "test_cr3.py::test_without_pti_the_syscall_runs_on_the_user_cr3",
         register("handler_return", "cr3", lambda v: v ^ x86.PTI_USER_PGTABLE_BIT),

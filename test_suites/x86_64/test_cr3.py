@@ -13,7 +13,7 @@ booted with pti=on: the PTI tests ask for such a guest with @pytest.mark.boot_ar
 
 import pytest
 
-from pytest_syscall_irl import x86
+from pytest_syscall_irl import roads, x86
 
 WRITE = {"nr": "write", "args": {0: 1, 2: 12}}
 KERNEL_STAGES = ("do_syscall_64", "handler", "ksys", "handler_return")
@@ -59,6 +59,31 @@ def test_exit_returns_to_the_user_page_tables(pti_trace):
     for stage in stages:
         assert stage["cr3"] == user_cr3, (
             f"{stage.name}: CR3 {stage['cr3']:#x}, expected the user PGD {user_cr3:#x} again before user mode"
+        )
+
+
+@pytest.mark.boot_args("pti=on")
+def test_int80_switches_the_page_tables_on_the_idt_road_and_the_iret_exit(kernel, guest, syscall_trace):
+    """`int $0x80` enters through the IDT (the idtentry code switches CR3, not entry_SYSCALL_64's)
+    and leaves by IRET (swapgs_restore_regs_and_return_to_usermode switches back before iretq)."""
+    if not kernel.vmlinux.has_symbol("pti_init"):
+        pytest.skip("kernel built without CONFIG_PAGE_TABLE_ISOLATION")
+    if not kernel.vmlinux.has_symbol("__ia32_sys_getppid"):
+        pytest.skip("kernel built without CONFIG_IA32_EMULATION: int $0x80 is no syscall")
+    assert "pti" in _cpu_flags(guest), "booted with pti=on, but /proc/cpuinfo has no pti flag: PTI is off"
+    nr = roads.SyscallNames(kernel.vmlinux, roads.IA32).number("getppid")
+    trace = syscall_trace.payload("int80", str(nr), nr="getppid")
+    user_cr3 = trace["user"]["cr3"]
+    assert user_cr3 & x86.PTI_USER_PGTABLE_BIT, f"user mode runs on CR3 {user_cr3:#x}, not the user PGD (bit 12)"
+    expected = x86.pti_kernel_cr3(user_cr3, trace["entry"]["cr4"])
+    for stage in trace.taken((trace.dispatch.name, "handler", "handler_return", "iret_path")):
+        assert stage["cr3"] == expected, (
+            f"{stage.name}: CR3 {stage['cr3']:#x}, expected the kernel PGD {expected:#x} of user CR3 {user_cr3:#x}"
+        )
+    assert trace.exit == "iret", f"int $0x80 returns by IRET, not {trace.exit or '?'}\n{trace}"
+    for name in ("iretq", "user_return"):
+        assert trace[name]["cr3"] == user_cr3, (
+            f"{name}: CR3 {trace[name]['cr3']:#x}, expected the user PGD {user_cr3:#x} again before user mode"
         )
 
 
