@@ -492,6 +492,11 @@ FAULTS: dict[str, Fault] = {
         exit_anyway(False),
         r"an eligible 32-bit sysenter returns by SYSRETL, not iret",
     ),
+    "sysenter-flags": Fault(  # a kernel without .Lsysenter_fix_flags: its C code runs with the caller's AC
+        "test_" + COMPAT + "test_sysenter_clears_nt_ac_and_df_before_the_c_code",
+        register("handler", "eflags", lambda v: v | (1 << 18)),
+        r"handler: RFLAGS 0x\w+ still has AC the 32-bit caller set before sysenter",
+    ),
     "vdso": Fault(
         "test_vdso.py::test_vdso_calls_never_enter_the_kernel[clock_gettime]",
         kernel_variable(CLOCK_MODE, "0"),

@@ -7,6 +7,9 @@
  *   sirl_syscall_insn   syscall       MSR_CSTAR (compatibility mode; AMD-style CPUs)
  *   sirl_sysenter_insn  sysenter      MSR_IA32_SYSENTER_EIP (Intel-style CPUs)
  *
+ * SIRL32_SYSENTER_FLAGS is sysenter with NT, AC and DF set in EFLAGS (SYSENTER clears none
+ * of them: the kernel must), cleared again once the call is back.
+ *
  * syscall and sysenter follow the vDSO's calling convention (__kernel_vsyscall, 6.1
  * arch/x86/entry/vdso/vdso32/system_call.S): ecx, edx, ebp pushed, ebp = esp for
  * sysenter (SYSENTER loses ESP) or ebp = ecx for syscall (SYSCALL clobbers ECX); the
@@ -16,7 +19,7 @@
 #ifndef SIRL32_H
 #define SIRL32_H
 
-enum sirl32_way { SIRL32_INT80 = 0, SIRL32_SYSCALL = 1, SIRL32_SYSENTER = 2 };
+enum sirl32_way { SIRL32_INT80 = 0, SIRL32_SYSCALL = 1, SIRL32_SYSENTER = 2, SIRL32_SYSENTER_FLAGS = 3 };
 
 long sirl32_call(int way, long nr, const long *args);
 int sirl_main(int argc, char **argv);
@@ -55,7 +58,9 @@ __asm__(
     "cmpl $1, 20(%esp)\n\t"
     "je 1f\n\t"
     "cmpl $2, 20(%esp)\n\t"
-    "je 2f\n"
+    "je 2f\n\t"
+    "cmpl $3, 20(%esp)\n\t"
+    "je 3f\n"
     ".globl sirl_int80_insn\n"
     "sirl_int80_insn:\n\t"
     "int $0x80\n\t"
@@ -64,7 +69,16 @@ __asm__(
     "call sirl32_vsyscall_syscall\n\t"
     "jmp 9f\n"
     "2:\n\t"
-    "call sirl32_vsyscall_sysenter\n"
+    "call sirl32_vsyscall_sysenter\n\t"
+    "jmp 9f\n"
+    "3:\n\t"
+    "pushfl\n\t"
+    "orl $0x44400, (%esp)\n\t"      /* AC (bit 18), NT (bit 14), DF (bit 10) */
+    "popfl\n\t"
+    "call sirl32_vsyscall_sysenter\n\t"
+    "pushfl\n\t"
+    "andl $~0x44400, (%esp)\n\t"
+    "popfl\n"
     "9:\n\t"
     "popl %edi\n\t"
     "popl %esi\n\t"

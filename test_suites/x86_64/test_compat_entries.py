@@ -213,3 +213,36 @@ def test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15(way, ia32, syscall_t
     leaked = {f"r{n}": f"{stage[f'r{n}']:#x}" for n in range(8, 16)
               if stage[f"r{n}"] != 0 and not (exit_stage == "sysretl" and n == 11)}
     assert not leaked, f"at {exit_stage}, about to return to a 32-bit {way} caller, these registers are not 0: {leaked}"
+
+
+# SYSENTER clears only VM, IF and RF: entry_SYSENTER_compat clears NT and AC itself (a popfq of
+# X86_EFLAGS_FIXED when either, or TF, is set: "SYSENTER doesn't filter flags") and DF (cld),
+# before any C code runs; pt_regs keeps the caller's flags, which SYSRETL gives back.
+CALLER_FLAGS = {"NT": 1 << 14, "AC": 1 << 18, "DF": 1 << 10}
+
+
+@pytest.mark.cpu(INTEL)
+def test_sysenter_clears_nt_ac_and_df_before_the_c_code(ia32, syscall_trace, kernel):
+    nr = str(_ia32_nr(kernel, "getppid"))
+    args = {i: SIX[i] for i in (0, 2, 3, 4)}
+    trace = syscall_trace.payload("compat32", "sysenter-flags", nr, *ARGV, nr="getppid", args=args,
+                                  at="sirl_sysenter_insn")
+
+    def flags(value):
+        return sorted(name for name, bit in CALLER_FLAGS.items() if value & bit)
+
+    assert flags(trace["user"]["eflags"]) == sorted(CALLER_FLAGS), (
+        f"the payload did not set NT, AC and DF before sysenter: EFLAGS {trace['user']['eflags']:#x}"
+    )
+    for stage in trace.taken((trace.dispatch.name, "handler")):
+        assert not flags(stage["eflags"]), (
+            f"{stage.name}: RFLAGS {stage['eflags']:#x} still has {', '.join(flags(stage['eflags']))} "
+            f"the 32-bit caller set before sysenter"
+        )
+    saved = trace.dispatch.pt_regs["flags"]
+    assert flags(saved) == sorted(CALLER_FLAGS), f"pt_regs->flags {saved:#x} lost the caller's NT, AC, DF"
+    back = trace["user_return"]["eflags"]
+    assert flags(back) == sorted(CALLER_FLAGS), f"back in user mode EFLAGS {back:#x}, not the caller's"
+    assert trace.status == 0 and trace.output == f"{trace['handler_return']['rax'] & LOW}\n", (
+        f"the program exited {trace.status} printing {trace.output!r}"
+    )
