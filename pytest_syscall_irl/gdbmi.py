@@ -595,7 +595,8 @@ class GdbSession:
         found = {reg.name: v for reg in regs if (v := values[reg.number]) is not None}
         if names is None and numbers is not None:
             for view, (register, shift, mask) in self._register_views:
-                found[view] = (found[register] >> shift) & mask
+                if register in found:  # GDB gave its value as an integer this time
+                    found[view] = (found[register] >> shift) & mask
         return found
 
     def _learn_scalars(self, regs: list[RegisterValue], values: dict[int, int | None]) -> None:

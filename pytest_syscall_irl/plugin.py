@@ -403,7 +403,7 @@ class _SharedGuest:
     def settle(self) -> None:
         """After a test: a guest that cannot take the next command is replaced."""
         if self.guest is not None and not self.guest.settle():
-            self.guest.shutdown()
+            self.close()
 
     def close(self) -> None:
         if self.guest is not None:
