@@ -77,6 +77,9 @@ def check(kernel: Kernel, modules: GuestModules) -> list[Finding]:
                 f"the CR3 switch is not tested: {', '.join(PTI_TESTS)} skip"),
         _symbol(kernel, "CONFIG_IA32_EMULATION", "entry_SYSCALL_compat",
                 "no 32-bit entries (int $0x80 from 32-bit code, compat syscall and sysenter) to test"),
+        _symbol(kernel, "CONFIG_MODIFY_LDT_SYSCALL", "ldt_dup_context",
+                "no LDT segment to return to: test_sysret_eligibility.py::"
+                "test_an_ss_other_than_user_ds_leaves_by_iret skips (SS != __USER_DS is not tested)"),
         _dispatch(kernel),
         _fred(kernel),
     ]

@@ -417,6 +417,11 @@ FAULTS: dict[str, Fault] = {
         exit_anyway(True, ip=lambda r: 0x7FFF_0000_0000, cx=lambda r: 0x7FFF_0000_0000),
         r"RIP 0x800000000000 is not canonical" + MUST_IRET,
     ),
+    "sysret-ss": Fault(  # a kernel that skips the SS check: it SYSRETs and SS becomes __USER_DS
+        "test_" + SYSRET + "test_an_ss_other_than_user_ds_leaves_by_iret",
+        exit_anyway(True, ss=lambda r: x86.USER_DS),
+        r"SS is 0x7, not __USER_DS" + MUST_IRET,
+    ),
     "sysret-cs": Fault(
         "test_" + SYSRET + "test_a_32_bit_cs_leaves_by_iret_into_compatibility_mode",
         exit_anyway(True, cs=lambda r: x86.USER_CS),

@@ -12,13 +12,16 @@
  *                process dies of SIGSEGV (status 139)
  *   cs32         CS = __USER32_CS (0x23), RIP = compat_code below: the process then runs
  *                32-bit code, which exits with status 4 (5 if it ran as 64-bit code)
+ *   ss           SS = 0x7, an LDT data segment the program installs with modify_ldt
+ *                (UC_STRICT_RESTORE_SS keeps it): SYSRET would load __USER_DS instead.
+ *                Exits 3 where the kernel has no modify_ldt (CONFIG_MODIFY_LDT_SYSCALL)
  *   none         the context as it was: an ordinary, SYSRET-eligible rt_sigreturn
  *
  * In every mode the other conditions hold (RCX follows a new RIP, R11 new RFLAGS), so
  * the one broken condition is the only reason for IRET.
  *
  * The rt_sigreturn is made from our own restorer (rt_sigaction with SA_RESTORER, raw),
- * at the label sirl_syscall_insn. Prints "<mode> rcx=<hex> r11=<hex>" as it resumes.
+ * at the label sirl_syscall_insn. Prints "<mode> rcx=<hex> r11=<hex> ss=<hex>" as it resumes.
  */
 #define _GNU_SOURCE /* REG_* of ucontext_t */
 #include <signal.h>
@@ -30,6 +33,15 @@
 #define SA_RESTORER_FLAG 0x04000000
 #define USER32_CS 0x23UL
 #define RF (1UL << 16)
+#define LDT_SS 0x7L /* LDT entry 0, RPL 3 */
+#define UC_STRICT_RESTORE_SS_FLAG 0x4UL
+
+/* struct user_desc of asm/ldt.h: a flat, writable 32-bit data segment in LDT entry 0 */
+struct sirl_user_desc {
+    unsigned int entry_number, base_addr, limit;
+    unsigned int seg_32bit : 1, contents : 2, read_exec_only : 1, limit_in_pages : 1, seg_not_present : 1,
+        useable : 1, lm : 1;
+};
 
 struct kernel_sigaction {
     void (*handler)(int, siginfo_t *, void *);
@@ -84,7 +96,11 @@ static void on_usr1(int sig, siginfo_t *info, void *context)
         g[REG_R11] = g[REG_EFL] |= RF;
     else if (!strcmp(mode, "noncanonical"))
         g[REG_RCX] = g[REG_RIP] = 0x800000000000L;
-    else if (!strcmp(mode, "cs32")) {
+    else if (!strcmp(mode, "ss")) {
+        /* The saved SS is the top 16 bits of REG_CSGSFS (cs, gs, fs, ss) */
+        g[REG_CSGSFS] = (g[REG_CSGSFS] & 0xffffffffffffL) | (LDT_SS << 48);
+        ((ucontext_t *)context)->uc_flags |= UC_STRICT_RESTORE_SS_FLAG;
+    } else if (!strcmp(mode, "cs32")) {
         g[REG_RCX] = g[REG_RIP] = (greg_t)(unsigned long)compat_code;
         g[REG_CSGSFS] = (g[REG_CSGSFS] & ~0xffffL) | USER32_CS;
     }
@@ -102,6 +118,13 @@ int main(int argc, char **argv)
     sa.restorer = sirl_restore;
     if (raw3(13 /* rt_sigaction */, SIGUSR1, (long)&sa, 0, 8))
         return 2;
+    if (!strcmp(mode, "ss")) {
+        struct sirl_user_desc desc = {0, 0, 0xfffff, 1, 0, 0, 1, 0, 1, 0};
+        if (raw3(154 /* modify_ldt */, 1, (long)&desc, sizeof(desc), 0)) {
+            printf("ss: modify_ldt failed\n");
+            return 3;
+        }
+    }
     /* kill(getpid(), SIGUSR1) by hand: RCX and R11 right after it are what sigreturn gave back */
     __asm__ volatile("syscall\n\t"
                      "movq %%rcx, %[rcx]\n\t"
@@ -109,6 +132,8 @@ int main(int argc, char **argv)
                      : [rcx] "=m"(rcx), [r11] "=m"(r11)
                      : "a"(62L), "D"(raw3(39 /* getpid */, 0, 0, 0, 0)), "S"((long)SIGUSR1)
                      : "rcx", "r11", "memory", "cc");
-    printf("%s rcx=%#lx r11=%#lx\n", mode, rcx, r11);
+    unsigned long ss;
+    __asm__ volatile("movq %%ss, %0" : "=r"(ss));
+    printf("%s rcx=%#lx r11=%#lx ss=%#lx\n", mode, rcx, r11, ss);
     return 0;
 }

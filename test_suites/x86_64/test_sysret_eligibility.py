@@ -18,6 +18,7 @@ from pytest_syscall_irl import x86
 WRITE = {"nr": "write", "args": {0: 1, 2: 12}}
 TF, RF = x86.flags("TF"), x86.flags("RF")
 NON_CANONICAL = 0x800000000000
+LDT_SS = 0x7  # LDT entry 0, RPL 3: the data segment sysret_check installs for mode "ss"
 SIGSEGV_STATUS = 128 + 11
 # do_syscall_64 returns whether the kernel may SYSRET since 6.7 ("x86/entry: Convert
 # SYSRET eligibility checks to C"); before, it returns void and the checks are asm.
@@ -72,7 +73,9 @@ def test_rcx_other_than_rip_leaves_by_iret(sigreturn, kernel):
     frame = _left_by_iret(trace, "RCX != RIP")
     back = trace["user_return"]
     assert back["rcx"] == frame["ip"] + 1, f"user RCX {back['rcx']:#x}, sigreturn set {frame['ip'] + 1:#x}"
-    assert trace.output == f"rcx rcx={frame['ip'] + 1:#x} r11={frame['flags']:#x}\n", trace.output
+    assert trace.output == f"rcx rcx={frame['ip'] + 1:#x} r11={frame['flags']:#x} ss={x86.USER_DS:#x}\n", (
+        trace.output
+    )
     _dispatch_agrees(trace, kernel)
 
 
@@ -109,6 +112,22 @@ def test_non_canonical_rip_leaves_by_iret_and_faults_in_user_context(sigreturn, 
     assert frame["ip"] == NON_CANONICAL and not x86.is_canonical(frame["ip"])
     assert trace.status == SIGSEGV_STATUS, (
         f"sysret_check exited with status {trace.status}, expected death by SIGSEGV ({SIGSEGV_STATUS})"
+    )
+    _dispatch_agrees(trace, kernel)
+
+
+def test_an_ss_other_than_user_ds_leaves_by_iret(sigreturn, kernel, guest):
+    """SS = an LDT data segment (0x7), restored as it is with UC_STRICT_RESTORE_SS: SYSRET
+    would load __USER_DS from MSR_STAR instead (the DOSEMU case in entry_64.S's comments)."""
+    untraced = guest.run(f"{guest.payload('sysret_check').guest_path} ss")
+    if untraced.status == 3 and "modify_ldt failed" in untraced.output:
+        pytest.skip("kernel without modify_ldt (CONFIG_MODIFY_LDT_SYSCALL): no LDT segment to return to")
+    trace = sigreturn("ss")
+    frame = _left_by_iret(trace, f"SS is {LDT_SS:#x}, not __USER_DS")
+    assert frame["ss"] == LDT_SS, f"IRET frame SS {frame['ss']:#x}, expected the LDT selector {LDT_SS:#x}"
+    assert trace["user_return"]["ss"] == LDT_SS, trace["user_return"].line()
+    assert trace.output.endswith(f" ss={LDT_SS:#x}\n") and trace.status == 0, (
+        f"sysret_check exited {trace.status} printing {trace.output!r}: it should run on with SS {LDT_SS:#x}"
     )
     _dispatch_agrees(trace, kernel)
 
