@@ -44,6 +44,27 @@ def atomic_write(target: Path, text: str) -> None:
         raise
 
 
+def quick_record(path: Path, digest: bool = False) -> list[object]:
+    """[size, mtime_ns] of *path*, and with *digest* its SHA-256: what a cache checks on every
+    use without reading big files (a 590 MB vmlinux), the digest kept for small ones."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns] + ([file_digest(path).hex()] if digest else [])
+
+
+def quick_record_problem(path: Path, recorded: list[object]) -> str | None:
+    """How *path* differs from *recorded* (a quick_record): None, "stat" (size or mtime) or
+    "content" (same size and mtime, another SHA-256)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return "stat"
+    if not isinstance(recorded, list) or [st.st_size, st.st_mtime_ns] != recorded[:2]:
+        return "stat"
+    if len(recorded) > 2 and file_digest(path).hex() != recorded[2]:
+        return "content"
+    return None
+
+
 def _describe(path: Path) -> list[object]:
     return [path.stat().st_size, file_digest(path).hex()]
 

@@ -27,7 +27,7 @@ from typing import IO
 from . import procs, shipped
 from .build_progress import KBUILD_STEP
 from .errors import ConfigError, KernelError, SyscallIrlError, tail
-from .integrity import atomic_write, file_digest, waiting_lock
+from .integrity import atomic_write, quick_record, quick_record_problem, waiting_lock
 from .kernel import Kernel, StrPath
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,7 @@ def _atomic_copy(source: Path, target: Path) -> None:
 
 def _artifact_record(path: Path) -> list[object]:
     """[size, mtime_ns] of an installed artifact, and the bzImage's SHA-256 (see damage())."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns] + ([file_digest(path).hex()] if path.name == "bzImage" else [])
+    return quick_record(path, digest=path.name == "bzImage")
 
 
 class KernelBuild:
@@ -323,9 +322,9 @@ class KernelBuild:
             want = record.get("artifacts", {}).get(name) if isinstance(record, dict) else None
             if want is None:
                 continue
-            st = path.stat()
-            if [st.st_size, st.st_mtime_ns] != want[:2] or (len(want) > 2 and file_digest(path).hex() != want[2]):
-                return f"{name} is not the file the build installed ({st.st_size} bytes, {want[0]} when installed)"
+            if quick_record_problem(path, want) is not None:
+                return (f"{name} is not the file the build installed ({path.stat().st_size} bytes, {want[0]} "
+                        "when installed)")
         return None
 
     def build(self) -> Path:
