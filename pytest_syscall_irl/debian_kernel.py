@@ -205,6 +205,7 @@ class DebianKernel:
 
     def _fetch_locked(self, image: str, version: str, directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
+        staged = directory.with_name(f".{directory.name}.new")  # renamed to *directory* when whole
         scratch = Path(tempfile.mkdtemp(prefix=".fetch-", dir=directory.parent))
         try:
             # apt-get download run as root hands the download to the _apt user, which must
@@ -221,14 +222,13 @@ class DebianKernel:
             self._command(["dpkg-deb", "-x", str(debs[image]), str(root)])
             self._command(["bash", "-o", "pipefail", "-c", 'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" '
                            "--wildcards './usr/lib/debug/boot/vmlinux-*'", "bash", str(debs[dbg]), str(root)])
-            staged = directory.with_name(f".{directory.name}.new")
             release = self._layout(root, staged, image)
             self._stage(f"{image} {version}: release {release}")
             seal(staged, release, {"image": f"{image}={version}", "dbg": f"{dbg}={version}"})
             os.rename(staged, directory)  # whole or not at all
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-            shutil.rmtree(directory.with_name(f".{directory.name}.new"), ignore_errors=True)
+            shutil.rmtree(staged, ignore_errors=True)
 
     def _layout(self, root: Path, target: Path, image: str) -> str:
         """Move vmlinuz, vmlinux and the module directory of *root* (an unpacked tree) into *target*."""

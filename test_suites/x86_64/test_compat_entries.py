@@ -36,18 +36,22 @@ def ia32(kernel):
         pytest.skip("kernel built without CONFIG_IA32_EMULATION: no 32-bit syscalls to check")
 
 
-@pytest.fixture
-def int80_trace(request, ia32, syscall_trace, kernel):
+def _int80_trace(syscall_trace, kernel, bits):
     """getppid (i386 number) by `int $0x80` from a 64-bit or a 32-bit program, with six arguments."""
     nr = str(_ia32_nr(kernel, "getppid"))
-    if request.param == 64:
+    if bits == 64:
         return syscall_trace.payload("int80", nr, *ARGV, nr="getppid", args=SIX)
     return syscall_trace.payload("compat32", "int80", nr, *ARGV, nr="getppid", args=SIX, at="sirl_int80_insn")
 
 
+@pytest.fixture
+def int80_trace(request, ia32, syscall_trace, kernel):
+    return _int80_trace(syscall_trace, kernel, request.param)
+
+
 def _fast_trace(syscall_trace, kernel, way):
-    # The vDSO convention (sirl32.h): ebp holds ecx (syscall) or esp (sysenter), argument 6
-    # is read from the user stack, so only arguments 0..4 are selected on registers.
+    # The vDSO convention (sirl32.h): ebp holds ecx (syscall) or esp (sysenter, sysenter-flags),
+    # argument 6 is read from the user stack, so only arguments 0..4 are selected on registers.
     nr = str(_ia32_nr(kernel, "getppid"))
     label = "sirl_syscall_insn" if way == "syscall" else "sirl_sysenter_insn"
     args = {i: SIX[i] for i in (0, 2, 3, 4)}
@@ -200,11 +204,7 @@ def test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15(way, ia32, syscall_t
     name them, so they are 0 whenever it runs: the exits must not hand it kernel values there.
     SYSRETL takes RFLAGS from r11 and the kernel zeroes r8..r10 before it ("to avoid info
     leaks"); r12..r15 are callee-saved through the C code; IRET restores them all from pt_regs."""
-    if way == "int80":
-        nr = str(_ia32_nr(kernel, "getppid"))
-        trace = syscall_trace.payload("compat32", "int80", nr, *ARGV, nr="getppid", args=SIX, at="sirl_int80_insn")
-    else:
-        trace = _fast_trace(syscall_trace, kernel, way)
+    trace = _int80_trace(syscall_trace, kernel, 32) if way == "int80" else _fast_trace(syscall_trace, kernel, way)
     exit_stage = {"sysretl": "sysretl", "iret": "iretq"}.get(trace.exit)
     assert exit_stage in trace, f"a 32-bit {way} left the kernel by {trace.exit or '?'}, not SYSRETL or IRET\n{trace}"
     # The debugger sees r8..r15 only at the exit instruction, still in 64-bit mode (QEMU's
@@ -223,10 +223,7 @@ CALLER_FLAGS = {"NT": 1 << 14, "AC": 1 << 18, "DF": 1 << 10}
 
 @pytest.mark.cpu(INTEL)
 def test_sysenter_clears_nt_ac_and_df_before_the_c_code(ia32, syscall_trace, kernel):
-    nr = str(_ia32_nr(kernel, "getppid"))
-    args = {i: SIX[i] for i in (0, 2, 3, 4)}
-    trace = syscall_trace.payload("compat32", "sysenter-flags", nr, *ARGV, nr="getppid", args=args,
-                                  at="sirl_sysenter_insn")
+    trace = _fast_trace(syscall_trace, kernel, "sysenter-flags")
 
     def flags(value):
         return sorted(name for name, bit in CALLER_FLAGS.items() if value & bit)
