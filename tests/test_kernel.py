@@ -75,20 +75,23 @@ def test_a_truncated_bzimage_names_the_sizes_and_the_fix(tmp_path: Path) -> None
         BzImage.read(path)
 
 
-def test_a_bzimage_whose_payload_is_not_compressed_data_is_rejected(tmp_path: Path) -> None:
+def _patched_bzimage(tmp_path: Path, offset: int, fmt: str, value: int) -> Path:
+    """A fake bzImage with *value* packed (struct *fmt*) at *offset*."""
     path = make_bzimage(tmp_path / "bzImage")
     data = bytearray(path.read_bytes())
-    data[0xB00:0xB02] = b"\0\0"
+    struct.pack_into(fmt, data, offset, value)
     path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_bzimage_whose_payload_is_not_compressed_data_is_rejected(tmp_path: Path) -> None:
+    path = _patched_bzimage(tmp_path, 0xB00, "<H", 0)
     with pytest.raises(ConfigError, match="compressed kernel at offset 2816 starts with 00 00.*not a gzip"):
         BzImage.read(path)
 
 
 def test_a_bzimage_whose_payload_runs_past_its_end_is_rejected(tmp_path: Path) -> None:
-    path = make_bzimage(tmp_path / "bzImage")
-    data = bytearray(path.read_bytes())
-    struct.pack_into("<I", data, 0x24C, 0x4000)
-    path.write_bytes(bytes(data))
+    path = _patched_bzimage(tmp_path, 0x24C, "<I", 0x4000)  # payload_length
     with pytest.raises(ConfigError, match="does not fit in the file"):
         BzImage.read(path)
 
@@ -136,10 +139,7 @@ def test_a_directory_is_not_a_bzimage(tmp_path: Path) -> None:
 
 
 def test_a_bzimage_without_version_string_is_rejected(tmp_path: Path) -> None:
-    path = make_bzimage(tmp_path / "bzImage")
-    data = bytearray(path.read_bytes())
-    struct.pack_into("<H", data, 0x20E, 0)
-    path.write_bytes(bytes(data))
+    path = _patched_bzimage(tmp_path, 0x20E, "<H", 0)  # kernel_version
     with pytest.raises(ConfigError, match="without a readable kernel_version"):
         BzImage.read(path)
 
