@@ -14,7 +14,7 @@
  *                32-bit code, which exits with status 4 (5 if it ran as 64-bit code)
  *   ss           SS = 0x7, an LDT data segment the program installs with modify_ldt
  *                (UC_STRICT_RESTORE_SS keeps it): SYSRET would load __USER_DS instead.
- *                Exits 3 where the kernel has no modify_ldt (CONFIG_MODIFY_LDT_SYSCALL)
+ *                Exits 3 if modify_ldt fails (-38, ENOSYS: no CONFIG_MODIFY_LDT_SYSCALL)
  *   none         the context as it was: an ordinary, SYSRET-eligible rt_sigreturn
  *
  * In every mode the other conditions hold (RCX follows a new RIP, R11 new RFLAGS), so
@@ -120,8 +120,9 @@ int main(int argc, char **argv)
         return 2;
     if (!strcmp(mode, "ss")) {
         struct sirl_user_desc desc = {0, 0, 0xfffff, 1, 0, 0, 1, 0, 1, 0};
-        if (raw3(154 /* modify_ldt */, 1, (long)&desc, sizeof(desc), 0)) {
-            printf("ss: modify_ldt failed\n");
+        long err = raw3(154 /* modify_ldt */, 1, (long)&desc, sizeof(desc), 0);
+        if (err) {
+            printf("ss: modify_ldt returned %ld\n", err);
             return 3;
         }
     }
