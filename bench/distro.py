@@ -18,10 +18,10 @@ from pathlib import Path
 
 from probes import Samples, run_suite
 
-from pytest_syscall_irl.debian_kernel import DebianKernel
-from pytest_syscall_irl.errors import SyscallIrlError
-from pytest_syscall_irl.kernel import find_vmlinux
-from pytest_syscall_irl.kernel_build import cache_dir
+from pytest_syscall_irl.kernel.debian import DebianKernel
+from pytest_syscall_irl.core.errors import SyscallIrlError
+from pytest_syscall_irl.kernel.artifacts import find_vmlinux
+from pytest_syscall_irl.kernel.build import cache_dir
 
 DEBUG_BOOT = Path("/usr/lib/debug/boot")
 FETCHED = "linux-image-6.12-cloud-amd64"  # without an installed one: `syscall-irl kernel fetch` it

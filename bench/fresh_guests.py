@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_syscall_irl.guest import Guest
+from pytest_syscall_irl.lab.guest import Guest
 
 
 class FreshGuests:

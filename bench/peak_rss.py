@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from pytest_syscall_irl.gdbmi import GdbSession
-from pytest_syscall_irl.guest import Guest
+from pytest_syscall_irl.machine.gdbmi import GdbSession
+from pytest_syscall_irl.lab.guest import Guest
 
 ENV = "SIRL_BENCH_RSS_FILE"
 

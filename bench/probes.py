@@ -18,9 +18,11 @@ from pathlib import Path
 from pygdbmi.IoManager import IoManager
 from pygdbmi.gdbcontroller import GdbController
 
-from pytest_syscall_irl import procs
-from pytest_syscall_irl.gdbmi import GdbSession
-from pytest_syscall_irl.guest import Guest, Lab, LabSettings, warm_gdb_index
+from pytest_syscall_irl.core import procs
+from pytest_syscall_irl.machine.gdbmi import GdbSession
+from pytest_syscall_irl.lab.gdb_index import warm_gdb_index
+from pytest_syscall_irl.lab.guest import Guest, Lab
+from pytest_syscall_irl.lab.settings import LabSettings
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent

@@ -38,11 +38,13 @@ import overhead  # noqa: E402
 import probes  # noqa: E402
 from probes import Samples  # noqa: E402
 
-from pytest_syscall_irl.gdbmi import GdbSession  # noqa: E402
-from pytest_syscall_irl.guest import Lab, LabSettings, warm_gdb_index  # noqa: E402
-from pytest_syscall_irl.identity import version_line as version  # noqa: E402
-from pytest_syscall_irl.kernel import Kernel  # noqa: E402
-from pytest_syscall_irl.kernel_build import cache_dir, reference_kernel  # noqa: E402
+from pytest_syscall_irl.machine.gdbmi import GdbSession  # noqa: E402
+from pytest_syscall_irl.lab.gdb_index import warm_gdb_index  # noqa: E402
+from pytest_syscall_irl.lab.guest import Lab  # noqa: E402
+from pytest_syscall_irl.lab.settings import LabSettings  # noqa: E402
+from pytest_syscall_irl.report.identity import version_line as version  # noqa: E402
+from pytest_syscall_irl.kernel.artifacts import Kernel  # noqa: E402
+from pytest_syscall_irl.kernel.build import cache_dir, reference_kernel  # noqa: E402
 
 
 @dataclass(frozen=True)

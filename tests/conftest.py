@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pytest_syscall_irl.kernel_build import cache_dir
+from pytest_syscall_irl.kernel.build import cache_dir
 
 # The plugin's own tests drive pytest runs; suites and users' runs do not load pytester.
 pytest_plugins = ["pytester"]

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pytest_syscall_irl.kernel_build import cache_dir, reference_kernel
-from pytest_syscall_irl.qemu import sweep_socket_dirs
+from pytest_syscall_irl.kernel.build import cache_dir, reference_kernel
+from pytest_syscall_irl.machine.qemu import sweep_socket_dirs
 
 MARKER = "SIRL_RELIABILITY_CASE"
 USAGE_ERROR, INTERRUPTED, FAILED, PASSED = 4, 2, 1, 0
@@ -244,7 +244,7 @@ def _damage(pattern: str, how: str) -> Callable[[Path], None]:
             else:  # a state QEMU cannot load, with a manifest that matches it
                 path.write_bytes(b"QEVM" + b"\0" * 4096)
                 manifest = path.parent / "MANIFEST.json"
-                from pytest_syscall_irl.integrity import seal_directory
+                from pytest_syscall_irl.core.integrity import seal_directory
 
                 if manifest.exists():
                     seal_directory(path.parent)

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl import bisect
-from pytest_syscall_irl.errors import KernelError
-from pytest_syscall_irl.kernel_build import KernelBuild, reference_kernel
+from pytest_syscall_irl.cli import bisect
+from pytest_syscall_irl.core.errors import KernelError
+from pytest_syscall_irl.kernel.build import KernelBuild, reference_kernel
 
 FAILURE = '<testcase classname="t" name="f{n}"><failure message="{message}">...</failure></testcase>'
 ERROR = '<testcase classname="t" name="e{n}"><error message="failed on setup">...</error></testcase>'
 ASSERTION = "AssertionError: FMASK 0x217fd5, expected 0x257fd5"
-HARNESS = "pytest_syscall_irl.errors.GdbError: GDB exited"
-PANIC = "pytest_syscall_irl.errors.GuestPanic: Kernel panic - not syncing"
+HARNESS = "pytest_syscall_irl.core.errors.GdbError: GDB exited"
+PANIC = "pytest_syscall_irl.core.errors.GuestPanic: Kernel panic - not syncing"
 
 
 def _junit(path: Path, failures: list[str], errors: int) -> Path:

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from pytest_syscall_irl.build_progress import BuildProgress, previous_steps
+from pytest_syscall_irl.kernel.progress import BuildProgress, previous_steps
 
 MAKE_OUTPUT = ["make[1]: Entering directory '/obj'", "  GEN     Makefile", "  CC      kernel/fork.o",
                "In file included from x.c:1:", "  AS      arch/x86/entry/entry_64.o", "  LD      vmlinux"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl.console import GuestConsole, clean_output
-from pytest_syscall_irl.errors import ConsoleError, GuestPanic
+from pytest_syscall_irl.machine.console import GuestConsole, clean_output
+from pytest_syscall_irl.core.errors import ConsoleError, GuestPanic
 
 Reply = Callable[[str], bytes]
 

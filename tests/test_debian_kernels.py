@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from pytest_syscall_irl import shipped
-from pytest_syscall_irl.debian_kernel import (
+from pytest_syscall_irl.core import shipped
+from pytest_syscall_irl.kernel.debian import (
     DebianKernel,
     FetchedKernel,
     damage,
@@ -27,8 +27,8 @@ from pytest_syscall_irl.debian_kernel import (
     parse_stanza,
     seal,
 )
-from pytest_syscall_irl.errors import ConfigError
-from pytest_syscall_irl.kernel_build import cache_dir
+from pytest_syscall_irl.core.errors import ConfigError
+from pytest_syscall_irl.kernel.build import cache_dir
 
 META_61 = """Package: linux-image-cloud-amd64
 Version: 6.1.192-3

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from pygdbmi.gdbmiparser import parse_response
 
-from pytest_syscall_irl.errors import GdbError
-from pytest_syscall_irl.gdbmi import (
+from pytest_syscall_irl.core.errors import GdbError
+from pytest_syscall_irl.machine.gdbmi import (
     GdbCommandError,
     GdbSession,
     GdbTimeoutError,

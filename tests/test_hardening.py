@@ -14,12 +14,17 @@ from typing import Any
 
 import pytest
 
-from pytest_syscall_irl import guest, kernel_build, programs
-from pytest_syscall_irl.errors import ConfigError, SyscallIrlWarning
-from pytest_syscall_irl.guest import check_boot_args, kvm_verdict
-from pytest_syscall_irl.image import cached
-from pytest_syscall_irl.kernel import split_cmdline
-from pytest_syscall_irl.kernel_build import KernelBuild, check_cache_dir, reference_damage
+from pytest_syscall_irl.lab import accel
+
+from pytest_syscall_irl.kernel import build as kernel_build
+
+from pytest_syscall_irl.machine import programs
+from pytest_syscall_irl.core.errors import ConfigError, SyscallIrlWarning
+from pytest_syscall_irl.lab.accel import kvm_verdict
+from pytest_syscall_irl.lab.settings import check_boot_args
+from pytest_syscall_irl.lab.image import cached
+from pytest_syscall_irl.kernel.artifacts import split_cmdline
+from pytest_syscall_irl.kernel.build import KernelBuild, check_cache_dir, reference_damage
 
 # --- boot arguments ---------------------------------------------------------------------------
 
@@ -139,7 +144,7 @@ def test_a_damaged_kvm_probe_marker_is_probed_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, marker_text: str) -> None:
     monkeypatch.setattr(os, "access", lambda path, mode: True)
     probes: list[str] = []
-    monkeypatch.setattr(guest, "kvm_probe", lambda qemu, kernel: probes.append(qemu) or (False, "printed nothing"))
+    monkeypatch.setattr(accel, "kvm_probe", lambda qemu, kernel: probes.append(qemu) or (False, "printed nothing"))
     settings = _lab_settings(tmp_path)
     assert kvm_verdict(settings) == (False, "printed nothing") and len(probes) == 1
     assert kvm_verdict(settings) == (False, "printed nothing") and len(probes) == 1  # the marker is used
@@ -150,11 +155,11 @@ def test_a_damaged_kvm_probe_marker_is_probed_again(
 
 def test_explicit_kvm_where_the_probe_failed_is_refused_quoting_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(guest, "kvm_verdict", lambda settings: (False, "a KVM guest printed nothing within 10 s"))
+    monkeypatch.setattr(accel, "kvm_verdict", lambda settings: (False, "a KVM guest printed nothing within 10 s"))
     settings = SimpleNamespace(accel="kvm")
     with pytest.raises(ConfigError, match=r"KVM does not work here: a KVM guest printed nothing within 10 s; "
                                           r"use --accel=tcg"):
-        guest.check_accel(settings)  # type: ignore[arg-type]
+        accel.check_accel(settings)  # type: ignore[arg-type]
 
 
 def _complete_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KernelBuild:
@@ -201,10 +206,10 @@ def test_a_guest_silent_on_its_console_is_reported_within_the_bound(tmp_path: Pa
     # The real QEMU and kernel with the console elsewhere and a shell instead of our init
     # (which writes to ttyS0 itself): the serial line stays silent, as under a KVM that
     # hangs before the first instruction.
-    from pytest_syscall_irl.console import GuestConsole
-    from pytest_syscall_irl.errors import ConsoleError
-    from pytest_syscall_irl.image import build_guest_image
-    from pytest_syscall_irl.qemu import MachineConfig, QemuMachine
+    from pytest_syscall_irl.machine.console import GuestConsole
+    from pytest_syscall_irl.core.errors import ConsoleError
+    from pytest_syscall_irl.lab.image import build_guest_image
+    from pytest_syscall_irl.machine.qemu import MachineConfig, QemuMachine
 
     bzimage = kernel_build.reference_kernel()
     if bzimage is None:

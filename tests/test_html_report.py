@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl.html_report import TracedTest, compared_values, render
-from pytest_syscall_irl.kernel_build import reference_kernel
+from pytest_syscall_irl.report.html import TracedTest, compared_values, render
+from pytest_syscall_irl.kernel.build import reference_kernel
 
 STAGES = [
     {"name": "user", "taken": True, "note": "", "registers": {"rip": 0x401000, "rcx": 0x5}, "pt_regs": {}},

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl.errors import ImageError
-from pytest_syscall_irl.image import CpioEntry, build_guest_image, cpio_newc
+from pytest_syscall_irl.core.errors import ImageError
+from pytest_syscall_irl.lab.image import CpioEntry, build_guest_image, cpio_newc
 
 
 def test_cpio_round_trips_through_gnu_cpio(tmp_path: Path) -> None:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl.gdbmi import GdbSession
-from pytest_syscall_irl.gdbmi_records import X86_64_REGISTER_VIEWS
-from pytest_syscall_irl.guest import Guest
-from pytest_syscall_irl.kernel import Kernel
-from pytest_syscall_irl.junit import collect_failed_logs, failed_logs
-from pytest_syscall_irl.kernel_build import reference_kernel
+from pytest_syscall_irl.machine.gdbmi import GdbSession
+from pytest_syscall_irl.machine.mi_records import X86_64_REGISTER_VIEWS
+from pytest_syscall_irl.lab.guest import Guest
+from pytest_syscall_irl.kernel.artifacts import Kernel
+from pytest_syscall_irl.report.junit import collect_failed_logs, failed_logs
+from pytest_syscall_irl.kernel.build import reference_kernel
 
 pytestmark = pytest.mark.integration
 
@@ -260,10 +260,10 @@ def test_nothing_left_after_ctrl_c_or_sigkill(
 def test_payloads_travel_in_the_initramfs_when_the_iso_cannot_be_mounted(kernel: Kernel, tmp_path: Path) -> None:
     # A distro kernel builds iso9660/virtio-blk as modules: its guests get the payloads
     # inside the initramfs. Boot the reference kernel that way and run one.
-    from pytest_syscall_irl.console import GuestConsole
-    from pytest_syscall_irl.image import build_guest_image
-    from pytest_syscall_irl.kernel_build import cache_dir
-    from pytest_syscall_irl.qemu import MachineConfig, QemuMachine
+    from pytest_syscall_irl.machine.console import GuestConsole
+    from pytest_syscall_irl.lab.image import build_guest_image
+    from pytest_syscall_irl.kernel.build import cache_dir
+    from pytest_syscall_irl.machine.qemu import MachineConfig, QemuMachine
 
     image = build_guest_image(cache_dir(), payloads_on_iso=False)
     assert image.iso is None and image.delivery == "initramfs"
@@ -316,9 +316,9 @@ def test_a_test_may_end_with_its_guest_running(pytester: pytest.Pytester) -> Non
 
 LEAVE_A_COMMAND = """
 import time
-import pytest_syscall_irl.guest
+import pytest_syscall_irl.lab.guest
 
-pytest_syscall_irl.guest.SETTLE_TIMEOUT = 2.0
+pytest_syscall_irl.lab.guest.SETTLE_TIMEOUT = 2.0
 SEEN = []
 
 def test_leaves_a_command_that_ends(guest, gdb):

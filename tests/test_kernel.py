@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl import cli, kernel_build
-from pytest_syscall_irl.errors import ConfigError, KernelError
-from pytest_syscall_irl.kernel import BzImage, Kernel, Vmlinux, parse_version_string, version_tuple
-from pytest_syscall_irl.kernel_build import KernelBuild, build_key, cache_dir, dropped_options, reference_kernel
+from pytest_syscall_irl.cli import main as cli
+
+from pytest_syscall_irl.kernel import build as kernel_build
+from pytest_syscall_irl.core.errors import ConfigError, KernelError
+from pytest_syscall_irl.kernel.artifacts import BzImage, Kernel, Vmlinux, parse_version_string, version_tuple
+from pytest_syscall_irl.kernel.build import KernelBuild, build_key, cache_dir, dropped_options, reference_kernel
 
 VERSION = "9.9.9 (tester@fakehost) #3 SMP PREEMPT_DYNAMIC Tue Jan 1 00:00:00 UTC 2030"
 BANNER = (

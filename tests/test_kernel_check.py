@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl import cli
-from pytest_syscall_irl.kernel_build import reference_kernel
+from pytest_syscall_irl.cli import main as cli
+from pytest_syscall_irl.kernel.build import reference_kernel
 
-from pytest_syscall_irl.kernel_check import check, lacking
-from pytest_syscall_irl.modules import GuestModules
+from pytest_syscall_irl.kernel.check import check, lacking
+from pytest_syscall_irl.kernel.modules import GuestModules
 
 FULL = {"univ8250_console_setup", "populate_rootfs", "gunzip", "devtmpfs_init", "msr_fops", "virtio_pci_driver",
         "virtio_blk", "iso9660_fs_type", "pti_init", "entry_SYSCALL_compat", "ldt_dup_context", "x64_sys_call"}

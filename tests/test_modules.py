@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl.errors import ConfigError
-from pytest_syscall_irl.image import GUEST_MODULE_DIR, initramfs_entries
-from pytest_syscall_irl.modules import (GuestModules, guest_modules, load_order, module_name, parse_modules_dep,
+from pytest_syscall_irl.core.errors import ConfigError
+from pytest_syscall_irl.lab.image import GUEST_MODULE_DIR, initramfs_entries
+from pytest_syscall_irl.kernel.modules import (GuestModules, guest_modules, load_order, module_name, parse_modules_dep,
                                         vermagic)
 
 RELEASE = "6.12.117+deb12-cloud-amd64"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl.kernel_build import reference_kernel
+from pytest_syscall_irl.kernel.build import reference_kernel
 
 USES_KERNEL = "def test_k(kernel):\n    pass\n"
 
@@ -171,7 +171,8 @@ def test_guests_restore_from_snapshot_unless_told_not_to(pytester: pytest.Pytest
     result.stdout.fnmatch_lines(["syscall-irl: guests restored*" if restored else "syscall-irl: guests cold-booted*"])
 
 
-HEAVY = ("qemu.qmp", "pexpect", "pycdlib", "pygdbmi", "pytest_syscall_irl.guest", "pytest_syscall_irl.gdbmi")
+HEAVY = ("qemu.qmp", "pexpect", "pycdlib", "pygdbmi", "pytest_syscall_irl.lab.guest",
+         "pytest_syscall_irl.machine.gdbmi")
 REPORT_MODULES = """
 import sys
 

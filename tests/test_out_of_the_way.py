@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from pytest_syscall_irl import options, procs
-from pytest_syscall_irl.errors import ConfigError
-from pytest_syscall_irl.kernel import Kernel
-from pytest_syscall_irl.kernel_build import reference_kernel
+from pytest_syscall_irl.plugin import options
+
+from pytest_syscall_irl.core import procs
+from pytest_syscall_irl.core.errors import ConfigError
+from pytest_syscall_irl.kernel.artifacts import Kernel
+from pytest_syscall_irl.kernel.build import reference_kernel
 
 # A fixture of the test's own that happens to share a name with one of ours.
 PLAIN = "import pytest\n\n@pytest.fixture\ndef gdb():\n    return 'own'\n\n\ndef test_plain(gdb):\n    assert gdb\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from pytest_syscall_irl.kernel_build import cache_dir, reference_kernel
+from pytest_syscall_irl.kernel.build import cache_dir, reference_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 # ~80 s each on 2 idle cores, 260 s seen at load 10: above the project's 300 s default.

@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pytest_syscall_irl import procs
+from pytest_syscall_irl.core import procs
 
 
 def _alive(pid: int) -> bool:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl.errors import QemuError
-from pytest_syscall_irl.qemu import (MachineConfig, QemuMachine, Sockets, private_socket_dir, qemu_command,
+from pytest_syscall_irl.core.errors import QemuError
+from pytest_syscall_irl.machine.qemu import (MachineConfig, QemuMachine, Sockets, private_socket_dir, qemu_command,
                                      sweep_socket_dirs)
 
 
@@ -92,7 +92,7 @@ def test_shutdown_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
     # Never creates its QMP socket and ignores SIGTERM: launch fails, nothing survives.
     qemu = _fake_qemu(tmp_path, "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)")
     machine = QemuMachine(_config(qemu=qemu), tmp_path / "logs")
-    import pytest_syscall_irl.qemu as q
+    import pytest_syscall_irl.machine.qemu as q
 
     old, q.SOCKET_WAIT = q.SOCKET_WAIT, 0.3
     try:
@@ -109,7 +109,7 @@ def test_shutdown_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
 
 LEAVER = """
 import sys, time
-from pytest_syscall_irl.qemu import private_socket_dir
+from pytest_syscall_irl.machine.qemu import private_socket_dir
 print(private_socket_dir(), flush=True)
 if sys.argv[1] == "exit":
     sys.stdin.readline()
@@ -149,7 +149,7 @@ def test_socket_dirs_of_zombie_owners_are_swept(tmp_path: Path) -> None:
 
 def test_a_console_that_never_connects_to_an_unloadable_state_is_a_state_load_error(tmp_path: Path) -> None:
     # QEMU can exit on a state it cannot load after QMP answered, before the console connects.
-    from pytest_syscall_irl.errors import ConsoleError, StateLoadError
+    from pytest_syscall_irl.core.errors import ConsoleError, StateLoadError
 
     config = MachineConfig(kernel=tmp_path / "bzImage", initrd=tmp_path / "initrd", incoming=tmp_path / "state")
     machine = QemuMachine(config, tmp_path / "logs")

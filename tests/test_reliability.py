@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl.kernel_build import reference_kernel
+from pytest_syscall_irl.kernel.build import reference_kernel
 
 
 @pytest.mark.integration

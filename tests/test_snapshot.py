@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from pytest_syscall_irl import procs
-from pytest_syscall_irl.errors import QemuError, SyscallIrlWarning
-from pytest_syscall_irl.gdbmi import GdbSession
-from pytest_syscall_irl.guest import Guest, Lab, LabSettings, gnu_build_id, warm_gdb_index
-from pytest_syscall_irl.kernel import Kernel
-from pytest_syscall_irl.kernel_build import reference_kernel
-from pytest_syscall_irl.qemu import MachineConfig, QemuMachine, Sockets, qemu_command
-from pytest_syscall_irl.snapshot import (
+from pytest_syscall_irl.core import procs
+from pytest_syscall_irl.core.errors import QemuError, SyscallIrlWarning
+from pytest_syscall_irl.machine.gdbmi import GdbSession
+from pytest_syscall_irl.lab.gdb_index import gnu_build_id, warm_gdb_index
+from pytest_syscall_irl.lab.guest import Guest, Lab
+from pytest_syscall_irl.lab.settings import LabSettings
+from pytest_syscall_irl.kernel.artifacts import Kernel
+from pytest_syscall_irl.kernel.build import reference_kernel
+from pytest_syscall_irl.machine.qemu import MachineConfig, QemuMachine, Sockets, qemu_command
+from pytest_syscall_irl.lab.snapshot import (
     Snapshot,
     SnapshotInfo,
     load_or_build,
@@ -179,7 +181,7 @@ def test_threads_asking_at_once_build_once(tmp_path: Path) -> None:
 CHILD = """
 import sys, time
 from pathlib import Path
-from pytest_syscall_irl.snapshot import SnapshotInfo, load_or_build
+from pytest_syscall_irl.lab.snapshot import SnapshotInfo, load_or_build
 def build(state):
     with open(sys.argv[2], "a") as f:
         f.write("built\\n")
@@ -408,7 +410,7 @@ def test_a_damaged_gdb_index_is_built_again(lab: Lab, reference: Kernel, tmp_pat
 
 def _unloadable(snapshot: Snapshot) -> None:
     """Replace the state with one QEMU cannot load, its manifest made to match."""
-    from pytest_syscall_irl.integrity import seal_directory
+    from pytest_syscall_irl.core.integrity import seal_directory
 
     snapshot.state.write_bytes(b"QEVM" + b"\0" * 4096)
     seal_directory(snapshot.directory)

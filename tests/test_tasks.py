@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pytest_syscall_irl import tasks
-from pytest_syscall_irl.errors import KernelError
+from pytest_syscall_irl.core.errors import KernelError
 
 
 class Symbols:

@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from pytest_syscall_irl.console import CommandResult
-from pytest_syscall_irl.errors import GdbError, SyscallIrlError
-from pytest_syscall_irl.gdbmi import GdbTimeoutError
-from pytest_syscall_irl.gdbmi_records import Breakpoint, Frame, Instruction, StopEvent
-from pytest_syscall_irl.image import Payload
-from pytest_syscall_irl.qemu import MachineConfig
-from pytest_syscall_irl.roads import SYSCALL64
-from pytest_syscall_irl.trace import SyscallSelector, SyscallTrace, TraceError
-from pytest_syscall_irl.tracer import EntryCode, SyscallTracer
-from pytest_syscall_irl.walk import MAX_STEP_ATTEMPTS, Walk
+from pytest_syscall_irl.machine.console import CommandResult
+from pytest_syscall_irl.core.errors import GdbError, SyscallIrlError
+from pytest_syscall_irl.machine.gdbmi import GdbTimeoutError
+from pytest_syscall_irl.machine.mi_records import Breakpoint, Frame, Instruction, StopEvent
+from pytest_syscall_irl.lab.image import Payload
+from pytest_syscall_irl.machine.qemu import MachineConfig
+from pytest_syscall_irl.arch.x86_64.roads import SYSCALL64
+from pytest_syscall_irl.trace.model import SyscallSelector, SyscallTrace, TraceError
+from pytest_syscall_irl.trace.tracer import EntryCode, SyscallTracer
+from pytest_syscall_irl.trace.walk import MAX_STEP_ATTEMPTS, Walk
 
 
 def _stop(address: int, breakpoint: int | None = None) -> StopEvent:

@@ -7,9 +7,9 @@ import struct
 import pytest
 
 from pytest_syscall_irl import x86
-from pytest_syscall_irl.trace import SyscallSelector
-from pytest_syscall_irl.tracer import EntryCode
-from pytest_syscall_irl.gdbmi import Instruction
+from pytest_syscall_irl.trace.model import SyscallSelector
+from pytest_syscall_irl.trace.tracer import EntryCode
+from pytest_syscall_irl.machine.gdbmi import Instruction
 
 
 def test_fmask_by_kernel_version() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_syscall_irl import x86
-from pytest_syscall_irl.guest import Guest
+from pytest_syscall_irl import Guest
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -11,7 +11,7 @@ TCG CPU, qemu64, is AMD-style: the sysenter tests ask for an Intel vendor string
 import pytest
 
 from pytest_syscall_irl import roads, x86
-from pytest_syscall_irl.trace import KERNEL_STAGES
+from pytest_syscall_irl import KERNEL_STAGES
 
 INTEL = "qemu64,vendor=GenuineIntel"
 # Six distinct 32-bit values, so a swapped or dropped argument register cannot pass.

@@ -2,7 +2,7 @@
 pt_regs keeps the user selectors."""
 
 from pytest_syscall_irl import x86
-from pytest_syscall_irl.trace import KERNEL_STAGES, USER_STAGES
+from pytest_syscall_irl import KERNEL_STAGES, USER_STAGES
 
 WRITE_ARGS = {0: 1, 2: 12}  # write(1, "syscall_irl\n", 12)
 

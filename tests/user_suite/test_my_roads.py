@@ -10,9 +10,7 @@ import time
 import pytest
 
 from pytest_syscall_irl import x86
-from pytest_syscall_irl.kernel import Kernel
-from pytest_syscall_irl.trace import SyscallTrace, TraceError
-from pytest_syscall_irl.tracer import SyscallTracer
+from pytest_syscall_irl import Kernel, SyscallTrace, SyscallTracer, TraceError
 
 TF = x86.flags("TF")
 # QEMU's default TCG CPU (qemu64) is AMD-style: a 32-bit `syscall` is accepted, `sysenter`

@@ -1,0 +1,108 @@
+"""The running task as the debugger sees it: pid and comm of `current` at any stage.
+
+x86_64 keeps the pointer to the running task_struct in a per-CPU variable read through
+GS: `current_task` up to 6.1 and again from 6.15, the first member of `struct pcpu_hot`
+from 6.2 to 6.14 (arch/x86/include/asm/current.h in each version). Both are found in
+the kernel's own symbol table, never assumed from its version. Per-CPU symbols are
+offsets from the CPU's per-CPU base, which is GS base in the kernel after the entry
+`swapgs` and the kernel GS base (MSR_KERNEL_GS_BASE) in user mode and before that swapgs.
+
+The task_struct fields (pid, comm) need the vmlinux's DWARF; without it only the
+task pointer is known. No pytest here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ...core.errors import KernelError
+from ..roads import SymbolTable
+
+TASK_COMM_LEN = 16  # include/linux/sched.h
+# Where the per-CPU base is, by where the CPU is on the path (see the module docstring).
+GS_IN_KERNEL = "$gs_base"
+GS_IN_USER = "$k_gs_base"
+
+
+class Evaluator(Protocol):
+    """What reads an expression in the stopped target (GdbSession has this)."""
+
+    def evaluate(self, expression: str, timeout: float = ...) -> str: ...
+
+
+def current_task_slot(vmlinux: SymbolTable) -> int:
+    """Per-CPU offset of the pointer to the running task (current_task, or pcpu_hot's
+    first member, current_task, in 6.2..6.14)."""
+    for name in ("current_task", "pcpu_hot"):
+        if vmlinux.has_symbol(name):
+            return vmlinux.symbol(name)
+    raise KernelError(f"{vmlinux.path} has neither current_task nor pcpu_hot: "
+                      "cannot find the running task (not an x86_64 kernel?)")
+
+
+def current_task(vmlinux: SymbolTable, gs: str = GS_IN_KERNEL) -> str:
+    """A GDB expression for `current` (a struct task_struct *), with the per-CPU base in
+    register *gs*: GS_IN_KERNEL after the entry swapgs, GS_IN_USER before it."""
+    return f"(*(struct task_struct **)({gs} + {current_task_slot(vmlinux):#x}))"
+
+
+def comm_words(comm: str) -> tuple[int, int]:
+    """task_struct.comm as two little-endian 8-byte words: the kernel pads comm with
+    NULs (strscpy_pad in __set_task_comm), so equality of both words is equality of
+    names. A name is cut to TASK_COMM_LEN - 1 bytes, as the kernel cuts it."""
+    data = comm.encode()[: TASK_COMM_LEN - 1].ljust(TASK_COMM_LEN, b"\0")
+    return int.from_bytes(data[:8], "little"), int.from_bytes(data[8:], "little")
+
+
+def task_condition(vmlinux: SymbolTable, gs: str, *, pid: int | None = None, comm: str | None = None,
+                   exclude_pids: tuple[int, ...] = ()) -> str:
+    """A GDB condition on the running task: its pid, its comm, pids it must not be."""
+    task = current_task(vmlinux, gs)
+    terms = [f"{task}->pid != {p}" for p in exclude_pids]
+    if pid is not None:
+        terms.append(f"{task}->pid == {pid}")
+    if comm is not None:
+        low, high = comm_words(comm)
+        terms.append(f"*(unsigned long *)({task}->comm) == {low:#x}")
+        terms.append(f"*(unsigned long *)({task}->comm + 8) == {high:#x}")
+    return " && ".join(terms)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Who was running: the task_struct pointer, its pid (thread id) and comm."""
+
+    address: int
+    pid: int
+    comm: str
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} ({self.comm})"
+
+
+_COMM = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def parse_comm(text: str) -> str:
+    """comm from GDB's printing of a char[16] ('"cat", \\'\\\\000\\' <repeats 12 times>')."""
+    match = _COMM.search(text)
+    if match is None:
+        raise KernelError(f"cannot read a task name from GDB's {text!r}")
+    return match.group(1).split("\\000", 1)[0]
+
+
+def read_current(gdb: Evaluator, vmlinux: SymbolTable, gs: str = GS_IN_KERNEL) -> TaskInfo:
+    """The running task, read through DWARF types (the vmlinux must have DWARF)."""
+    task = current_task(vmlinux, gs)
+    address = int(gdb.evaluate(f"(unsigned long){task}"), 0)
+    pid = int(gdb.evaluate(f"{task}->pid"), 0)
+    return TaskInfo(address, pid, parse_comm(gdb.evaluate(f"{task}->comm")))
+
+
+def gs_register(registers: Mapping[str, int]) -> str:
+    """Which GS register holds the per-CPU base at a stop with these *registers*: the
+    kernel's GS base is a kernel address (the upper half), a user one is not."""
+    return GS_IN_KERNEL if registers["gs_base"] >> 63 else GS_IN_USER

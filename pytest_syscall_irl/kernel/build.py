@@ -1,0 +1,481 @@
+"""The build cache of kernels: Debian's linux-source-6.1 (or another Debian source
+version, or a tree) built with config fragments, keyed by source, fragments and compiler.
+
+    KernelBuild().build()      # <cache>/kernels/<key>/bzImage (+ vmlinux, config, build.log)
+    KernelBuild(debian="6.12", fragment=[default_fragment(), fred_fragment()]).build()
+    reference_kernel()         # the first one's bzImage if it is built, else None
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from functools import cached_property
+from pathlib import Path
+from typing import IO
+
+from ..core import procs
+from ..core import shipped
+from .progress import KBUILD_STEP
+from ..core.errors import ConfigError, KernelError, SyscallIrlError, tail
+from ..core.integrity import atomic_write, quick_record, quick_record_problem, waiting_lock
+from .artifacts import Kernel, StrPath
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+REFERENCE_SOURCE = "6.1"  # Debian's linux-source-<this>: the reference kernel
+DEBIAN_PACKAGE = f"linux-source-{REFERENCE_SOURCE}"
+# Options the fragment names that later kernels renamed (old -> new): a fragment is
+# translated for a tree whose Kconfig has only the new name. The x86 mitigation options
+# took a MITIGATION_ prefix upstream (6.12 has only MITIGATION_PAGE_TABLE_ISOLATION).
+BASE_TARGETS = ("tinyconfig", "defconfig")
+RENAMED_OPTIONS = {"CONFIG_PAGE_TABLE_ISOLATION": "CONFIG_MITIGATION_PAGE_TABLE_ISOLATION"}
+BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc",
+               "cpio": "cpio", "xz": "xz-utils", "tar": "tar"}
+BUILD_HEADERS = {"/usr/include/gelf.h": "libelf-dev", "/usr/include/openssl/opensslv.h": "libssl-dev"}
+LOCK_TIMEOUT = 3600.0  # a whole build of another process, with margin
+ARTIFACTS = ("bzImage", "vmlinux")
+
+
+
+def cache_dir() -> Path:
+    """$SYSCALL_IRL_CACHE, else $XDG_CACHE_HOME/pytest-syscall-irl, else ~/.cache/pytest-syscall-irl."""
+    if os.environ.get("SYSCALL_IRL_CACHE"):
+        return Path(os.environ["SYSCALL_IRL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pytest-syscall-irl"
+
+
+def check_cache_dir(directory: Path) -> Path:
+    """*directory*, created if need be; ConfigError with the fix if it cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to the cache directory {directory} ({exc.strerror or exc}): make it "
+                          "writable, or point $SYSCALL_IRL_CACHE at a directory you may write") from exc
+    return directory
+
+
+def default_fragment() -> Path:
+    """The reference config fragment shipped with the package (guest/kernel.config)."""
+    return shipped.KERNEL_FRAGMENT
+
+
+def needs_fragment() -> Path:
+    """What the suite needs on top of a full config (defconfig, a distribution's): guest/suite-needs.config."""
+    return default_fragment().with_name("suite-needs.config")
+
+
+def fred_fragment() -> Path:
+    """A fragment adding CONFIG_X86_FRED (6.9+), merged after the default one."""
+    return default_fragment().with_name("fred.config")
+
+
+def kconfig_defines(tree: Path, names: Sequence[str]) -> set[str]:
+    """Which of the CONFIG_ *names* some Kconfig file of *tree* defines (`config NAME`)."""
+    wanted = {name.removeprefix("CONFIG_") for name in names}
+    found: set[str] = set()
+    for path in tree.rglob("Kconfig*"):
+        if path.is_file():
+            found.update(re.findall(r"^\s*(?:menu)?config\s+(\w+)\s*$", path.read_text(errors="replace"),
+                                    re.MULTILINE))
+    return {f"CONFIG_{name}" for name in wanted & found}
+
+
+def translate_fragment(text: str, defined: set[str]) -> str:
+    """*text* with each option of RENAMED_OPTIONS the tree does not define (its new name
+    in *defined*) written under its new name."""
+    for old, new in RENAMED_OPTIONS.items():
+        if old not in defined and new in defined:
+            text = re.sub(rf"\b{old}\b", new, text)
+    return text
+
+
+def _output(command: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def debian_source_version(package: str = DEBIAN_PACKAGE) -> str | None:
+    """The installed version of Debian's *package* ("6.1.192-2"), None if not installed."""
+    return _output(["dpkg-query", "-W", "-f=${Version}", package]) or None
+
+
+def compiler_id() -> str:
+    """First line of `gcc --version`: a new compiler means a new cache key."""
+    out = _output(["gcc", "--version"])
+    if not out:
+        raise KernelError("`gcc --version` failed: apt-get install build-essential")
+    return out.splitlines()[0]
+
+
+def tree_identity(tree: Path) -> str:
+    """realpath + `make -s kernelversion` of a kernel source tree."""
+    if not (tree / "Makefile").is_file() or not (tree / "arch" / "x86").is_dir():
+        raise ConfigError(f"{tree} is not a Linux source tree (no Makefile and arch/x86): fix --tree")
+    version = _output(["make", "-s", "-C", str(tree), "kernelversion"])
+    if not version:
+        raise ConfigError(f"`make -s kernelversion` failed in {tree}: is it a Linux source tree?")
+    return f"{os.path.realpath(tree)}={version.splitlines()[-1]}"
+
+
+def build_key(source_identity: str, fragment_text: str, compiler: str) -> str:
+    """The cache key of one build: 16 hex digits of sha256(source, fragment, compiler)."""
+    digest = hashlib.sha256("\0".join((source_identity, fragment_text, compiler)).encode())
+    return digest.hexdigest()[:16]
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """CONFIG_X -> value of a .config or fragment; "# CONFIG_X is not set" -> "n"."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        unset = re.fullmatch(r"# (CONFIG_\w+) is not set", line)
+        if unset:
+            values[unset[1]] = "n"
+        elif line.startswith("CONFIG_") and "=" in line:
+            name, _, value = line.partition("=")
+            values[name] = value
+    return values
+
+
+def dropped_options(fragment_text: str, config_text: str) -> list[str]:
+    """Options of the fragment that the final .config does not have as requested."""
+    final = parse_config(config_text)
+    return [
+        f"{name}={want} (final .config: {'is not set' if final.get(name, 'n') == 'n' else final[name]})"
+        for name, want in parse_config(fragment_text).items()
+        if final.get(name, "n") != want
+    ]
+
+
+def added_options(fragment_text: str, before: str, after: str) -> list[str]:
+    """The fragment's options whose value the merge changed: "CONFIG_X86_MSR=y (was m)"."""
+    old, new = parse_config(before), parse_config(after)
+    return [f"{name}={new.get(name, 'n')} (was {'not set' if old.get(name, 'n') == 'n' else old[name]})"
+            for name in parse_config(fragment_text) if old.get(name, "n") != new.get(name, "n")]
+
+
+def missing_build_deps() -> list[str]:
+    """Debian packages whose tools or headers a kernel build needs and this machine lacks."""
+    missing = [pkg for tool, pkg in BUILD_TOOLS.items() if shutil.which(tool) is None]
+    missing += [pkg for header, pkg in BUILD_HEADERS.items() if not Path(header).exists()]
+    return sorted(set(missing))
+
+
+def reference_kernel(cache: Path | None = None) -> Path | None:
+    """The cached bzImage of Debian's source + the default fragment if built, else None (fast)."""
+    return None if reference_damage(cache) else KernelBuild(cache=cache).bzimage
+
+
+def reference_damage(cache: Path | None = None) -> str | None:
+    """None if the reference kernel is built and intact, else why not ("not built", what is damaged)."""
+    try:
+        build = KernelBuild(cache=cache)
+        damage = build.damage()
+    except SyscallIrlError as exc:
+        log.debug("no reference kernel: %s", exc)
+        return "not built"
+    return damage if damage in (None, "not built") else f"the cached reference kernel in {build.directory} is " \
+        f"damaged ({damage}): run `syscall-irl kernel build` to build it again"
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    temporary = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, temporary)
+    shutil.copymode(source, temporary)
+    os.replace(temporary, target)
+
+
+def _artifact_record(path: Path) -> list[object]:
+    """[size, mtime_ns] of an installed artifact, and the bzImage's SHA-256 (see damage())."""
+    return quick_record(path, digest=path.name == "bzImage")
+
+
+class KernelBuild:
+    """One kernel build in the cache: a source (Debian's tarball or a tree), a fragment, a compiler.
+
+        build = KernelBuild(jobs=2, on_stage=print, on_output=print)
+        bzimage = build.build()   # reused at once when the cache already holds it
+    """
+
+    def __init__(
+        self,
+        tree: StrPath | None = None,
+        fragment: StrPath | Sequence[StrPath] | None = None,
+        *,
+        debian: str = REFERENCE_SOURCE,
+        base: str = "tinyconfig",
+        jobs: int | None = None,
+        cache: Path | None = None,
+        on_stage: Progress | None = None,
+        on_output: Progress | None = None,
+    ) -> None:
+        self.tree = Path(tree) if tree is not None else None
+        # The config the fragments merge over: a make target, or a saved .config file.
+        self.base = base
+        if base not in BASE_TARGETS and not Path(base).is_file():
+            raise ConfigError(f"config base {base!r} is neither {' nor '.join(BASE_TARGETS)} nor a .config file")
+        if fragment is None or isinstance(fragment, (str, os.PathLike)):
+            full = base != "tinyconfig"  # a full config lacks only what the suite needs
+            fragment = [fragment if fragment is not None else needs_fragment() if full else default_fragment()]
+        self.fragments = [Path(f) for f in fragment]
+        self.fragment = self.fragments[0]
+        self.package = f"linux-source-{debian}"  # used when no tree is given
+        self.jobs = jobs or os.cpu_count() or 1
+        self.cache = cache if cache is not None else cache_dir()
+        self._on_stage = on_stage
+        self._on_output = on_output
+        self.steps = 0  # kbuild steps (`  CC  file.o` lines) of the last build, for progress estimates
+
+    @cached_property
+    def fragment_text(self) -> str:
+        """Contents of the config fragments, in merge order (one fragment: its text, so
+        the reference kernel's key does not change with this option)."""
+        texts = []
+        for fragment in self.fragments:
+            try:
+                texts.append(fragment.read_text())
+            except OSError as exc:
+                raise ConfigError(f"cannot read config fragment {fragment}: {exc}") from exc
+        return "".join(texts)
+
+    @property
+    def tarball(self) -> Path:
+        """Debian's source tarball of this build (when no tree is given)."""
+        return Path("/usr/src") / f"{self.package}.tar.xz"
+
+    @property
+    def fragment_sha256(self) -> str:
+        """sha256 of the fragment's text (build_progress finds earlier builds of it by this)."""
+        return hashlib.sha256(self.fragment_text.encode()).hexdigest()
+
+    @cached_property
+    def source_identity(self) -> str:
+        """"debian-linux-source-6.1=<version>", or "<realpath>=<kernelversion>" for a tree."""
+        if self.tree is not None:
+            return tree_identity(self.tree)
+        version = debian_source_version(self.package)
+        if version is None:
+            raise KernelError(f"{self.package} is not installed: apt-get install {self.package}")
+        return f"debian-{self.package}={version}"
+
+    @cached_property
+    def key(self) -> str:
+        """The cache key (see build_key); a base other than tinyconfig counts as fragment text."""
+        if self.base == "tinyconfig":
+            return build_key(self.source_identity, self.fragment_text, compiler_id())
+        base = self.base if self.base in BASE_TARGETS else Path(self.base).read_text()
+        return build_key(self.source_identity, f"base={base}\0{self.fragment_text}", compiler_id())
+
+    @property
+    def directory(self) -> Path:
+        """<cache>/kernels/<key>: bzImage, vmlinux, config, build.log, obj/, complete."""
+        return self.cache / "kernels" / self.key
+
+    @property
+    def bzimage(self) -> Path:
+        """Where the built bzImage is (or will be)."""
+        return self.directory / "bzImage"
+
+    @property
+    def vmlinux(self) -> Path:
+        """Where the built vmlinux is (or will be)."""
+        return self.directory / "vmlinux"
+
+    @property
+    def log_path(self) -> Path:
+        """The log of the last build of this key."""
+        return self.directory / "build.log"
+
+    def is_complete(self) -> bool:
+        """True if a build of this key finished and its artifacts are in place, as built."""
+        return self.damage() is None
+
+    def damage(self) -> str | None:
+        """Why the cached build is not usable as it stands ("not built" if it never finished)."""
+        try:
+            record = json.loads((self.directory / "complete").read_text())
+        except (OSError, ValueError):
+            return "not built"
+        for name in ARTIFACTS:
+            path = self.directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            # Recorded since the record had "artifacts"; size and mtime are cheap to check on every
+            # run (vmlinux is ~60 MB), and the bzImage's digest too (~1.5 MB).
+            want = record.get("artifacts", {}).get(name) if isinstance(record, dict) else None
+            if want is None:
+                continue
+            if quick_record_problem(path, want) is not None:
+                return (f"{name} is not the file the build installed ({path.stat().st_size} bytes, {want[0]} "
+                        "when installed)")
+        return None
+
+    def build(self) -> Path:
+        """Build unless the cache has it (Debian source) and return the bzImage path.
+
+        A tree given explicitly is always re-made (incrementally): its sources may have changed.
+        """
+        if self.tree is None and self.is_complete():
+            self._stage(f"reusing {self.directory}")
+            return self.bzimage
+        damage = self.damage()
+        if damage != "not built":
+            self._stage(f"the cached build in {self.directory} is damaged ({damage}): building it again")
+        self._check_deps()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._locked(self.directory.with_name(f"{self.key}.lock"), f"building {self.key}"):
+            if self.tree is None and self.is_complete():
+                self._stage(f"reusing {self.directory}, built meanwhile by another process")
+                return self.bzimage
+            self._build_locked()
+        return self.bzimage
+
+    def _build_locked(self) -> None:
+        started = time.monotonic()
+        self.steps = 0
+        (self.directory / "complete").unlink(missing_ok=True)
+        with self.log_path.open("w") as build_log:
+            source = self.tree if self.tree is not None else self._debian_tree(build_log)
+            self._configure(source, build_log)
+            self._stage(f"building bzImage with {self.jobs} jobs (log: {self.log_path})")
+            self._run(build_log, self._make(source, f"-j{self.jobs}", "bzImage"))
+        self._install()
+        self._stage(f"built {self.bzimage} in {time.monotonic() - started:.0f} s")
+
+    def _configure(self, source: Path, build_log: IO[str]) -> None:
+        obj = self.directory / "obj"
+        obj.mkdir(exist_ok=True)
+        names = " + ".join(str(f) for f in self.fragments)
+        self._stage(f"configuring {source} ({self.base} + {names})")
+        if self.base in BASE_TARGETS:
+            self._run(build_log, self._make(source, self.base))
+        else:
+            shutil.copyfile(self.base, obj / ".config")
+            self._run(build_log, self._make(source, "olddefconfig"))
+        before = (obj / ".config").read_text()
+        wanted = translate_fragment(self.fragment_text,
+                                    kconfig_defines(source, [*RENAMED_OPTIONS, *RENAMED_OPTIONS.values()]))
+        merged = obj / "fragment.config"
+        merged.write_text(wanted)
+        merge = ["scripts/kconfig/merge_config.sh", "-m", "-O", str(obj), str(obj / ".config"), str(merged)]
+        self._run(build_log, merge, cwd=source)
+        self._run(build_log, self._make(source, "olddefconfig"))
+        after = (obj / ".config").read_text()
+        for change in added_options(wanted, before, after):
+            self._stage(f"added {change}")
+        dropped = dropped_options(wanted, after)
+        if dropped:
+            raise KernelError(
+                f"options of {names} did not survive `make olddefconfig` (a dependency is "
+                "off; e.g. RANDOMIZE_BASE needs RELOCATABLE): add what they depend on:\n  "
+                + "\n  ".join(dropped)
+            )
+
+    def _make(self, source: Path, *targets: str) -> list[str]:
+        return ["make", "-C", str(source), f"O={self.directory / 'obj'}", *targets]
+
+    def _install(self) -> None:
+        obj = self.directory / "obj"
+        _atomic_copy(obj / "arch" / "x86" / "boot" / "bzImage", self.bzimage)
+        _atomic_copy(obj / "vmlinux", self.vmlinux)
+        _atomic_copy(obj / ".config", self.directory / "config")
+        try:
+            kernel = Kernel.load(self.bzimage)
+        except ConfigError as exc:
+            raise KernelError(f"the build produced unusable artifacts: {exc.message}") from exc
+        record = {"source": self.source_identity, "fragment": " + ".join(str(f) for f in self.fragments),
+                  "fragment_sha256": hashlib.sha256(self.fragment_text.encode()).hexdigest(),
+                  "compiler": compiler_id(), "version": kernel.bzimage.version, "steps": self.steps,
+                  "artifacts": {name: _artifact_record(self.directory / name) for name in ARTIFACTS}}
+        atomic_write(self.directory / "complete", json.dumps(record, indent=1) + "\n")
+
+    @property
+    def debian_tree(self) -> Path:
+        """Where Debian's source is (or will be) extracted: <cache>/src/linux-source-6.1-<version>."""
+        version = self.source_identity.rpartition("=")[2]
+        return self.cache / "src" / f"{self.package}-{version}"
+
+    def _debian_tree(self, build_log: IO[str]) -> Path:
+        target = self.debian_tree
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked(target.with_name(f"{target.name}.lock"), f"extracting {self.tarball}"):
+            if not target.is_dir():
+                self._extract(target, build_log)
+        return target
+
+    def _extract(self, target: Path, build_log: IO[str]) -> None:
+        if not self.tarball.is_file():
+            raise KernelError(f"{self.tarball} is missing: apt-get install {self.package}")
+        self._stage(f"extracting {self.tarball} to {target}")
+        scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+        try:
+            self._run(build_log, ["tar", "-xf", str(self.tarball), "-C", str(scratch)])
+            # The rename makes the tree appear whole or not at all.
+            os.rename(scratch / self.package, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _check_deps(self) -> None:
+        missing = missing_build_deps()
+        if missing:
+            raise KernelError(f"building a kernel needs: apt-get install {' '.join(missing)}")
+
+    def _run(self, build_log: IO[str], command: list[str], cwd: Path | None = None) -> None:
+        build_log.write(f"$ {' '.join(command)}\n")
+        build_log.flush()
+        env = {k: v for k, v in os.environ.items() if k not in ("KCONFIG_CONFIG", "KCONFIG_ALLCONFIG")}
+        proc = procs.spawn(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace")
+                build_log.write(line)
+                self.steps += bool(KBUILD_STEP.match(line))
+                if self._on_output is not None:
+                    self._on_output(line.rstrip("\n"))
+            code = proc.wait()
+        finally:
+            _stop_group(proc)
+        build_log.flush()
+        if code != 0:
+            raise KernelError(f"kernel build step failed (log: {self.log_path})", command=command,
+                              exit_code=code, log_tail=tail(self.log_path.read_text()))
+
+    def _locked(self, path: Path, what: str) -> AbstractContextManager[None]:
+        return waiting_lock(path, what, self._stage, LOCK_TIMEOUT)
+
+    def _stage(self, message: str) -> None:
+        log.info("%s", message)
+        if self._on_stage is not None:
+            self._on_stage(message)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill make and its compilers (their own process group) if we leave early (Ctrl-C, error)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    procs.stop(proc)

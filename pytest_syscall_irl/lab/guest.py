@@ -1,0 +1,282 @@
+"""A booted guest (QEMU machine + console) and the Lab that makes guests for one kernel.
+
+No pytest here: the plugin resolves its options into a `LabSettings`, and a user can
+drive the same objects from a script.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..core.errors import ConsoleError, ImageError, QemuError, StateLoadError, SyscallIrlError, SyscallIrlWarning
+from ..kernel.artifacts import Kernel
+from ..machine.console import CommandResult, GuestConsole
+from ..machine.gdbmi import GdbSession
+from ..machine.qemu import DEFAULT_APPEND, MachineConfig, QemuMachine
+from .accel import decide_accel
+from .image import GuestImage, Payload, build_guest_image
+from .settings import LabSettings, check_boot_args
+from .snapshot import Snapshot, SnapshotInfo, discard_unloadable, load_or_build, qemu_identity, snapshot_key
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT = 90.0
+# A cold boot prints its first console line ~1.5 s after QEMU starts (TCG, a 14 MB
+# distro kernel, load average 4 on 2 cores); ten times that and it is not booting at all.
+FIRST_OUTPUT_TIMEOUT = 15.0
+# A restored guest answers in well under a second; a longer wait means it is broken.
+RESTORE_TIMEOUT = 20.0
+SETTLE_TIMEOUT = 10.0  # for a command a test left running to end
+
+
+@dataclass
+class Guest:
+    """A running guest: its QEMU machine and its serial console."""
+
+    name: str
+    machine: QemuMachine
+    console: GuestConsole
+    image: GuestImage
+    boot_seconds: float = 0.0
+    debugger: GdbSession | None = None  # set while a GDB session is attached
+    restored: bool = False  # started from the lab's snapshot rather than booted
+
+    @property
+    def config(self) -> MachineConfig:
+        """The QEMU configuration the guest runs with."""
+        return self.machine.config
+
+    @property
+    def gdb_socket(self) -> Path:
+        """QEMU's gdbstub, a unix socket (GDB: `target remote PATH`)."""
+        return self.machine.sockets.gdb
+
+    @property
+    def delivery(self) -> str:
+        """Where this guest found its payloads: "iso" or "initramfs"."""
+        return self.console.delivery or "unknown"
+
+    def run(self, command: str, timeout: float | None = None) -> CommandResult:
+        """Run a shell command in the guest; its output and exit status.
+
+        A command needs running vCPUs: when an attached debugger holds the guest
+        stopped, the guest runs for the command and is stopped again afterwards.
+        """
+        with self.running():
+            return self.console.run(command, timeout)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Let the vCPUs run for the block if an attached debugger holds them stopped,
+        and stop them again after it; without a stopped debugger, nothing to do."""
+        debugger = self.debugger
+        if debugger is None or debugger.state != "stopped":
+            yield
+            return
+        debugger.resume()
+        try:
+            yield
+        except ConsoleError as exc:
+            if debugger.state == "stopped":
+                exc.message += " (the guest hit a breakpoint meanwhile)"
+            raise
+        finally:
+            if debugger.is_alive() and debugger.state != "stopped":
+                debugger.interrupt()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Make the guest ready for another test: read to the end a command the last one
+        left running (its output is dropped). False if the guest is dead, or if the
+        command did not end within *timeout* (default SETTLE_TIMEOUT): the guest is then
+        of no further use."""
+        if not self.is_alive():
+            return False
+        pending = self.console.pending
+        if pending is None:
+            return True
+        try:
+            with self.running():
+                result = pending.wait(SETTLE_TIMEOUT if timeout is None else timeout)
+        except SyscallIrlError as exc:
+            log.warning("%s: command %r left running did not end: %s", self.name, pending.command, exc)
+            return False
+        log.info("%s: command %r left running ended with status %d", self.name, pending.command, result.status)
+        return True
+
+    def payload(self, name: str) -> Payload:
+        """A guest program of guest/payloads/ (in the guest: payload.guest_path)."""
+        return self.image.payload(name)
+
+    def is_alive(self) -> bool:
+        return self.machine.is_running()
+
+    def shutdown(self) -> None:
+        """Stop the guest; idempotent."""
+        self.console.close()
+        self.machine.shutdown()
+
+_Ready = Callable[[QemuMachine, GuestConsole], None]
+
+
+@dataclass
+class Lab:
+    """Makes guests of one kernel and one guest image; logs go under *log_root*.
+
+    Guests start from the lab's snapshot (a saved ready guest, built on first need)
+    unless `settings.snapshots` is off or `boot(restore=False)` asks for a cold boot.
+    """
+
+    settings: LabSettings
+    log_root: Path
+    _image: GuestImage | None = field(default=None, init=False)
+    _accel: tuple[str, str] | None = field(default=None, init=False)
+    # By (extra boot arguments, CPU model).
+    _snapshots: dict[tuple[str, str | None], Snapshot] = field(default_factory=dict, init=False)
+    _names: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
+
+    @property
+    def kernel(self) -> Kernel:
+        return self.settings.kernel
+
+    @property
+    def image(self) -> GuestImage:
+        """The guest image for this kernel (built once, cached by content)."""
+        if self._image is None:
+            self._image = build_guest_image(self.settings.cache, payloads_on_iso=self.settings.payloads_on_iso,
+                                            payload_dirs=self.settings.payload_dirs, modules=self.settings.modules)
+        return self._image
+
+    @property
+    def accel(self) -> str:
+        """The accelerator guests use: "kvm" only where a KVM guest really boots."""
+        if self._accel is None:
+            self._accel = decide_accel(self.settings)
+        return self._accel[0]
+
+    def machine_config(self, boot_args: str = "", cpu: str | None = None) -> MachineConfig:
+        """The QEMU configuration of this lab's guests; *boot_args* are appended to the
+        kernel command line after the defaults and `settings.boot_args`; *cpu* is QEMU's
+        CPU model (default: QEMU's)."""
+        check_boot_args(boot_args)
+        append = " ".join(filter(None, [DEFAULT_APPEND, self.settings.boot_args, boot_args.strip()]))
+        return MachineConfig(kernel=self.kernel.bzimage.path, initrd=self.image.initramfs, iso=self.image.iso,
+                             append=append, accel=self.accel, qemu=self.settings.qemu, cpu=cpu or None)
+
+    def snapshot_key(self, boot_args: str = "", cpu: str | None = None) -> str:
+        """The cache key of a snapshot (kernel, image, QEMU, machine arguments)."""
+        config = self.machine_config(boot_args, cpu)
+        return snapshot_key(config, qemu_identity(config.qemu))
+
+    def snapshot(self, boot_args: str = "", cpu: str | None = None) -> Snapshot:
+        """The saved ready guest for *boot_args* and *cpu*: from the cache, else booted
+        and saved once (one build even when several processes ask at the same time)."""
+        variant = (boot_args, cpu or None)
+        if variant not in self._snapshots:
+            key = self.snapshot_key(boot_args, cpu)
+            self._snapshots[variant] = load_or_build(
+                self.settings.cache, key, lambda state: self._save_ready_guest(key, state, boot_args, cpu))
+        return self._snapshots[variant]
+
+    def _save_ready_guest(self, key: str, state: Path, boot_args: str, cpu: str | None) -> SnapshotInfo:
+        # Each attempt logs to its own directory: a retry must not overwrite the failure's logs.
+        guest = self._cold_boot(f"snapshot-{key}-{os.getpid()}-{next(self._names)}", BOOT_TIMEOUT, boot_args, cpu)
+        try:
+            # Saved idle: the agent blocked reading its next command, no debugger attached.
+            guest.run("true", RESTORE_TIMEOUT).check()
+            start = time.monotonic()
+            guest.machine.save_state(state)
+            log.info("saved %s to %s in %.2f s (%d MB)", guest.name, state, time.monotonic() - start,
+                     state.stat().st_size >> 20)
+            return SnapshotInfo(guest.delivery, guest.console.release or "", guest.boot_seconds)
+        finally:
+            guest.shutdown()
+
+    def boot(self, name: str | None = None, timeout: float = BOOT_TIMEOUT, restore: bool | None = None,
+             boot_args: str = "", cpu: str | None = None) -> Guest:
+        """A guest at its ready console; on failure nothing is left running.
+
+        *boot_args* are extra kernel arguments (``pti=on``), *cpu* a QEMU CPU model
+        (``qemu64,vendor=GenuineIntel``); guests of other arguments or CPU start from a
+        snapshot of their own. *restore* (default: `settings.snapshots`) starts the
+        guest from its snapshot, else the kernel boots; `Guest.restored` tells which.
+        """
+        name = name or f"guest-{os.getpid()}-{next(self._names)}"
+        if self.settings.snapshots if restore is None else restore:
+            return self._restore_or_rebuild(name, timeout, boot_args, cpu)
+        return self._cold_boot(name, timeout, boot_args, cpu)
+
+    def _restore_or_rebuild(self, name: str, timeout: float, boot_args: str, cpu: str | None) -> Guest:
+        """Restore from the snapshot; one QEMU cannot load is discarded and built again, once."""
+        snapshot = self.snapshot(boot_args, cpu)
+        try:
+            return self._restore(name, snapshot, timeout, boot_args, cpu)
+        except StateLoadError as exc:
+            warnings.warn(SyscallIrlWarning(f"QEMU could not load the guest snapshot {snapshot.directory} "
+                                            f"(damaged?): building it again. {exc.message}"), stacklevel=2)
+            self._snapshots.pop((boot_args, cpu or None), None)
+            discard_unloadable(snapshot)
+        snapshot = self.snapshot(boot_args, cpu)
+        try:
+            return self._restore(f"{name}-rebuilt", snapshot, timeout, boot_args, cpu)
+        except StateLoadError as exc:
+            raise QemuError(f"QEMU cannot load the guest snapshot {snapshot.directory} even after it was built "
+                            f"again: cold-boot every guest with --no-snapshots, and report it (logs: "
+                            f"{self.log_root / (name + '-rebuilt')})", command=exc.command, exit_code=exc.exit_code,
+                            log_tail=exc.log_tail) from exc
+
+    def _cold_boot(self, name: str, timeout: float, boot_args: str = "", cpu: str | None = None) -> Guest:
+        def ready(machine: QemuMachine, console: GuestConsole) -> None:
+            machine.resume()
+            delivery = console.wait_ready(timeout, silence=FIRST_OUTPUT_TIMEOUT)
+            if delivery != self.image.delivery:
+                raise ImageError(f"the guest found its payloads via {delivery!r}, expected "
+                                 f"{self.image.delivery!r}: see the console log {machine.console_log}")
+
+        return self._start(name, self.machine_config(boot_args, cpu), ready)
+
+    def _restore(self, name: str, snapshot: Snapshot, timeout: float, boot_args: str = "",
+                 cpu: str | None = None) -> Guest:
+        def ready(machine: QemuMachine, console: GuestConsole) -> None:
+            machine.resume()
+            # No READY line after a restore (the agent is waiting for a command): a no-op
+            # command proves the console works, the snapshot tells what READY said.
+            console.run("true", min(timeout, RESTORE_TIMEOUT)).check()
+            console.delivery, console.release = snapshot.info.delivery, snapshot.info.release
+
+        return self._start(name, replace(self.machine_config(boot_args, cpu), incoming=snapshot.state), ready)
+
+    def _start(self, name: str, config: MachineConfig, ready: _Ready) -> Guest:
+        log_dir = self.log_root / name
+        machine = QemuMachine(config, log_dir)
+        start = time.monotonic()
+        machine.launch()
+        console = GuestConsole(machine.sockets.console, log_dir / "console.transcript")
+        try:
+            console.connect()
+            ready(machine, console)
+        except BaseException as exc:
+            console.close()
+            machine.shutdown()
+            if not isinstance(exc, SyscallIrlError):
+                raise
+            if not exc.log_tail:
+                exc.log_tail = machine.log_tail()
+            failure = machine.load_failure(exc)  # QEMU may exit on a bad state before the console connects
+            if failure is exc:
+                raise
+            raise failure from exc
+        restored = config.incoming is not None
+        guest = Guest(name, machine, console, self.image, time.monotonic() - start, restored=restored)
+        log.info("%s %s in %.2f s (%s, payloads via %s)", name, "restored" if restored else "booted",
+                 guest.boot_seconds, self.accel, guest.delivery)
+        return guest
+
+
