@@ -38,6 +38,7 @@ import overhead  # noqa: E402
 import probes  # noqa: E402
 from probes import Samples  # noqa: E402
 
+from pytest_syscall_irl.arch.x86_64 import X86_64  # noqa: E402
 from pytest_syscall_irl.machine.gdbmi import GdbSession  # noqa: E402
 from pytest_syscall_irl.lab.gdb_index import warm_gdb_index  # noqa: E402
 from pytest_syscall_irl.lab.guest import Lab  # noqa: E402
@@ -97,7 +98,7 @@ def snapshot_build(base: LabSettings, accel: str) -> tuple[float, int]:
     """A snapshot built from scratch in a temporary cache: (seconds, bytes)."""
     with tempfile.TemporaryDirectory(prefix="sirl-bench-snap-") as tmp:
         lab = Lab(replace(base, cache=Path(tmp), accel=accel), Path(tmp) / "logs")
-        lab.image  # noqa: B018 -- the image is not part of the snapshot's cost
+        lab.build_image()  # the image is not part of the snapshot's cost
         start = time.perf_counter()
         snapshot = lab.snapshot()
         return time.perf_counter() - start, snapshot.state.stat().st_size
@@ -106,7 +107,9 @@ def snapshot_build(base: LabSettings, accel: str) -> tuple[float, int]:
 def guests_and_gdb(lab: Lab, samples: int) -> tuple[probes.ReadyGuests, probes.RegisterReads, int]:
     """Ready guests and register reads with one worker-like GDB; its peak RSS in kB."""
     base = lab.settings
-    with GdbSession(base.kernel.vmlinux.path, gdb=base.gdb, index_cache_dir=base.gdb_index_cache) as gdb:
+    # With the register file the plugin's gdb fixture has: registers() derives the views.
+    with GdbSession(base.kernel.vmlinux.path, gdb=base.gdb, index_cache_dir=base.gdb_index_cache,
+                    register_file=X86_64.register_file) as gdb:
         ready = probes.ready_guests(lab, gdb, samples)
         guest = lab.boot()
         try:

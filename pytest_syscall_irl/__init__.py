@@ -27,6 +27,8 @@ _PUBLIC: dict[str, str] = {
     "x86": "pytest_syscall_irl.arch.x86_64.facts:",
     "roads": "pytest_syscall_irl.arch.x86_64.roads:",
     "tasks": "pytest_syscall_irl.arch.x86_64.tasks:",
+    "X86_64": "pytest_syscall_irl.arch.x86_64",
+    "Architecture": "pytest_syscall_irl.arch.base",
     "Road": "pytest_syscall_irl.arch.roads",
     "Abi": "pytest_syscall_irl.arch.roads",
     "Exit": "pytest_syscall_irl.arch.roads",
@@ -36,13 +38,15 @@ _PUBLIC: dict[str, str] = {
     "SyscallSelector": "pytest_syscall_irl.trace.model",
     "TraceError": "pytest_syscall_irl.trace.model",
     "NO_HANDLER": "pytest_syscall_irl.trace.model",
-    "STAGES": "pytest_syscall_irl.trace.model",
-    "USER_STAGES": "pytest_syscall_irl.trace.model",
-    "ENTRY_STAGES": "pytest_syscall_irl.trace.model",
-    "DISPATCH_STAGES": "pytest_syscall_irl.trace.model",
-    "HANDLER_STAGES": "pytest_syscall_irl.trace.model",
-    "EXIT_STAGES": "pytest_syscall_irl.trace.model",
-    "KERNEL_STAGES": "pytest_syscall_irl.trace.model",
+    # The stages of the architecture's traces, and the registers each records (x86_64 today).
+    "STAGES": "pytest_syscall_irl.arch.x86_64",
+    "USER_STAGES": "pytest_syscall_irl.arch.x86_64",
+    "ENTRY_STAGES": "pytest_syscall_irl.arch.x86_64",
+    "DISPATCH_STAGES": "pytest_syscall_irl.arch.x86_64",
+    "HANDLER_STAGES": "pytest_syscall_irl.arch.x86_64",
+    "EXIT_STAGES": "pytest_syscall_irl.arch.x86_64",
+    "KERNEL_STAGES": "pytest_syscall_irl.arch.x86_64",
+    "TRACE_REGISTERS": "pytest_syscall_irl.arch.x86_64",
     # The fixtures' types.
     "SyscallTracer": "pytest_syscall_irl.trace.tracer",
     "Kernel": "pytest_syscall_irl.kernel.artifacts",
@@ -62,6 +66,7 @@ _PUBLIC: dict[str, str] = {
 
 __all__ = [
     "Abi",
+    "Architecture",
     "CommandResult",
     "ConfigError",
     "ConsoleError",
@@ -86,9 +91,11 @@ __all__ = [
     "SyscallSelector",
     "SyscallTrace",
     "SyscallTracer",
+    "TRACE_REGISTERS",
     "TraceError",
     "USER_STAGES",
     "Vmlinux",
+    "X86_64",
     "roads",
     "tasks",
     "x86",
@@ -112,7 +119,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .arch.base import Architecture
     from .arch.roads import Abi, Exit, Road
+    from .arch.x86_64 import (DISPATCH_STAGES, ENTRY_STAGES, EXIT_STAGES, HANDLER_STAGES, KERNEL_STAGES, STAGES,
+                              TRACE_REGISTERS, USER_STAGES, X86_64)
     from .arch.x86_64 import facts as x86
     from .arch.x86_64 import roads, tasks
     from .core.errors import (ConfigError, ConsoleError, GdbError, GuestPanic, KernelError, QemuError,
@@ -121,6 +131,5 @@ if TYPE_CHECKING:
     from .lab.guest import Guest
     from .machine.console import CommandResult
     from .machine.gdbmi import GdbSession
-    from .trace.model import (DISPATCH_STAGES, ENTRY_STAGES, EXIT_STAGES, HANDLER_STAGES, KERNEL_STAGES,
-                              NO_HANDLER, STAGES, USER_STAGES, Stage, SyscallSelector, SyscallTrace, TraceError)
+    from .trace.model import NO_HANDLER, Stage, SyscallSelector, SyscallTrace, TraceError
     from .trace.tracer import SyscallTracer

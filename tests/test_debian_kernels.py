@@ -27,8 +27,8 @@ from pytest_syscall_irl.kernel.debian import (
     parse_stanza,
     seal,
 )
-from pytest_syscall_irl.core.errors import ConfigError
-from pytest_syscall_irl.kernel.build import cache_dir
+from pytest_syscall_irl.core.cache import cache_dir
+from pytest_syscall_irl.core.errors import ConfigError, KernelError, SyscallIrlWarning
 
 META_61 = """Package: linux-image-cloud-amd64
 Version: 6.1.192-3
@@ -103,9 +103,11 @@ def _fake_fetched(directory: Path) -> None:
 
 @pytest.mark.parametrize("harm, problem", [
     (lambda d: (d / "modules/kernel/msr.ko.xz").unlink(), "modules/kernel/msr.ko.xz is missing"),
-    (lambda d: (d / "modules/kernel/extra.ko").write_text("x"), "modules/kernel/extra.ko was not fetched"),
-    (lambda d: (d / "vmlinux").write_bytes(b"\x7fELF"), "vmlinux is not the file that was unpacked"),
-    (lambda d: (d / "complete").write_text("{"), "not fetched"),
+    (lambda d: (d / "modules/kernel/extra.ko").write_text("x"), "modules/kernel/extra.ko was not there when it was "
+                                                                "made"),
+    (lambda d: (d / "vmlinux").write_bytes(b"\x7fELF"), "vmlinux has 4 bytes, 104 when it was made"),
+    (lambda d: (d / "complete").write_text("{"), "complete is missing or unreadable"),
+    (lambda d: shutil.rmtree(d), "not built"),
 ])
 def test_a_damaged_fetched_kernel_is_not_trusted(tmp_path: Path, harm: Any, problem: str) -> None:
     _fake_fetched(tmp_path)
@@ -120,7 +122,7 @@ def test_a_vmlinuz_changed_in_place_is_caught_by_its_digest(tmp_path: Path) -> N
     (tmp_path / "vmlinuz").write_bytes(b"MZ" + bytes(99) + b"!")  # same size
     record["files"]["vmlinuz"][1] = (tmp_path / "vmlinuz").stat().st_mtime_ns  # and mtime as recorded
     (tmp_path / "complete").write_text(json.dumps(record))
-    assert damage(tmp_path) == "vmlinuz has changed since it was unpacked (SHA-256 differs)"
+    assert damage(tmp_path) == "vmlinuz has changed since it was made (SHA-256 differs)"
 
 
 def test_a_damaged_fetched_kernel_is_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,15 +133,33 @@ def test_a_damaged_fetched_kernel_is_fetched_again(tmp_path: Path, monkeypatch: 
     _fake_fetched(directory)
     fetches: list[Path] = []
 
-    def fetch_locked(image: str, version: str, target: Path) -> None:
-        fetches.append(target)
-        shutil.rmtree(target)
-        _fake_fetched(target)
+    def unpack(image: str, version: str, staging: Path) -> dict[str, object]:
+        fetches.append(staging)
+        _fake_fetched(staging)
+        return {"release": "6.1.0-57-cloud-amd64"}
 
-    monkeypatch.setattr(kernel, "_fetch_locked", fetch_locked)
+    monkeypatch.setattr(kernel, "_unpack", unpack)
     assert kernel.fetch() == FetchedKernel(directory, "6.1.0-57-cloud-amd64") and fetches == []
     (directory / "vmlinux").write_bytes(b"cut short")
-    assert kernel.fetch().directory == directory and fetches == [directory]
+    with pytest.warns(SyscallIrlWarning, match=r"Debian kernel .* is damaged \(vmlinux has 9 bytes"):
+        assert kernel.fetch().directory == directory
+    assert len(fetches) == 1 and damage(directory) is None
+
+
+def test_a_fetch_that_fails_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = IMAGE_612.replace("6.12.117+deb12", "6.1.0-57").replace("6.12.117-1~deb12u1", "6.1.192-3")
+    apt = FakeApt({"linux-image-cloud-amd64": META_61, "linux-image-6.1.0-57-cloud-amd64": image})
+    kernel = DebianKernel("linux-image-cloud-amd64", tmp_path, runner=apt)
+
+    def unpack(image: str, version: str, staging: Path) -> dict[str, object]:
+        (staging / "vmlinuz").write_bytes(b"MZ")
+        raise KernelError("apt-get download failed")
+
+    monkeypatch.setattr(kernel, "_unpack", unpack)
+    with pytest.raises(KernelError, match="apt-get download failed"):
+        kernel.fetch()
+    assert [p.name for p in (tmp_path / "debian-kernels").iterdir()] == [
+        "linux-image-6.1.0-57-cloud-amd64_6.1.192-3.lock"]
 
 
 DEBIAN_KERNELS = ("linux-image-cloud-amd64", "linux-image-6.12-cloud-amd64")

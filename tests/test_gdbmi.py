@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from pygdbmi.gdbmiparser import parse_response
 
+from pytest_syscall_irl.arch.registers import RegisterFile, RegisterView
+from pytest_syscall_irl.arch.x86_64.registers import X86_64_REGISTERS
 from pytest_syscall_irl.core.errors import GdbError
 from pytest_syscall_irl.machine.gdbmi import (
     GdbCommandError,
@@ -229,9 +231,18 @@ def test_breakpoint_options_are_quoted(gdb: GdbSession, transcript: Path) -> Non
         gdb.break_insert("no_such_function")
 
 
+@pytest.fixture
+def x86_gdb(fake_gdb: str, transcript: Path) -> Iterator[GdbSession]:
+    """The fake with x86_64's register file: registers() derives the views it names (al)."""
+    session = GdbSession("vmlinux", gdb=fake_gdb, transcript_path=transcript, register_file=X86_64_REGISTERS)
+    yield session
+    session.close()
+
+
 def test_registers_skip_unnamed_and_vector_and_then_ask_only_for_integers(
-    gdb: GdbSession, transcript: Path
+    x86_gdb: GdbSession, transcript: Path
 ) -> None:
+    gdb = x86_gdb
     gdb.connect("/tmp/gdb.sock")
     expected = {"rax": 0, "rbx": 0x1C28, "rip": 0xFFFFFFFF818E0BBE, "eflags": 0x246, "cs": 0x10, "al": 0}
     assert gdb.registers() == expected
@@ -254,6 +265,35 @@ def test_registers_skip_unnamed_and_vector_and_then_ask_only_for_integers(
         gdb.set_register("rax = 1; $rbx", 0)
     with pytest.raises(GdbError, match="no such register: nope"):
         gdb.set_register("nope", 0)
+
+
+def test_without_a_register_file_every_register_is_read_as_gdb_names_it(gdb: GdbSession, transcript: Path) -> None:
+    gdb.connect("/tmp/gdb.sock")
+    expected = {"rax": 0, "rbx": 0x1C28, "rip": 0xFFFFFFFF818E0BBE, "eflags": 0x246, "cs": 0x10, "al": 0}
+    assert gdb.registers() == gdb.registers() == expected
+    register_reads = [c for c in sent(transcript) if c.startswith("-data-list-register-values")]
+    assert register_reads == ["-data-list-register-values x", "-data-list-register-values x 0 1 2 3 6 8"]
+
+
+def test_a_view_is_its_bits_of_the_base_register() -> None:
+    rax = 0x1122_3344_5566_7788
+    values = {view.name: view.value(rax) for view in X86_64_REGISTERS.views if view.base == "rax"}
+    assert values == {"eax": 0x5566_7788, "ax": 0x7788, "al": 0x88, "ah": 0x77}
+    assert X86_64_REGISTERS.view("rax") is None
+
+
+def test_only_views_whose_base_is_read_are_derivable() -> None:
+    derivable = X86_64_REGISTERS.derivable(["rip", "eax", "rax", "r8d", "al"])
+    assert [view.name for view in derivable] == ["eax", "al"]  # r8 is not among the names
+
+
+@pytest.mark.parametrize("views, problem", [
+    ((RegisterView("eax", "rax", 0, 32), RegisterView("eax", "rax", 0, 16)), "twice"),
+    ((RegisterView("eax", "rax", 0, 32), RegisterView("ax", "eax", 0, 16)), "views of views"),
+])
+def test_a_register_file_refuses_what_it_could_not_derive(views: tuple[RegisterView, ...], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        RegisterFile("broken", views)
 
 
 def test_memory_disassembly_and_backtrace(gdb: GdbSession) -> None:

@@ -4,7 +4,6 @@ be (on the real programs), and each cached artifact given a damaged copy."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pytest_syscall_irl.core import cache
 from pytest_syscall_irl.lab import accel
 
 from pytest_syscall_irl.kernel import build as kernel_build
@@ -22,9 +22,9 @@ from pytest_syscall_irl.machine import programs
 from pytest_syscall_irl.core.errors import ConfigError, SyscallIrlWarning
 from pytest_syscall_irl.lab.accel import kvm_verdict
 from pytest_syscall_irl.lab.settings import check_boot_args
-from pytest_syscall_irl.lab.image import cached
 from pytest_syscall_irl.kernel.artifacts import split_cmdline
-from pytest_syscall_irl.kernel.build import KernelBuild, check_cache_dir, reference_damage
+from pytest_syscall_irl.kernel.build import KernelBuild, reference_damage
+from pytest_syscall_irl.core.cache import CacheEntry, check_cache_dir
 
 # --- boot arguments ---------------------------------------------------------------------------
 
@@ -98,21 +98,32 @@ def test_a_verdict_is_kept_per_binary_and_a_damaged_record_asks_again(
     monkeypatch.setattr(programs, "_qemu_verdict", lambda qemu: pytest.fail("asked QEMU again"))
     assert programs.check_qemu("qemu-system-x86_64", tmp_path)[1].startswith("QEMU emulator version")
     monkeypatch.setattr(programs, "_verdicts", {})
-    [record] = (tmp_path / "checked-programs").iterdir()
+    [record] = (tmp_path / "checked-programs").glob("*.json")
     record.write_text(record.read_text()[:10])
     asked: list[str] = []
     monkeypatch.setattr(programs, "_qemu_verdict", lambda qemu: asked.append(qemu) or "QEMU again")
-    assert programs.check_qemu("qemu-system-x86_64", tmp_path)[1] == "QEMU again" and asked
+    with pytest.warns(SyscallIrlWarning, match=r"checked-programs/.* is damaged \(it does not parse\)"):
+        assert programs.check_qemu("qemu-system-x86_64", tmp_path)[1] == "QEMU again" and asked
+
+
+def test_a_program_given_as_qemu_and_as_gdb_is_asked_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(programs, "_qemu_verdict", lambda qemu: "QEMU")
+    monkeypatch.setattr(programs, "_gdb_verdict", lambda gdb: "GDB")
+    assert programs.check_qemu("/bin/true", tmp_path)[1] == "QEMU"
+    monkeypatch.setattr(programs, "_verdicts", {})
+    assert programs.check_gdb("/bin/true", tmp_path)[1] == "GDB"
+    assert len(list((tmp_path / "checked-programs").glob("*.json"))) == 2
 
 
 # --- cached artifacts --------------------------------------------------------------------------
 
 
 def _build_once(directory: Path, builds: list[int]) -> None:
-    with cached(directory) as staging:
-        if staging is not None:
-            builds.append(1)
-            (staging / "initramfs.cpio.gz").write_bytes(b"x" * 1000)
+    def build(staging: Path) -> None:
+        builds.append(1)
+        (staging / "initramfs.cpio.gz").write_bytes(b"x" * 1000)
+
+    CacheEntry(directory, "guest image").ensure(build)
 
 
 @pytest.mark.parametrize("damage", [
@@ -120,6 +131,7 @@ def _build_once(directory: Path, builds: list[int]) -> None:
     lambda d: (d / "initramfs.cpio.gz").write_bytes(b"y" * 1000),  # same size, other bytes
     lambda d: (d / "initramfs.cpio.gz").unlink(),
     lambda d: (d / "MANIFEST.json").write_text("{"),
+    lambda d: (d / "stray").write_text(""),
 ])
 def test_a_damaged_cached_directory_is_built_again_with_a_warning(tmp_path: Path, damage: Any) -> None:
     builds: list[int] = []
@@ -150,7 +162,8 @@ def test_a_damaged_kvm_probe_marker_is_probed_again(
     assert kvm_verdict(settings) == (False, "printed nothing") and len(probes) == 1  # the marker is used
     [marker] = [p for p in (tmp_path / "kvm-probe").iterdir() if not p.name.endswith(".lock")]
     marker.write_text(marker_text)
-    assert kvm_verdict(settings) == (False, "printed nothing") and len(probes) == 2
+    with pytest.warns(SyscallIrlWarning, match=r"KVM probe marker .* is damaged"):
+        assert kvm_verdict(settings) == (False, "printed nothing") and len(probes) == 2
 
 
 def test_explicit_kvm_where_the_probe_failed_is_refused_quoting_it(
@@ -168,8 +181,7 @@ def _complete_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KernelBu
     build.directory.mkdir(parents=True)
     for name in kernel_build.ARTIFACTS:
         (build.directory / name).write_bytes(name.encode() * 100)
-    record = {name: kernel_build._artifact_record(build.directory / name) for name in kernel_build.ARTIFACTS}
-    (build.directory / "complete").write_text(json.dumps({"artifacts": record}))
+    build.entry.seal({})
     return build
 
 
@@ -181,7 +193,7 @@ def test_a_damaged_kernel_build_is_not_the_reference_kernel(
     path = build.directory / name
     path.write_bytes(path.read_bytes()[:50])
     assert not build.is_complete()
-    assert f"{name} is not the file the build installed (50 bytes, 700" in str(build.damage())
+    assert build.damage() == f"{name} has 50 bytes, {len(name) * 100} when it was made"
     assert kernel_build.reference_kernel(tmp_path) is None
     assert "run `syscall-irl kernel build` to build it again" in str(reference_damage(tmp_path))
 
@@ -192,7 +204,37 @@ def test_a_bzimage_of_the_same_size_with_other_bytes_is_damage(
     stat = build.bzimage.stat()
     build.bzimage.write_bytes(b"X" * stat.st_size)
     os.utime(build.bzimage, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert build.damage() is not None
+    assert build.damage() == "bzImage has changed since it was made (SHA-256 differs)"
+
+
+def test_a_vmlinux_of_the_same_size_written_again_is_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build = _complete_build(tmp_path, monkeypatch)
+    stat = build.vmlinux.stat()
+    os.utime(build.vmlinux, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert build.damage() == "vmlinux was modified since it was made (its mtime differs)"
+
+
+def test_a_damaged_kernel_build_is_built_again_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build = _complete_build(tmp_path, monkeypatch)
+    build.vmlinux.unlink()
+    monkeypatch.setattr(kernel_build, "missing_build_deps", lambda: [])
+    built: list[Path] = []
+
+    def build_into(directory: Path) -> dict[str, object]:
+        built.append(directory)
+        for name in kernel_build.ARTIFACTS:
+            (directory / name).write_bytes(b"rebuilt")
+        return {"steps": 3}
+
+    monkeypatch.setattr(build, "_build_into", build_into)
+    with pytest.warns(SyscallIrlWarning, match=r"kernel build .* is damaged \(vmlinux is missing\): building it"):
+        assert build.build() == build.bzimage
+    assert built == [build.directory] and build.is_complete() and build.entry.meta() == {"steps": 3}
+
+
+def test_the_cache_root_and_its_check_are_the_ones_the_kernel_build_names() -> None:
+    assert kernel_build.cache_dir is cache.cache_dir and kernel_build.check_cache_dir is cache.check_cache_dir
 
 
 def test_a_cache_directory_that_cannot_be_written_gives_the_fix(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pytest_syscall_irl.machine.gdbmi import GdbSession
-from pytest_syscall_irl.machine.mi_records import X86_64_REGISTER_VIEWS
+from pytest_syscall_irl.arch.x86_64.registers import X86_64_REGISTERS
 from pytest_syscall_irl.lab.guest import Guest
 from pytest_syscall_irl.kernel.artifacts import Kernel
 from pytest_syscall_irl.report.junit import collect_failed_logs, failed_logs
@@ -66,7 +66,9 @@ def test_register_views_derived_here_are_what_gdb_prints(kernel: Kernel, guest: 
     gdb.registers()  # the first read learns which registers are views
     derived = gdb.registers()
     printed = gdb.raw_registers()  # every register as GDB formats it, views included
-    views = {name: int(printed[name], 16) for name in X86_64_REGISTER_VIEWS}
+    views = {view.name: int(printed[view.name], 16) for view in X86_64_REGISTERS.views}
+    # Derived here, not read from GDB: a session that lost its register file would pass the rest vacuously.
+    assert sorted(gdb.derived_views) == sorted(views)
     assert {name: derived[name] for name in views} == views
     assert any(views[name] != 0 for name in ("eax", "ecx", "edx", "esi", "edi", "esp")), views
     gdb.delete_breakpoints()
@@ -291,6 +293,8 @@ def test_a_failing_test_reports_its_guest_and_gdb_logs(pytester: pytest.Pytester
     # The failed testcase's properties name its guest's log directory and the GDB/MI transcript.
     (logs,) = failed_logs(pytester.path / "junit.xml").values()
     assert len(logs) == 2 and all(p.exists() for p in logs), logs
+    # Named by the worker (here none: "main"), as a person reading the report can match them.
+    assert sorted(p.name for p in logs) == ["gdb-main.mi.log", "shared-main-1"], logs
     assert collect_failed_logs(pytester.path / "junit.xml", pytester.path / "artifacts") == 2
     assert any((pytester.path / "artifacts").rglob("*.mi.log"))
 
@@ -363,12 +367,17 @@ def test_kaslr(guest):
 @pytest.mark.boot_args("a", "b")
 def test_two_strings(guest):
     pass
+
+@pytest.mark.cpu("  ")
+def test_blank_cpu(fresh_guest):
+    pass
 """
 
 
 def test_boot_args_marker_gives_a_test_guests_of_its_own(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_inner=BOOT_ARGS)
     result = pytester.runpytest_subprocess()
-    result.assert_outcomes(passed=2, errors=2)
+    result.assert_outcomes(passed=2, errors=3)
     result.stdout.re_match_lines([r".*boot_args\('quiet kaslr'\): boot arguments: kaslr: guests boot with nokaslr.*",
-                                  r".*@pytest.mark.boot_args takes one string of kernel arguments.*"])
+                                  r".*@pytest.mark.boot_args takes one string of kernel arguments.*",
+                                  r".*@pytest.mark.cpu takes one QEMU CPU model.*; got \('  ',\) \{\}"])

@@ -17,7 +17,8 @@ from pytest_syscall_irl.cli import main as cli
 from pytest_syscall_irl.kernel import build as kernel_build
 from pytest_syscall_irl.core.errors import ConfigError, KernelError
 from pytest_syscall_irl.kernel.artifacts import BzImage, Kernel, Vmlinux, parse_version_string, version_tuple
-from pytest_syscall_irl.kernel.build import KernelBuild, build_key, cache_dir, dropped_options, reference_kernel
+from pytest_syscall_irl.core.cache import cache_dir
+from pytest_syscall_irl.kernel.build import KernelBuild, build_key, dropped_options, reference_kernel
 
 VERSION = "9.9.9 (tester@fakehost) #3 SMP PREEMPT_DYNAMIC Tue Jan 1 00:00:00 UTC 2030"
 BANNER = (
@@ -307,7 +308,7 @@ def test_a_complete_debian_build_is_reused_at_once(tmp_path: Path, monkeypatch: 
     build.directory.mkdir(parents=True)
     for name in ("bzImage", "vmlinux"):
         (build.directory / name).write_text("")
-    (build.directory / "complete").write_text("{}\n")  # a record from before artifacts were recorded
+    build.entry.seal({})
     assert build.build() == tmp_path / "kernels" / build.key / "bzImage"
     assert output == []
     assert reference_kernel(tmp_path) == build.bzimage

@@ -140,10 +140,15 @@ def test_architecture_specific_code_stays_in_its_folder() -> None:
     reaching = [f"{name} -> {target}" for name, targets in GRAPH.items()
                 if name != NAME and not name.startswith(f"{NAME}.arch.") and _layer(name) not in ARCH_CHOOSERS
                 for target in targets if target.startswith(f"{NAME}.arch.x86_64")]
+    # arch/registry.py names the architectures by a string it imports on demand; the other
+    # neutral modules never name one.
     generic = [f"{name} -> {target}" for name, targets in GRAPH.items()
                if name.startswith(f"{NAME}.arch.") and not name.startswith(f"{NAME}.arch.x86_64")
                for target in targets if target.startswith(f"{NAME}.arch.x86_64")]
+    asking = [name for name, targets in GRAPH.items()
+              if f"{NAME}.arch.registry" in targets and _layer(name) not in ARCH_CHOOSERS]
     assert not generic, "the architecture-neutral arch modules import x86_64:\n" + "\n".join(generic)
+    assert not asking, f"only the faces choose the architecture (arch.registry): {asking}"
     assert not reaching, ("layers other than the faces reach into arch/x86_64 (hand them the architecture's "
                           "description instead):\n" + "\n".join(sorted(reaching)))
 
@@ -169,3 +174,13 @@ def test_the_public_names_resolve() -> None:
         except (AttributeError, ImportError) as exc:
             missing.append(f"{name}: {exc}")
     assert not missing, missing
+
+
+def test_the_kernel_s_elf_machine_chooses_the_architecture() -> None:
+    from pytest_syscall_irl.arch.registry import architecture_for
+    from pytest_syscall_irl.arch.x86_64 import X86_64
+    from pytest_syscall_irl.core.errors import ConfigError
+
+    assert architecture_for("EM_X86_64") is X86_64
+    with pytest.raises(ConfigError, match=r"built for EM_AARCH64, and pytest-syscall-irl describes only EM_X86_64"):
+        architecture_for("EM_AARCH64")

@@ -141,6 +141,44 @@ def test_snapshots_from_the_environment() -> None:
         options.pick_snapshots(cli=None, env={"SYSCALL_IRL_SNAPSHOTS": "maybe"}, ini=True)
 
 
+def _read(cli: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+          ini: dict[str, Any] | None = None) -> options.ResolvedOptions:
+    return options.read_options(cli=cli or {}, env=env or {}, ini=ini or {}, ini_file=Path("/proj/pytest.ini"),
+                                cwd=Path("/cwd"), rootdir=Path("/proj"))
+
+
+def test_options_resolve_once_into_one_value_every_hook_reads() -> None:
+    resolved = _read(cli={"kernel": ["a/bzImage", "b/bzImage"], "snapshots": False, "html": "page.html"},
+                     env={"SYSCALL_IRL_GDB": "/env/gdb"}, ini={"gdb": "ini-gdb", "payloads": "p q", "snapshots": True})
+    assert resolved.paths("kernel") == [Path("/cwd/a/bzImage"), Path("/cwd/b/bzImage")]
+    assert resolved.value("gdb") == "/env/gdb" and resolved.value("qemu") is None
+    assert resolved.paths("payloads") == [Path("/proj/p"), Path("/proj/q")]  # relative to the ini file
+    assert resolved.snapshots is False and resolved.explicit and resolved.html == Path("/cwd/page.html")
+    assert resolved.given_origin("gdb") == "$SYSCALL_IRL_GDB = /env/gdb"
+    assert resolved.given_origin("payloads") == "syscall_irl_payloads = p q in /proj/pytest.ini"
+    assert resolved.given_origin("kernel") is None  # the command line names itself
+
+
+def test_nothing_given_is_not_explicit_and_an_ini_snapshots_key_alone_neither() -> None:
+    resolved = _read(ini={"snapshots": False})
+    assert not resolved.explicit and resolved.snapshots is False and resolved.values("kernel") == ()
+    assert _read(env={"SYSCALL_IRL_SNAPSHOTS": "1"}).explicit
+
+
+def test_the_first_invalid_value_is_named_with_its_origin() -> None:
+    with pytest.raises(ConfigError, match="syscall_irl_accel = fast in /proj/pytest.ini: use auto"):
+        _read(ini={"accel": "fast"}, env={"SYSCALL_IRL_SNAPSHOTS": "maybe"})
+    with pytest.raises(ConfigError, match=r"\$SYSCALL_IRL_SNAPSHOTS = 'maybe'"):
+        _read(env={"SYSCALL_IRL_SNAPSHOTS": "maybe"})
+
+
+def test_an_error_about_a_setting_names_where_it_was_set() -> None:
+    resolved = _read(env={"SYSCALL_IRL_QEMU": "/no/qemu"})
+    with pytest.raises(ConfigError, match=r"^\$SYSCALL_IRL_QEMU = /no/qemu: not found$"):
+        with resolved.naming_origin("qemu", "gdb"):
+            raise ConfigError("not found")
+
+
 def test_every_option_has_a_prefixed_flag_and_an_environment_twin(pytester: pytest.Pytester) -> None:
     help_text = pytester.runpytest_subprocess("--help").stdout.str()
     for option in options.OPTIONS:

@@ -51,7 +51,7 @@ def test_wheel_installed_outside_the_checkout_runs_the_shipped_suite(tmp_path: P
     site = str(tmp_path / "venv" / "lib")
     # The guest sources and the suite come from the installed package, not from this checkout.
     assert _run([bin_dir / "syscall-irl", "suite-path"], cwd=outside).startswith(site)
-    guest = _run([bin_dir / "python", "-c", "from pytest_syscall_irl import shipped; print(shipped.GUEST_DIR)"],
+    guest = _run([bin_dir / "python", "-c", "from pytest_syscall_irl.core import shipped; print(shipped.GUEST_DIR)"],
                  cwd=outside)
     assert guest.startswith(site) and (Path(guest.strip()) / "payloads" / "sirl.h").is_file()
     # Same fragment, same cache key: the reference kernel built from the checkout is found.

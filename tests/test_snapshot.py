@@ -164,6 +164,18 @@ def test_a_damaged_snapshot_is_built_again(tmp_path: Path) -> None:
     assert len(calls) == 2 and again.state.is_file()
 
 
+def test_a_snapshot_whose_info_does_not_parse_is_built_again_with_a_warning(tmp_path: Path) -> None:
+    from pytest_syscall_irl.core.integrity import seal_directory
+
+    calls: list[Path] = []
+    snapshot = load_or_build(tmp_path, "k1", _builder(calls))
+    (snapshot.directory / "info.json").write_text("{")
+    seal_directory(snapshot.directory)  # the record matches: only reading the info tells
+    with pytest.warns(SyscallIrlWarning, match=r"snapshots/k1 is damaged \(info.json is unreadable\)"):
+        again = load_or_build(tmp_path, "k1", _builder(calls))
+    assert len(calls) == 2 and again.info == SnapshotInfo("iso", "6.1.0", 1.5)
+
+
 def test_threads_asking_at_once_build_once(tmp_path: Path) -> None:
     calls: list[Path] = []
     results: list[Snapshot] = []
@@ -392,7 +404,7 @@ def test_warm_gdb_index_is_idempotent(lab: Lab, reference: Kernel, tmp_path: Pat
     assert build_id is not None and len(build_id) == 40
     assert warm_gdb_index(settings) is True
     assert sorted(p.name for p in settings.gdb_index_cache.iterdir()) == [f"{build_id}.gdb-index",
-                                                                          f"{build_id}.sirl-manifest"]
+                                                                          f"{build_id}.sirl-record"]
     assert warm_gdb_index(settings) is False
 
 
@@ -403,7 +415,7 @@ def test_a_damaged_gdb_index_is_built_again(lab: Lab, reference: Kernel, tmp_pat
     [index] = settings.gdb_index_cache.glob("*.gdb-index")
     made = index.stat().st_size
     index.write_bytes(index.read_bytes()[: made // 2])
-    with pytest.warns(SyscallIrlWarning, match=r"GDB index cache of .* is damaged \(.*gdb-index has \d+ bytes"):
+    with pytest.warns(SyscallIrlWarning, match=r"GDB index of .* is damaged \(.*gdb-index has \d+ bytes"):
         assert warm_gdb_index(settings) is True
     assert index.stat().st_size == made and warm_gdb_index(settings) is False
 
@@ -435,8 +447,8 @@ def test_a_rebuilt_snapshot_that_fails_too_names_no_snapshots(
     _unloadable(lab.snapshot())
     build = Lab._save_ready_guest
 
-    def build_unloadable(self: Lab, key: str, state: Path, boot_args: str, cpu: str | None) -> SnapshotInfo:
-        info = build(self, key, state, boot_args, cpu)
+    def build_unloadable(self: Lab, key: str, state: Path, config: MachineConfig) -> SnapshotInfo:
+        info = build(self, key, state, config)
         state.write_bytes(b"QEVM" + b"\0" * 4096)
         return info
 

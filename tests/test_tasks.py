@@ -70,3 +70,13 @@ def test_parse_comm_reads_gdbs_char_array(text: str, comm: str) -> None:
 def test_gs_register_tells_kernel_from_user_gs_base() -> None:
     assert tasks.gs_register({"gs_base": 0xFFFF88800F600000}) == "$gs_base"
     assert tasks.gs_register({"gs_base": 0}) == "$k_gs_base"
+
+
+def test_the_architectures_current_task_reads_gs_base_after_swapgs_and_k_gs_base_before() -> None:
+    current, vmlinux = tasks.CurrentTaskViaGs(), _vmlinux(current_task=0x1FBC0)
+    assert current.slot(vmlinux, switched=True) == ("gs_base", 0x1FBC0)
+    assert current.slot(vmlinux, switched=False) == ("k_gs_base", 0x1FBC0)
+    assert current.is_running(vmlinux, 0xFFFF888001234000) == \
+        "*(unsigned long *)($gs_base + 0x1fbc0) == 0xffff888001234000"
+    # Selecting a process happens before the entry swapgs: through the kernel GS base.
+    assert "$k_gs_base + 0x1fbc0" in current.condition(vmlinux, pid=42)

@@ -1,6 +1,7 @@
 """The tracer's walk, against typed stand-ins for the debugger and the guest (the
-protocols of tracer.py): stepping, the entry code cache, failing fast when the command
-ends first, and cleanup that never replaces the real error."""
+protocols of trace/protocols.py): stepping, the entry code cache, failing fast when the
+command ends first, cleanup that never replaces the real error, and a walk built from
+what it needs, without a tracer."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ from pytest_syscall_irl.machine.gdbmi import GdbTimeoutError
 from pytest_syscall_irl.machine.mi_records import Breakpoint, Frame, Instruction, StopEvent
 from pytest_syscall_irl.lab.image import Payload
 from pytest_syscall_irl.machine.qemu import MachineConfig
+from pytest_syscall_irl.arch.base import EntryCode
+from pytest_syscall_irl.arch.x86_64 import X86_64
 from pytest_syscall_irl.arch.x86_64.roads import SYSCALL64
+from pytest_syscall_irl.trace.facts import FactsCache, KernelFacts
 from pytest_syscall_irl.trace.model import SyscallSelector, SyscallTrace, TraceError
-from pytest_syscall_irl.trace.tracer import EntryCode, SyscallTracer
+from pytest_syscall_irl.trace.tracer import SyscallTracer
 from pytest_syscall_irl.trace.walk import MAX_STEP_ATTEMPTS, Walk
 
 
@@ -162,12 +166,15 @@ def _config(tmp_path: Path, append: str = "console=ttyS0") -> MachineConfig:
 def _tracer(gdb: FakeDebugger, tmp_path: Path, config: MachineConfig | None = None,
             console: FakeConsole | None = None, vmlinux: str = "vmlinux") -> SyscallTracer:
     guest = FakeGuest(config or _config(tmp_path), console or FakeConsole())
-    return SyscallTracer(gdb, FakeKernel(FakeVmlinux(tmp_path / vmlinux)), guest)  # type: ignore[arg-type]
+    return SyscallTracer(gdb, FakeKernel(FakeVmlinux(tmp_path / vmlinux)), guest, X86_64)  # type: ignore[arg-type]
 
 
 def _walk(gdb: FakeDebugger, tmp_path: Path) -> Walk:
+    """A walk made of its parts alone: no tracer is involved."""
+    kernel = FakeKernel(FakeVmlinux(tmp_path / "vmlinux"))
+    facts = KernelFacts(gdb, kernel, FakeGuest(_config(tmp_path)), X86_64, FactsCache())  # type: ignore[arg-type]
     trace = SyscallTrace("cmd", SyscallSelector(1), SYSCALL64, "__x64_sys_write")
-    return Walk(_tracer(gdb, tmp_path), trace, time.monotonic() + 60)
+    return Walk(gdb, facts, X86_64, {}, trace, time.monotonic() + 60)
 
 
 def test_a_step_that_went_nowhere_is_taken_again(tmp_path: Path) -> None:
@@ -210,13 +217,40 @@ ENTRY = [Instruction(0x100, "swapgs", "entry_SYSCALL_64", 0), Instruction(0x1F0,
 def test_entry_code_is_disassembled_once_per_kernel_and_machine(tmp_path: Path) -> None:
     gdb = FakeDebugger(instructions=ENTRY)
     config = _config(tmp_path)
-    assert _tracer(gdb, tmp_path, config).entry_code() == EntryCode(0x100, 0x100, 0x1F0, 0x200)
-    _tracer(gdb, tmp_path, replace(config, incoming=tmp_path / "state")).entry_code()  # restored from that config
+    entry = "entry_SYSCALL_64"
+    assert _tracer(gdb, tmp_path, config).facts.entry_code(entry) == EntryCode(0x100, 0x100, 0x1F0, 0x200)
+    # Restored from that config: the same code.
+    _tracer(gdb, tmp_path, replace(config, incoming=tmp_path / "state")).facts.entry_code(entry)
     assert gdb.disassembled == 1
     # Other boot arguments patch the entry code otherwise (pti=on), and so may another vmlinux.
-    _tracer(gdb, tmp_path, _config(tmp_path, "console=ttyS0 pti=on")).entry_code()
-    _tracer(gdb, tmp_path, config, vmlinux="other-vmlinux").entry_code()
+    _tracer(gdb, tmp_path, _config(tmp_path, "console=ttyS0 pti=on")).facts.entry_code(entry)
+    _tracer(gdb, tmp_path, config, vmlinux="other-vmlinux").facts.entry_code(entry)
     assert gdb.disassembled == 3
+
+
+def test_a_fault_runs_before_its_stage_is_recorded_and_is_undone_after(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    class Recording(FakeDebugger):
+        def registers(self, names: Sequence[str] | None = None, timeout: float = 0) -> dict[str, int]:
+            events.append("recorded")
+            return super().registers(names, timeout)
+
+    def fault(gdb: Any) -> Any:
+        events.append("fault")
+        return lambda: events.append("undone")
+
+    walk = _walk(Recording(), tmp_path)
+    walk.faults = {"entry": [fault]}
+    walk.record("entry")
+    walk.record("user")
+    assert events == ["fault", "recorded", "undone", "recorded"]
+
+
+def test_a_stage_line_shows_the_architectures_summary(tmp_path: Path) -> None:
+    stage = _walk(FakeDebugger(), tmp_path).record("entry", note="here")
+    assert stage.line() == ("entry               rip=0x0000000000000000 cs=0x00 ss=0x00 rflags=0x000000 rax=0x0 "
+                            "rcx=0x0 r11=0x0 rsp=0x0 gs_base=0x0 k_gs_base=0x0 cr3=0x0  [here]")
 
 
 def test_a_command_that_ends_first_fails_the_trace_at_once_saying_why(tmp_path: Path) -> None:

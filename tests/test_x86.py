@@ -6,10 +6,11 @@ import struct
 
 import pytest
 
-from pytest_syscall_irl import x86
-from pytest_syscall_irl.trace.model import SyscallSelector
-from pytest_syscall_irl.trace.tracer import EntryCode
+from pytest_syscall_irl import STAGES, roads, x86
+from pytest_syscall_irl.arch.base import EntryCode
+from pytest_syscall_irl.arch.x86_64 import X86_64
 from pytest_syscall_irl.machine.gdbmi import Instruction
+from pytest_syscall_irl.trace.model import SyscallSelector
 
 
 def test_fmask_by_kernel_version() -> None:
@@ -48,12 +49,12 @@ def test_do_syscall_64_argument_order() -> None:
 
 
 def test_selector_condition_names_every_argument_register() -> None:
-    condition = SyscallSelector(1, {0: 1, 2: 12, 3: -1}).register_condition()
+    condition = SyscallSelector(1, {0: 1, 2: 12, 3: -1}).register_condition(roads.X86_64)
     assert condition == "$rax == 0x1 && $rdi == 0x1 && $rdx == 0xc && $r10 == 0xffffffffffffffff"
 
 
 def test_ia32_selector_compares_the_low_halves() -> None:
-    condition = SyscallSelector(20, {0: -1}).register_condition(("rbx", "rcx"), bits=32)
+    condition = SyscallSelector(20, {0: -1}).register_condition(roads.IA32)
     assert condition == "($rax & 0xffffffff) == 0x14 && ($rbx & 0xffffffff) == 0xffffffff"
 
 
@@ -65,7 +66,37 @@ def test_entry_code_found_by_disassembly() -> None:
             Instruction(0x205, "verw   0x0(%rip)", "entry_SYSCALL_64", 261),
             Instruction(0x20c, "sysretq", "entry_SYSCALL_64", 268),
             Instruction(0x300, "swapgs", "entry_SYSCALL_64", 512)]
-    assert EntryCode.find(0x100, code) == EntryCode(0x100, 0x100, 0x200, 0x20C)
+    assert X86_64.find_entry_code(0x100, code) == EntryCode(0x100, 0x100, 0x200, 0x20C)
+
+
+def test_the_stages_are_the_roads_stages_in_the_order_of_the_path() -> None:
+    assert STAGES == ("user", "entry", "after_swapgs", "do_syscall_64", "do_int80_emulation", "do_int80_syscall_32",
+                      "do_fast_syscall_32", "do_SYSENTER_32", "handler", "ksys", "handler_return", "dispatch_return",
+                      "exit_swapgs", "sysretq", "sysretl", "iret_path", "iretq", "user_return")
+    for road in roads.ROADS.values():
+        assert [stage for stage in STAGES if stage in road.stages] == list(road.stages), road.name
+
+
+def test_the_pt_regs_description_decodes_as_the_facts_do() -> None:
+    raw = struct.pack("<21Q", *range(100, 121))
+    layout = X86_64.pt_regs.offsets
+    assert X86_64.pt_regs.decode(raw, layout) == x86.decode_pt_regs(raw)
+    assert X86_64.pt_regs.size(layout) == x86.PT_REGS_SIZE
+
+
+@pytest.mark.parametrize(("version", "symbol", "register"), [
+    ((6, 1, 0), "do_syscall_64", "rdi"), ((5, 10, 0), "do_syscall_64", "rsi"),
+    ((5, 10, 0), "do_int80_emulation", "rdi"),
+])
+def test_the_c_entry_finds_pt_regs_where_its_kernel_passes_them(version: tuple[int, int, int], symbol: str,
+                                                                 register: str) -> None:
+    assert X86_64.dispatch_regs_register(symbol, version) == register
+
+
+def test_a_compat_mode_return_compares_only_esp() -> None:
+    ip, condition = X86_64.user_return({"ip": 0x8049000, "sp": 0xFFFFD000, "cs": x86.USER32_CS})
+    assert ip == 0x8049000 and "($rsp & 0xffffffff) == 0xffffd000" in condition
+    assert "$rsp == 0x7ffd0000 " in X86_64.user_return({"ip": 0x401000, "sp": 0x7FFD0000, "cs": x86.USER_CS})[1]
 
 
 @pytest.mark.parametrize(("user_cr3", "cr4", "kernel_cr3"), [

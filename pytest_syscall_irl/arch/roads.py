@@ -50,12 +50,30 @@ class Abi:
     fallback_numbers: Mapping[str, int] = field(default_factory=dict, compare=False, hash=False)
 
 
+# The stages every road has, whatever the architecture: the user instruction and the
+# return to it; the handler, the function it calls (ksys_<name>), its return and the C
+# entry's return. The rest of a road's stages come from its description (Road.stages).
+USER_STAGES = ("user", "user_return")
+HANDLER_STAGES = ("handler", "ksys", "handler_return", "dispatch_return")
+
+
 @dataclass(frozen=True)
 class Exit:
-    """A way back to user mode and the stages a trace records on it."""
+    """A way back to user mode and the stages a trace records on it, the last of which is
+    its return instruction. A walker finds an exit one of two ways:
+
+    - *in_code*: the return instruction lies in this entry function, found by disassembling
+      it (x86's SYSRET); a first stage, if there are two, is the instruction that switches
+      back to user state just before it (x86's exit `swapgs`);
+    - *path*: a common return path from pt_regs begins at this symbol (the first stage) and
+      ends at the return instruction at the symbol *instruction* (x86's IRET path).
+    """
 
     name: str  # "sysretq", "sysretl", "iret"
     stages: tuple[str, ...]
+    in_code: str = ""
+    path: str = ""
+    instruction: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,16 @@ class Road:
     entry_symbols: tuple[str, ...]  # candidates, in the order of preference
     dispatch_symbols: tuple[str, ...]  # the C function taking pt_regs, candidates
     exits: tuple[Exit, ...]
+    # "entry" (where the CPU entered), then the stage after the entry code's switch to
+    # kernel state where the architecture has one (x86: "after_swapgs").
+    entry_stages: tuple[str, ...] = ("entry",)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """Every stage a trace of this road may record, in the order of the road."""
+        exits = tuple(dict.fromkeys(stage for way in self.exits for stage in way.stages))
+        return (USER_STAGES[0], *self.entry_stages, *self.dispatch_symbols, *HANDLER_STAGES, *exits,
+                USER_STAGES[1])
 
     def entry_symbol(self, vmlinux: SymbolTable) -> str:
         """The entry this kernel has for the road (only one candidate exists in a kernel)."""

@@ -1,9 +1,14 @@
-"""Files the cache holds, written whole and checked before they are trusted.
+"""Files the cache holds, written whole and checked before they are trusted: the low-level
+half of `cache` (which adds the lock and the build-once protocol).
 
-Every cached artifact appears by atomic rename, so a crash never leaves it half-written;
-what can still happen is damage afterwards (a full disk, a copy cut short, a hand edit).
-A manifest records the size and SHA-256 of each file of a cached directory when it is
-made; `manifest_problem` says what no longer matches, and the owner rebuilds.
+Every cached file appears by atomic rename, so a crash never leaves it half-written; what
+can still happen is damage afterwards (a full disk, a copy cut short, a hand edit). A
+record, written when an entry is made, keeps of each of its files the size and mtime, and
+the SHA-256 of those small enough to read on every use; `record_problem` says what no
+longer matches.
+
+A record is a JSON object: what its owner keeps about the entry (a kernel's release, a
+build's compiler) and, under one field, ``{relative path: [size, mtime_ns(, sha256)]}``.
 """
 
 from __future__ import annotations
@@ -12,15 +17,11 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
-from .errors import KernelError
-
 MANIFEST = "MANIFEST.json"
+FILES = "files"  # the record's field holding the file records
 
 
 def file_digest(path: Path) -> bytes:
@@ -44,79 +45,83 @@ def atomic_write(target: Path, text: str) -> None:
         raise
 
 
-def quick_record(path: Path, digest: bool = False) -> list[object]:
+def file_record(path: Path, digest: bool = False) -> list[object]:
     """[size, mtime_ns] of *path*, and with *digest* its SHA-256: what a cache checks on every
     use without reading big files (a 590 MB vmlinux), the digest kept for small ones."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns] + ([file_digest(path).hex()] if digest else [])
 
 
-def quick_record_problem(path: Path, recorded: list[object]) -> str | None:
-    """How *path* differs from *recorded* (a quick_record): None, "stat" (size or mtime) or
-    "content" (same size and mtime, another SHA-256)."""
+def file_problem(name: str, path: Path, recorded: object) -> str | None:
+    """How *path* (called *name*) differs from *recorded* (a `file_record`), None if it does not.
+
+    The size always counts; then the digest where one was kept (a copy with a new mtime is
+    the same file), else the mtime (the cheap stand-in for reading a big file).
+    """
+    if not isinstance(recorded, list) or len(recorded) not in (2, 3):
+        return f"the record of {name} is unreadable"
     try:
         st = path.stat()
     except OSError:
-        return "stat"
-    if not isinstance(recorded, list) or [st.st_size, st.st_mtime_ns] != recorded[:2]:
-        return "stat"
-    if len(recorded) > 2 and file_digest(path).hex() != recorded[2]:
-        return "content"
+        return f"{name} is missing"
+    if st.st_size != recorded[0]:
+        return f"{name} has {st.st_size} bytes, {recorded[0]} when it was made"
+    if len(recorded) == 3:
+        if file_digest(path).hex() != recorded[2]:
+            return f"{name} has changed since it was made (SHA-256 differs)"
+    elif st.st_mtime_ns != recorded[1]:
+        return f"{name} was modified since it was made (its mtime differs)"
     return None
 
 
-def _describe(path: Path) -> list[object]:
-    return [path.stat().st_size, file_digest(path).hex()]
+def tree_files(directory: Path, leave_out: Iterable[str] = ()) -> list[Path]:
+    """Every file under *directory* (symlinks to files too), but the names in *leave_out*."""
+    skip = set(leave_out)
+    found = []
+    for root, _dirs, names in os.walk(directory):
+        found += [Path(root, name) for name in sorted(names) if name not in skip]
+    return sorted(found)
 
 
-def write_manifest(manifest: Path, files: list[Path]) -> None:
-    """Record in *manifest* the size and digest of each of *files* (names relative to its directory)."""
-    atomic_write(manifest, json.dumps({p.name: _describe(p) for p in files}, indent=1) + "\n")
+def write_record(record: Path, directory: Path, files: Iterable[Path], digest: Callable[[str], bool],
+                 meta: Mapping[str, object] | None = None, field: str = FILES) -> None:
+    """Record *files* (under *directory*) in *record*, beside *meta*; *digest* says by name
+    (relative to *directory*) which files' SHA-256 is kept."""
+    names = {str(p.relative_to(directory)): p for p in files}
+    entries = {name: file_record(path, digest(name)) for name, path in sorted(names.items())}
+    atomic_write(record, json.dumps({**(meta or {}), field: entries}, indent=1) + "\n")
 
 
-def manifest_problem(manifest: Path) -> str | None:
-    """What differs from *manifest* among the files it names (None: every file is as made)."""
+def read_record(record: Path, field: str = FILES) -> tuple[dict[str, object], dict[str, object]] | None:
+    """(meta, file records) of *record*, None if it is missing or does not parse."""
     try:
-        recorded = json.loads(manifest.read_text())
-        assert isinstance(recorded, dict)
-    except (OSError, ValueError, AssertionError):
-        return f"{manifest.name} is missing or unreadable"
-    for name, (size, digest) in recorded.items():
-        path = manifest.parent / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} when it was made"
-        if file_digest(path).hex() != digest:
-            return f"{name} has changed since it was made (SHA-256 differs)"
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get(field), dict):
+        return None
+    files = data.pop(field)
+    return data, files
+
+
+def record_problem(record: Path, directory: Path, present: Iterable[Path], field: str = FILES) -> str | None:
+    """What of *directory* differs from *record*: a recorded file missing or changed, or a file
+    among *present* that was not recorded. None: every file is as made."""
+    read = read_record(record, field)
+    if read is None:
+        return f"{record.name} is missing or unreadable"
+    files = read[1]
+    for name, recorded in sorted(files.items()):
+        problem = file_problem(name, directory / name, recorded)
+        if problem is not None:
+            return problem
+    for name in sorted({str(p.relative_to(directory)) for p in present} - set(files)):
+        return f"{name} was not there when it was made"
     return None
 
 
 def seal_directory(directory: Path) -> None:
-    """Write the manifest of every file directly in *directory*."""
-    files = [p for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST]
-    write_manifest(directory / MANIFEST, files)
-
-
-def directory_problem(directory: Path) -> str | None:
-    """What in *directory* differs from its manifest (see `seal_directory`)."""
-    return manifest_problem(directory / MANIFEST)
-
-
-@contextmanager
-def waiting_lock(path: Path, what: str, say: Callable[[str], None], timeout: float) -> Iterator[None]:
-    """Hold the file lock *path*; if another process holds it (doing *what*), say so and wait
-    up to *timeout* seconds for it (KernelError after that)."""
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        say(f"waiting for another process {what} (lock {path})")
-        try:
-            lock.acquire(timeout=timeout)
-        except Timeout as exc:
-            raise KernelError(f"gave up after {timeout:.0f} s waiting for {path}") from exc
-    try:
-        yield
-    finally:
-        lock.release()
+    """Record every file under *directory* in its MANIFEST.json, with digests: the record of
+    a cache entry of the default kind, as `cache.CacheEntry` writes it (tests use this to
+    make a record match a file they changed on purpose)."""
+    write_record(directory / MANIFEST, directory, tree_files(directory, [MANIFEST]), lambda name: True)

@@ -241,6 +241,7 @@ class Vmlinux:
 
     def __init__(self, path: Path, elf: ELFFile) -> None:
         self.path = path
+        self.machine: str = str(elf["e_machine"])  # "EM_X86_64": which architecture describes it
         self.section_names: tuple[str, ...] = tuple(s.name for s in elf.iter_sections() if s.name)
         self._segments = [
             _Segment(seg["p_vaddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"])

@@ -9,17 +9,14 @@ version, or a tree) built with config fragments, keyed by source, fragments and 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from functools import cached_property
 from pathlib import Path
 from typing import IO
@@ -27,8 +24,10 @@ from typing import IO
 from ..core import procs
 from ..core import shipped
 from .progress import KBUILD_STEP
+from ..core.cache import NOT_BUILT, CacheEntry
+# The cache root lives in core.cache; named here too, where the CLI and plugin find it.
+from ..core.cache import cache_dir as cache_dir, check_cache_dir as check_cache_dir
 from ..core.errors import ConfigError, KernelError, SyscallIrlError, tail
-from ..core.integrity import atomic_write, quick_record, quick_record_problem, waiting_lock
 from .artifacts import Kernel, StrPath
 
 log = logging.getLogger(__name__)
@@ -44,29 +43,8 @@ RENAMED_OPTIONS = {"CONFIG_PAGE_TABLE_ISOLATION": "CONFIG_MITIGATION_PAGE_TABLE_
 BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc",
                "cpio": "cpio", "xz": "xz-utils", "tar": "tar"}
 BUILD_HEADERS = {"/usr/include/gelf.h": "libelf-dev", "/usr/include/openssl/opensslv.h": "libssl-dev"}
-LOCK_TIMEOUT = 3600.0  # a whole build of another process, with margin
 ARTIFACTS = ("bzImage", "vmlinux")
-
-
-
-def cache_dir() -> Path:
-    """$SYSCALL_IRL_CACHE, else $XDG_CACHE_HOME/pytest-syscall-irl, else ~/.cache/pytest-syscall-irl."""
-    if os.environ.get("SYSCALL_IRL_CACHE"):
-        return Path(os.environ["SYSCALL_IRL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pytest-syscall-irl"
-
-
-def check_cache_dir(directory: Path) -> Path:
-    """*directory*, created if need be; ConfigError with the fix if it cannot be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"cannot write to the cache directory {directory} ({exc.strerror or exc}): make it "
-                          "writable, or point $SYSCALL_IRL_CACHE at a directory you may write") from exc
-    return directory
+RECORD = "complete"  # the build's record (core.cache): its artifacts, source, compiler, steps
 
 
 def default_fragment() -> Path:
@@ -192,7 +170,7 @@ def reference_damage(cache: Path | None = None) -> str | None:
     except SyscallIrlError as exc:
         log.debug("no reference kernel: %s", exc)
         return "not built"
-    return damage if damage in (None, "not built") else f"the cached reference kernel in {build.directory} is " \
+    return damage if damage in (None, NOT_BUILT) else f"the cached reference kernel in {build.directory} is " \
         f"damaged ({damage}): run `syscall-irl kernel build` to build it again"
 
 
@@ -201,11 +179,6 @@ def _atomic_copy(source: Path, target: Path) -> None:
     shutil.copyfile(source, temporary)
     shutil.copymode(source, temporary)
     os.replace(temporary, target)
-
-
-def _artifact_record(path: Path) -> list[object]:
-    """[size, mtime_ns] of an installed artifact, and the bzImage's SHA-256 (see damage())."""
-    return quick_record(path, digest=path.name == "bzImage")
 
 
 class KernelBuild:
@@ -304,61 +277,47 @@ class KernelBuild:
         """The log of the last build of this key."""
         return self.directory / "build.log"
 
+    @property
+    def entry(self) -> CacheEntry:
+        """This build in the cache: built in place (obj/ serves the next build), published by
+        its record, which keeps the bzImage's SHA-256 and the 60 MB vmlinux's size and mtime."""
+        return CacheEntry(self.directory, "kernel build", record=RECORD, field="artifacts",
+                          digest=lambda name: name == "bzImage",
+                          members=lambda directory: [directory / name for name in ARTIFACTS], error=KernelError)
+
     def is_complete(self) -> bool:
         """True if a build of this key finished and its artifacts are in place, as built."""
         return self.damage() is None
 
     def damage(self) -> str | None:
         """Why the cached build is not usable as it stands ("not built" if it never finished)."""
-        try:
-            record = json.loads((self.directory / "complete").read_text())
-        except (OSError, ValueError):
-            return "not built"
-        for name in ARTIFACTS:
-            path = self.directory / name
-            if not path.is_file():
-                return f"{name} is missing"
-            # Recorded since the record had "artifacts"; size and mtime are cheap to check on every
-            # run (vmlinux is ~60 MB), and the bzImage's digest too (~1.5 MB).
-            want = record.get("artifacts", {}).get(name) if isinstance(record, dict) else None
-            if want is None:
-                continue
-            if quick_record_problem(path, want) is not None:
-                return (f"{name} is not the file the build installed ({path.stat().st_size} bytes, {want[0]} "
-                        "when installed)")
-        return None
+        return self.entry.problem()
 
     def build(self) -> Path:
-        """Build unless the cache has it (Debian source) and return the bzImage path.
+        """Build unless the cache has it (Debian source) and return the bzImage path; a
+        damaged build is built again, with a warning.
 
         A tree given explicitly is always re-made (incrementally): its sources may have changed.
         """
         if self.tree is None and self.is_complete():
             self._stage(f"reusing {self.directory}")
             return self.bzimage
-        damage = self.damage()
-        if damage != "not built":
-            self._stage(f"the cached build in {self.directory} is damaged ({damage}): building it again")
         self._check_deps()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with self._locked(self.directory.with_name(f"{self.key}.lock"), f"building {self.key}"):
-            if self.tree is None and self.is_complete():
-                self._stage(f"reusing {self.directory}, built meanwhile by another process")
-                return self.bzimage
-            self._build_locked()
+        if not self.entry.ensure(self._build_into, say=self._stage, again=self.tree is not None):
+            self._stage(f"reusing {self.directory}, built meanwhile by another process")
         return self.bzimage
 
-    def _build_locked(self) -> None:
+    def _build_into(self, directory: Path) -> dict[str, object]:
         started = time.monotonic()
         self.steps = 0
-        (self.directory / "complete").unlink(missing_ok=True)
         with self.log_path.open("w") as build_log:
             source = self.tree if self.tree is not None else self._debian_tree(build_log)
             self._configure(source, build_log)
             self._stage(f"building bzImage with {self.jobs} jobs (log: {self.log_path})")
             self._run(build_log, self._make(source, f"-j{self.jobs}", "bzImage"))
-        self._install()
+        record = self._install()
         self._stage(f"built {self.bzimage} in {time.monotonic() - started:.0f} s")
+        return record
 
     def _configure(self, source: Path, build_log: IO[str]) -> None:
         obj = self.directory / "obj"
@@ -392,7 +351,9 @@ class KernelBuild:
     def _make(self, source: Path, *targets: str) -> list[str]:
         return ["make", "-C", str(source), f"O={self.directory / 'obj'}", *targets]
 
-    def _install(self) -> None:
+    def _install(self) -> dict[str, object]:
+        """Copy the artifacts out of obj/; what the record keeps beside them (progress.py reads
+        fragment_sha256 and steps)."""
         obj = self.directory / "obj"
         _atomic_copy(obj / "arch" / "x86" / "boot" / "bzImage", self.bzimage)
         _atomic_copy(obj / "vmlinux", self.vmlinux)
@@ -401,11 +362,9 @@ class KernelBuild:
             kernel = Kernel.load(self.bzimage)
         except ConfigError as exc:
             raise KernelError(f"the build produced unusable artifacts: {exc.message}") from exc
-        record = {"source": self.source_identity, "fragment": " + ".join(str(f) for f in self.fragments),
-                  "fragment_sha256": hashlib.sha256(self.fragment_text.encode()).hexdigest(),
-                  "compiler": compiler_id(), "version": kernel.bzimage.version, "steps": self.steps,
-                  "artifacts": {name: _artifact_record(self.directory / name) for name in ARTIFACTS}}
-        atomic_write(self.directory / "complete", json.dumps(record, indent=1) + "\n")
+        return {"source": self.source_identity, "fragment": " + ".join(str(f) for f in self.fragments),
+                "fragment_sha256": hashlib.sha256(self.fragment_text.encode()).hexdigest(),
+                "compiler": compiler_id(), "version": kernel.bzimage.version, "steps": self.steps}
 
     @property
     def debian_tree(self) -> Path:
@@ -414,26 +373,17 @@ class KernelBuild:
         return self.cache / "src" / f"{self.package}-{version}"
 
     def _debian_tree(self, build_log: IO[str]) -> Path:
-        target = self.debian_tree
-        if target.is_dir():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked(target.with_name(f"{target.name}.lock"), f"extracting {self.tarball}"):
-            if not target.is_dir():
-                self._extract(target, build_log)
-        return target
+        # An input, not a product: published whole by rename, not recorded (80,000 files).
+        tree = CacheEntry(self.debian_tree, f"{self.package} source tree", record=None, error=KernelError)
+        tree.ensure(lambda staging: self._extract(staging, build_log), say=self._stage)
+        return tree.path
 
-    def _extract(self, target: Path, build_log: IO[str]) -> None:
+    def _extract(self, staging: Path, build_log: IO[str]) -> None:
         if not self.tarball.is_file():
             raise KernelError(f"{self.tarball} is missing: apt-get install {self.package}")
-        self._stage(f"extracting {self.tarball} to {target}")
-        scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
-        try:
-            self._run(build_log, ["tar", "-xf", str(self.tarball), "-C", str(scratch)])
-            # The rename makes the tree appear whole or not at all.
-            os.rename(scratch / self.package, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        self._stage(f"extracting {self.tarball} to {self.debian_tree}")
+        # The tarball holds one directory, linux-source-<version>/: its contents are the tree.
+        self._run(build_log, ["tar", "-xf", str(self.tarball), "-C", str(staging), "--strip-components=1"])
 
     def _check_deps(self) -> None:
         missing = missing_build_deps()
@@ -461,9 +411,6 @@ class KernelBuild:
         if code != 0:
             raise KernelError(f"kernel build step failed (log: {self.log_path})", command=command,
                               exit_code=code, log_tail=tail(self.log_path.read_text()))
-
-    def _locked(self, path: Path, what: str) -> AbstractContextManager[None]:
-        return waiting_lock(path, what, self._stage, LOCK_TIMEOUT)
 
     def _stage(self, message: str) -> None:
         log.info("%s", message)

@@ -11,31 +11,30 @@ bootloader touched, and the machine's own kernels are left alone. A meta-package
 (`linux-image-cloud-amd64`, `linux-image-6.12-cloud-amd64`) stands for the image it depends on
 today, so the same command follows Debian's updates.
 
-A fetched kernel is recorded (size and mtime of every file, SHA-256 of vmlinuz) when it is
-complete; one that no longer matches is fetched again, never trusted.
+A fetched kernel is a cache entry (`core.cache`): unpacked in a staging directory, recorded
+(size and mtime of every file, SHA-256 of vmlinuz) and renamed into place whole; one that no
+longer matches its record is fetched again, with a warning, never trusted.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.cache import CacheEntry
 from ..core.errors import ConfigError, KernelError, tail
-from ..core.integrity import atomic_write, quick_record, quick_record_problem, waiting_lock
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 RECORD = "complete"
-LOCK_TIMEOUT = 1800.0  # another process's download and unpacking, with margin
 COMMAND_TIMEOUT = 1800.0  # one apt-get download of ~300 MB on a slow mirror
 # An image package's name: linux-image-<release>, the release starting with a digit. Meta-packages
 # may look alike (linux-image-6.12-cloud-amd64): what tells them apart is their Depends.
@@ -99,43 +98,24 @@ def _depmod() -> str:
     return found or "depmod"  # not installed: _command names the package
 
 
-def _files(directory: Path) -> Iterator[Path]:
-    for root, _dirs, names in os.walk(directory):
-        for name in sorted(names):
-            path = Path(root, name)
-            if path.name != RECORD and not path.name.endswith(".lock"):
-                yield path
+def _entry(directory: Path) -> CacheEntry:
+    # The 590 MB vmlinux is checked by size and mtime; vmlinuz, the file QEMU boots, by SHA-256.
+    return CacheEntry(directory, "Debian kernel", record=RECORD, digest=lambda name: name == "vmlinuz",
+                      check=_release_problem, error=KernelError)
+
+
+def _release_problem(directory: Path) -> str | None:
+    return None if isinstance(_entry(directory).meta().get("release"), str) else f"{RECORD} names no release"
 
 
 def seal(directory: Path, release: str, source: Mapping[str, str]) -> None:
-    """Record what *directory* holds now (see `damage`): every file's size and mtime, and
-    the SHA-256 of vmlinuz (the file QEMU boots; the 590 MB vmlinux is not read)."""
-    record = {"release": release, "packages": dict(source),
-              "files": {str(p.relative_to(directory)): quick_record(p, digest=p.name == "vmlinuz")
-                        for p in _files(directory)}}
-    atomic_write(directory / RECORD, json.dumps(record, indent=1) + "\n")
+    """Record what *directory* holds now (see `damage`), with the release and the packages."""
+    _entry(directory).seal({"release": release, "packages": dict(source)})
 
 
 def damage(directory: Path) -> str | None:
-    """Why the fetched kernel in *directory* cannot be used as it stands ("not fetched" if it never was)."""
-    try:
-        record = json.loads((directory / RECORD).read_text())
-        files = record["files"]
-        assert isinstance(files, dict) and isinstance(record["release"], str)
-    except (OSError, ValueError, KeyError, AssertionError, TypeError):
-        return "not fetched"
-    present = {str(p.relative_to(directory)) for p in _files(directory)}
-    for name in sorted(set(files) - present):
-        return f"{name} is missing"
-    for name in sorted(present - set(files)):
-        return f"{name} was not fetched"
-    for name, recorded in files.items():
-        problem = quick_record_problem(directory / name, recorded)
-        if problem == "content":
-            return f"{name} has changed since it was unpacked (SHA-256 differs)"
-        if problem is not None:
-            return f"{name} is not the file that was unpacked"
-    return None
+    """Why the fetched kernel in *directory* cannot be used as it stands ("not built" if it never was)."""
+    return _entry(directory).problem()
 
 
 class DebianKernel:
@@ -181,32 +161,18 @@ class DebianKernel:
         return self.cache / "debian-kernels" / f"{image}_{version.replace(':', '%3a')}"
 
     def fetch(self) -> FetchedKernel:
-        """The kernel unpacked in the cache: reused if complete and intact, fetched (again) otherwise."""
+        """The kernel unpacked in the cache: reused if complete and intact, fetched (again,
+        with a warning) otherwise."""
         image, version = self.resolve()
-        directory = self.directory_for(image, version)
-        problem = damage(directory)
-        if problem is None:
-            self._stage(f"reusing {directory}")
-            return self._fetched(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        with waiting_lock(directory.with_name(f"{directory.name}.lock"), "fetching the same kernel", self._stage,
-                          LOCK_TIMEOUT):
-            problem = damage(directory)
-            if problem is None:
-                return self._fetched(directory)
-            if problem != "not fetched":
-                self._stage(f"the fetched kernel in {directory} is damaged ({problem}): fetching it again")
-            self._fetch_locked(image, version, directory)
-        return self._fetched(directory)
+        entry = _entry(self.directory_for(image, version))
+        if not entry.ensure(lambda staging: self._unpack(image, version, staging), say=self._stage):
+            self._stage(f"reusing {entry.path}")
+        return FetchedKernel(entry.path, str(entry.meta()["release"]))
 
-    def _fetched(self, directory: Path) -> FetchedKernel:
-        release = json.loads((directory / RECORD).read_text())["release"]
-        return FetchedKernel(directory, release)
-
-    def _fetch_locked(self, image: str, version: str, directory: Path) -> None:
-        shutil.rmtree(directory, ignore_errors=True)
-        staged = directory.with_name(f".{directory.name}.new")  # renamed to *directory* when whole
-        scratch = Path(tempfile.mkdtemp(prefix=".fetch-", dir=directory.parent))
+    def _unpack(self, image: str, version: str, staging: Path) -> dict[str, object]:
+        """Download *image* and its -dbg twin and lay out their kernel in *staging*."""
+        # Beside the staging directory and named after it, so that one a killed fetch leaves is swept.
+        scratch = Path(tempfile.mkdtemp(prefix=f"{staging.name}.download-", dir=staging.parent))
         try:
             # apt-get download run as root hands the download to the _apt user, which must
             # be able to write there (else a warning and an unsandboxed download).
@@ -222,16 +188,15 @@ class DebianKernel:
             self._command(["dpkg-deb", "-x", str(debs[image]), str(root)])
             self._command(["bash", "-o", "pipefail", "-c", 'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" '
                            "--wildcards './usr/lib/debug/boot/vmlinux-*'", "bash", str(debs[dbg]), str(root)])
-            release = self._layout(root, staged, image)
+            release = self._layout(root, staging, image)
             self._stage(f"{image} {version}: release {release}")
-            seal(staged, release, {"image": f"{image}={version}", "dbg": f"{dbg}={version}"})
-            os.rename(staged, directory)  # whole or not at all
+            return {"release": release, "packages": {"image": f"{image}={version}", "dbg": f"{dbg}={version}"}}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-            shutil.rmtree(staged, ignore_errors=True)
 
     def _layout(self, root: Path, target: Path, image: str) -> str:
-        """Move vmlinuz, vmlinux and the module directory of *root* (an unpacked tree) into *target*."""
+        """Move vmlinuz, vmlinux and the module directory of *root* (an unpacked tree) into *target*
+        (an empty directory); the kernel's release."""
         kernels = sorted((root / "boot").glob("vmlinuz-*"))
         if len(kernels) != 1:
             raise KernelError(f"{image} holds {len(kernels)} /boot/vmlinuz-* files, expected one")
@@ -254,8 +219,6 @@ class DebianKernel:
         self._command([_depmod(), "-b", str(base), release])
         if not (modules / "modules.dep").is_file():
             raise KernelError(f"depmod -b {base} {release} wrote no modules.dep")
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir()
         os.rename(kernels[0], target / "vmlinuz")
         os.rename(vmlinux, target / "vmlinux")
         os.rename(modules, target / "modules")

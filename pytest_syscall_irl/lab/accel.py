@@ -7,10 +7,8 @@ import logging
 import os
 from pathlib import Path
 
-from filelock import FileLock
-
-from ..core.errors import ConfigError
-from ..core.integrity import atomic_write
+from ..core.cache import CacheEntry
+from ..core.errors import ConfigError, QemuError
 from ..machine.qemu import kvm_probe
 from .settings import LabSettings
 
@@ -27,22 +25,25 @@ def _boot_id() -> str:
 KVM_VERDICTS = ("kvm", "tcg")
 
 
+def _marker_problem(marker: Path) -> str | None:
+    verdict, _, why = marker.read_text().partition("\n")
+    return None if verdict in KVM_VERDICTS and why.strip() else "it does not read VERDICT, newline, finding"
+
+
 def kvm_verdict(settings: LabSettings) -> tuple[bool, str]:
     """(usable, finding) of the KVM probe: run once per host boot and QEMU, shared by every
-    process through a marker file; a marker that does not parse is probed again."""
+    process through a marker file in the cache; a marker that does not parse is probed again."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "no usable /dev/kvm"
     # The probe costs seconds where KVM hangs: once per host boot, shared by all workers.
     marker = settings.cache / "kvm-probe" / f"{_boot_id()}-{Path(settings.qemu).name}"
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(marker) + ".lock"):
-        verdict, _, why = (marker.read_text() if marker.exists() else "").partition("\n")
-        if verdict not in KVM_VERDICTS or not why.strip():
-            if marker.exists():
-                log.warning("KVM probe marker %s is damaged: probing again", marker)
-            usable, why = kvm_probe(settings.qemu, settings.kernel.bzimage.path)
-            verdict = "kvm" if usable else "tcg"
-            atomic_write(marker, f"{verdict}\n{why}")
+
+    def probe(staging: Path) -> None:
+        usable, why = kvm_probe(settings.qemu, settings.kernel.bzimage.path)
+        staging.write_text(f"{'kvm' if usable else 'tcg'}\n{why}")
+
+    CacheEntry.file(marker, "KVM probe marker", _marker_problem, QemuError).ensure(probe)
+    verdict, _, why = marker.read_text().partition("\n")
     return verdict == "kvm", why.strip()
 
 

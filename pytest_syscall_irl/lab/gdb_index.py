@@ -1,26 +1,23 @@
 """GDB's index cache for the kernel's vmlinux: filled once (one process when several ask),
 so every later GDB loads the symbols in a fraction of the time; a damaged index is dropped
-and built again, never loaded."""
+and built again, never loaded (`core.cache`). Each index has a record beside it, named by
+the build id like GDB's own files."""
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection
-from filelock import FileLock
 
-from ..core.errors import SyscallIrlWarning
-from ..core.integrity import manifest_problem, write_manifest
+from ..core.cache import CacheEntry
+from ..core.errors import GdbError
 from ..machine.gdbmi import GdbSession
 from .settings import LabSettings
 
 log = logging.getLogger(__name__)
-
-INDEX_LOCK_TIMEOUT = 600.0
 
 
 def gnu_build_id(path: Path) -> str | None:
@@ -35,31 +32,28 @@ def gnu_build_id(path: Path) -> str | None:
     return None
 
 
+def index_entry(directory: Path, build_id: str, vmlinux: Path) -> CacheEntry:
+    """The index of the vmlinux with *build_id* in GDB's index cache *directory*: built in
+    place (GDB names the files), published by a record beside them."""
+    return CacheEntry(directory, f"GDB index of {vmlinux} in", record=f"{build_id}.sirl-record",
+                      members=lambda d: [p for p in d.iterdir() if p.name.startswith(build_id)], error=GdbError)
+
+
 def warm_gdb_index(settings: LabSettings) -> bool:
     """Fill GDB's index cache for the kernel's vmlinux, so every later GDB loads its
-    symbols fast. Idempotent, and one process does it when several ask at once.
-    True if this call filled it."""
+    symbols fast. Idempotent, and one process does it when several ask at once; a
+    damaged index is dropped (GDB would load it as it is) and built again, with a
+    warning. True if this call filled it."""
     vmlinux = settings.kernel.vmlinux.path
     build_id = gnu_build_id(vmlinux)
     if build_id is None:
         log.info("%s has no build id: GDB's index cache cannot hold it", vmlinux)
         return False
     directory = settings.gdb_index_cache
-    directory.mkdir(parents=True, exist_ok=True)
-    manifest = directory / f"{build_id}.sirl-manifest"
-    with FileLock(str(directory) + ".lock", timeout=INDEX_LOCK_TIMEOUT):
-        index = sorted(p for p in directory.glob(f"{build_id}.*") if p != manifest)
-        if index:
-            problem = manifest_problem(manifest)
-            if problem is None:
-                return False
-            # GDB would load a damaged index as it is: drop it, GDB writes a new one.
-            warnings.warn(SyscallIrlWarning(f"GDB index cache of {vmlinux} in {directory} is damaged ({problem}): "
-                                            "building it again"), stacklevel=2)
-            for path in index:
-                path.unlink()
+
+    def index(directory: Path) -> None:
         start = time.monotonic()
         GdbSession(vmlinux, gdb=settings.gdb, index_cache_dir=directory).close()
-        write_manifest(manifest, sorted(p for p in directory.glob(f"{build_id}.*") if p != manifest))
         log.info("GDB index of %s cached in %.1f s", vmlinux, time.monotonic() - start)
-    return True
+
+    return index_entry(directory, build_id, vmlinux).ensure(index)

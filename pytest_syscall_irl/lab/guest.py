@@ -23,8 +23,9 @@ from ..machine.gdbmi import GdbSession
 from ..machine.qemu import DEFAULT_APPEND, MachineConfig, QemuMachine
 from .accel import decide_accel
 from .image import GuestImage, Payload, build_guest_image
-from .settings import LabSettings, check_boot_args
+from .settings import LabSettings
 from .snapshot import Snapshot, SnapshotInfo, discard_unloadable, load_or_build, qemu_identity, snapshot_key
+from .variant import PLAIN, GuestVariant
 
 log = logging.getLogger(__name__)
 
@@ -130,28 +131,38 @@ _Ready = Callable[[QemuMachine, GuestConsole], None]
 class Lab:
     """Makes guests of one kernel and one guest image; logs go under *log_root*.
 
-    Guests start from the lab's snapshot (a saved ready guest, built on first need)
-    unless `settings.snapshots` is off or `boot(restore=False)` asks for a cold boot.
+    Guests start from the lab's snapshot of their variant (a saved ready guest, built on
+    first need) unless `settings.snapshots` is off or `boot(restore=False)` asks for a
+    cold boot.
+
+        lab = Lab(settings, Path("logs"))
+        guest = lab.boot(variant=GuestVariant.of("pti=on"))
     """
 
     settings: LabSettings
     log_root: Path
     _image: GuestImage | None = field(default=None, init=False)
     _accel: tuple[str, str] | None = field(default=None, init=False)
-    # By (extra boot arguments, CPU model).
-    _snapshots: dict[tuple[str, str | None], Snapshot] = field(default_factory=dict, init=False)
+    _snapshots: dict[GuestVariant, Snapshot] = field(default_factory=dict, init=False)
     _names: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
 
     @property
     def kernel(self) -> Kernel:
         return self.settings.kernel
 
-    @property
-    def image(self) -> GuestImage:
-        """The guest image for this kernel (built once, cached by content)."""
+    def build_image(self) -> GuestImage:
+        """Build the guest image for this kernel (or find it in the cache: it is cached by
+        content); later calls return the same image."""
         if self._image is None:
             self._image = build_guest_image(self.settings.cache, payloads_on_iso=self.settings.payloads_on_iso,
                                             payload_dirs=self.settings.payload_dirs, modules=self.settings.modules)
+        return self._image
+
+    @property
+    def image(self) -> GuestImage:
+        """The guest image `build_image` built (`boot`, `snapshot` and `machine_config` build it)."""
+        if self._image is None:
+            raise RuntimeError("the lab's guest image is not built yet: call Lab.build_image() first")
         return self._image
 
     @property
@@ -161,33 +172,37 @@ class Lab:
             self._accel = decide_accel(self.settings)
         return self._accel[0]
 
-    def machine_config(self, boot_args: str = "", cpu: str | None = None) -> MachineConfig:
-        """The QEMU configuration of this lab's guests; *boot_args* are appended to the
-        kernel command line after the defaults and `settings.boot_args`; *cpu* is QEMU's
-        CPU model (default: QEMU's)."""
-        check_boot_args(boot_args)
-        append = " ".join(filter(None, [DEFAULT_APPEND, self.settings.boot_args, boot_args.strip()]))
-        return MachineConfig(kernel=self.kernel.bzimage.path, initrd=self.image.initramfs, iso=self.image.iso,
-                             append=append, accel=self.accel, qemu=self.settings.qemu, cpu=cpu or None)
+    def machine_config(self, variant: GuestVariant = PLAIN) -> MachineConfig:
+        """The QEMU configuration of this lab's guests of *variant*: its boot arguments follow
+        the defaults and `settings.boot_args` on the kernel command line, its CPU model is
+        QEMU's -cpu. The configuration names the image's files: the image is built first."""
+        image = self.build_image()
+        append = " ".join(filter(None, [DEFAULT_APPEND, self.settings.boot_args, variant.boot_args]))
+        return MachineConfig(kernel=self.kernel.bzimage.path, initrd=image.initramfs, iso=image.iso,
+                             append=append, accel=self.accel, qemu=self.settings.qemu, cpu=variant.cpu)
 
-    def snapshot_key(self, boot_args: str = "", cpu: str | None = None) -> str:
+    def snapshot_key(self, variant: GuestVariant = PLAIN) -> str:
         """The cache key of a snapshot (kernel, image, QEMU, machine arguments)."""
-        config = self.machine_config(boot_args, cpu)
-        return snapshot_key(config, qemu_identity(config.qemu))
+        return _key(self.machine_config(variant))
 
-    def snapshot(self, boot_args: str = "", cpu: str | None = None) -> Snapshot:
-        """The saved ready guest for *boot_args* and *cpu*: from the cache, else booted
-        and saved once (one build even when several processes ask at the same time)."""
-        variant = (boot_args, cpu or None)
+    def snapshot(self, variant: GuestVariant = PLAIN) -> Snapshot:
+        """The saved ready guest of *variant*: from the cache, else booted and saved once
+        (one build even when several processes ask at the same time)."""
+        if variant in self._snapshots:
+            return self._snapshots[variant]
+        return self._snapshot_of(variant, self.machine_config(variant))
+
+    def _snapshot_of(self, variant: GuestVariant, config: MachineConfig) -> Snapshot:
+        """`snapshot` for a configuration already made (a boot makes it once)."""
         if variant not in self._snapshots:
-            key = self.snapshot_key(boot_args, cpu)
+            key = _key(config)
             self._snapshots[variant] = load_or_build(
-                self.settings.cache, key, lambda state: self._save_ready_guest(key, state, boot_args, cpu))
+                self.settings.cache, key, lambda state: self._save_ready_guest(key, state, config))
         return self._snapshots[variant]
 
-    def _save_ready_guest(self, key: str, state: Path, boot_args: str, cpu: str | None) -> SnapshotInfo:
+    def _save_ready_guest(self, key: str, state: Path, config: MachineConfig) -> SnapshotInfo:
         # Each attempt logs to its own directory: a retry must not overwrite the failure's logs.
-        guest = self._cold_boot(f"snapshot-{key}-{os.getpid()}-{next(self._names)}", BOOT_TIMEOUT, boot_args, cpu)
+        guest = self._cold_boot(f"snapshot-{key}-{os.getpid()}-{next(self._names)}", BOOT_TIMEOUT, config)
         try:
             # Saved idle: the agent blocked reading its next command, no debugger attached.
             guest.run("true", RESTORE_TIMEOUT).check()
@@ -200,39 +215,40 @@ class Lab:
             guest.shutdown()
 
     def boot(self, name: str | None = None, timeout: float = BOOT_TIMEOUT, restore: bool | None = None,
-             boot_args: str = "", cpu: str | None = None) -> Guest:
+             variant: GuestVariant = PLAIN) -> Guest:
         """A guest at its ready console; on failure nothing is left running.
 
-        *boot_args* are extra kernel arguments (``pti=on``), *cpu* a QEMU CPU model
-        (``qemu64,vendor=GenuineIntel``); guests of other arguments or CPU start from a
-        snapshot of their own. *restore* (default: `settings.snapshots`) starts the
-        guest from its snapshot, else the kernel boots; `Guest.restored` tells which.
+        *variant* holds extra kernel arguments (``pti=on``) and a QEMU CPU model
+        (``qemu64,vendor=GenuineIntel``); each variant's guests start from a snapshot of
+        their own. *restore* (default: `settings.snapshots`) starts the guest from its
+        snapshot, else the kernel boots; `Guest.restored` tells which.
         """
         name = name or f"guest-{os.getpid()}-{next(self._names)}"
+        config = self.machine_config(variant)
         if self.settings.snapshots if restore is None else restore:
-            return self._restore_or_rebuild(name, timeout, boot_args, cpu)
-        return self._cold_boot(name, timeout, boot_args, cpu)
+            return self._restore_or_rebuild(name, timeout, variant, config)
+        return self._cold_boot(name, timeout, config)
 
-    def _restore_or_rebuild(self, name: str, timeout: float, boot_args: str, cpu: str | None) -> Guest:
+    def _restore_or_rebuild(self, name: str, timeout: float, variant: GuestVariant, config: MachineConfig) -> Guest:
         """Restore from the snapshot; one QEMU cannot load is discarded and built again, once."""
-        snapshot = self.snapshot(boot_args, cpu)
+        snapshot = self._snapshot_of(variant, config)
         try:
-            return self._restore(name, snapshot, timeout, boot_args, cpu)
+            return self._restore(name, snapshot, timeout, config)
         except StateLoadError as exc:
             warnings.warn(SyscallIrlWarning(f"QEMU could not load the guest snapshot {snapshot.directory} "
                                             f"(damaged?): building it again. {exc.message}"), stacklevel=2)
-            self._snapshots.pop((boot_args, cpu or None), None)
+            self._snapshots.pop(variant, None)
             discard_unloadable(snapshot)
-        snapshot = self.snapshot(boot_args, cpu)
+        snapshot = self._snapshot_of(variant, config)
         try:
-            return self._restore(f"{name}-rebuilt", snapshot, timeout, boot_args, cpu)
+            return self._restore(f"{name}-rebuilt", snapshot, timeout, config)
         except StateLoadError as exc:
             raise QemuError(f"QEMU cannot load the guest snapshot {snapshot.directory} even after it was built "
                             f"again: cold-boot every guest with --no-snapshots, and report it (logs: "
                             f"{self.log_root / (name + '-rebuilt')})", command=exc.command, exit_code=exc.exit_code,
                             log_tail=exc.log_tail) from exc
 
-    def _cold_boot(self, name: str, timeout: float, boot_args: str = "", cpu: str | None = None) -> Guest:
+    def _cold_boot(self, name: str, timeout: float, config: MachineConfig) -> Guest:
         def ready(machine: QemuMachine, console: GuestConsole) -> None:
             machine.resume()
             delivery = console.wait_ready(timeout, silence=FIRST_OUTPUT_TIMEOUT)
@@ -240,10 +256,9 @@ class Lab:
                 raise ImageError(f"the guest found its payloads via {delivery!r}, expected "
                                  f"{self.image.delivery!r}: see the console log {machine.console_log}")
 
-        return self._start(name, self.machine_config(boot_args, cpu), ready)
+        return self._start(name, config, ready)
 
-    def _restore(self, name: str, snapshot: Snapshot, timeout: float, boot_args: str = "",
-                 cpu: str | None = None) -> Guest:
+    def _restore(self, name: str, snapshot: Snapshot, timeout: float, config: MachineConfig) -> Guest:
         def ready(machine: QemuMachine, console: GuestConsole) -> None:
             machine.resume()
             # No READY line after a restore (the agent is waiting for a command): a no-op
@@ -251,7 +266,7 @@ class Lab:
             console.run("true", min(timeout, RESTORE_TIMEOUT)).check()
             console.delivery, console.release = snapshot.info.delivery, snapshot.info.release
 
-        return self._start(name, replace(self.machine_config(boot_args, cpu), incoming=snapshot.state), ready)
+        return self._start(name, replace(config, incoming=snapshot.state), ready)
 
     def _start(self, name: str, config: MachineConfig, ready: _Ready) -> Guest:
         log_dir = self.log_root / name
@@ -280,3 +295,6 @@ class Lab:
         return guest
 
 
+def _key(config: MachineConfig) -> str:
+    """The snapshot key of a configuration (see snapshot.snapshot_key)."""
+    return snapshot_key(config, qemu_identity(config.qemu))

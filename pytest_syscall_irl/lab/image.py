@@ -1,9 +1,9 @@
 """The guest image: a busybox initramfs, guest payloads compiled with musl-gcc, and an
 ISO9660 image carrying the payloads (built with pycdlib).
 
-Everything is cached by content hash under the cache directory and built under a
-file lock, so several xdist workers (or several runs) asking for the same image
-build it once; files appear by atomic rename, never half-written.
+Everything is cached by content hash under the cache directory (`core.cache`): built
+once under a file lock, however many xdist workers or runs ask, appearing whole by
+atomic rename, and built again (with a warning) when a file no longer matches its record.
 """
 
 from __future__ import annotations
@@ -15,21 +15,16 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
-import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pycdlib
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
-from filelock import FileLock
-
 from ..core import shipped
-from ..core.errors import ImageError, SyscallIrlWarning
-from ..core.integrity import directory_problem, seal_directory
+from ..core.cache import CacheEntry
+from ..core.errors import ImageError
 from ..kernel.modules import GuestModules
 
 log = logging.getLogger(__name__)
@@ -42,9 +37,9 @@ AGENT = "sirl-agent"
 # Static programs of the host's Debian packages that travel as payloads when installed:
 # bash (bash-static) has the history support Debian's busybox ash lacks.
 HOST_PAYLOADS = {"bash": "/bin/bash-static"}
-LOCK_TIMEOUT = 600.0
-# Bump when what a cached directory holds changes (2: each has a manifest).
-CACHE_FORMAT = b"sirl-cache-2"
+# Bump when what a cached directory holds changes (2: each has a manifest; 3: the manifest
+# is core.cache's record, which keeps mtimes and nests the files under "files").
+CACHE_FORMAT = b"sirl-cache-3"
 
 
 GUEST_PAYLOAD_DIR = "/payloads"
@@ -288,38 +283,8 @@ def _tool_identity(command: list[str]) -> bytes:
                          f"busybox-static)", command=command) from exc
 
 
-@contextmanager
-def cached(directory: Path) -> Iterator[Path | None]:
-    """Build-once protocol: yields None when *directory* is complete and intact, else a
-    staging dir whose contents become *directory* (atomically, with a manifest of their
-    sizes and digests) when the block ends without error. A directory whose files no
-    longer match their manifest is discarded, with a warning, and built again."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(directory) + ".lock", timeout=LOCK_TIMEOUT):
-        if directory.is_dir():
-            problem = directory_problem(directory)
-            if problem is None:
-                yield None
-                return
-            warnings.warn(SyscallIrlWarning(f"cached {directory} is damaged ({problem}): building it again"),
-                          stacklevel=3)
-            discard(directory)
-        staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
-        try:
-            yield staging
-            seal_directory(staging)
-            os.rename(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-
-
-def discard(directory: Path) -> None:
-    """Remove *directory* from the cache: renamed aside first (atomic), so that a reader
-    never sees it half-deleted; the caller holds its build lock."""
-    trash = Path(tempfile.mkdtemp(prefix=directory.name + ".damaged.", dir=directory.parent))
-    os.rename(directory, trash / directory.name)
-    shutil.rmtree(trash, ignore_errors=True)
+def _entry(directory: Path, what: str) -> CacheEntry:
+    return CacheEntry(directory, what, error=ImageError)
 
 
 def build_programs(cache: Path, guest_dir: Path = GUEST_DIR, musl_gcc: str = MUSL_GCC,
@@ -336,11 +301,13 @@ def build_programs(cache: Path, guest_dir: Path = GUEST_DIR, musl_gcc: str = MUS
     key = _digest(_tool_identity([musl_gcc, "--version"]), _tool_identity(["gcc", "--version"]),
                   *(p.name.encode() + p.read_bytes() for p in [*inputs, guest_dir / "agent.c"]))
     directory = cache / "programs" / key
-    with cached(directory) as staging:
-        if staging is not None:
-            for name, program in programs.items():
-                log.info("building guest program %s", name)
-                _compile(musl_gcc, program, staging / name, guest_dir / "payloads")
+
+    def compile_all(staging: Path) -> None:
+        for name, program in programs.items():
+            log.info("building guest program %s", name)
+            _compile(musl_gcc, program, staging / name, guest_dir / "payloads")
+
+    _entry(directory, "guest programs").ensure(compile_all)
     return {name: directory / name for name in programs}
 
 
@@ -360,12 +327,14 @@ def build_guest_image(cache: Path, *, payloads_on_iso: bool, guest_dir: Path = G
                   *(name.encode() + p.read_bytes() for name, p in sorted(payloads.items())),
                   *([modules.digest] if modules.files else []))
     directory = cache / "images" / key
-    with cached(directory) as staging:
-        if staging is not None:
-            embedded = None if payloads_on_iso else payloads
-            archive = cpio_newc(initramfs_entries(busybox, init, agent, embedded, modules))
-            (staging / "initramfs.cpio.gz").write_bytes(gzip.compress(archive, compresslevel=6, mtime=0))
-            if payloads_on_iso:
-                build_iso(payloads, staging / "payloads.iso")
+
+    def build(staging: Path) -> None:
+        embedded = None if payloads_on_iso else payloads
+        archive = cpio_newc(initramfs_entries(busybox, init, agent, embedded, modules))
+        (staging / "initramfs.cpio.gz").write_bytes(gzip.compress(archive, compresslevel=6, mtime=0))
+        if payloads_on_iso:
+            build_iso(payloads, staging / "payloads.iso")
+
+    _entry(directory, "guest image").ensure(build)
     iso = directory / "payloads.iso"
     return GuestImage(directory / "initramfs.cpio.gz", iso if iso.exists() else None, payloads)

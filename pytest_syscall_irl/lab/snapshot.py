@@ -7,8 +7,9 @@ stream from an identical machine, and a guest resumed from a stale one would run
 old kernel or image, so the cache key covers everything that shapes the machine: the
 kernel, initramfs and ISO contents, the QEMU build and the full machine arguments
 (sockets, logs and ``-incoming`` aside). Snapshots live in the cache directory like
-the guest images and are built with the same build-once protocol (`image.cached`):
-under a file lock, appearing by atomic rename, so concurrent xdist workers build one.
+the guest images and are made by the same protocol (`core.cache`): under a file lock,
+appearing by atomic rename, so concurrent xdist workers build one; a damaged one is built
+again with a warning.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from filelock import FileLock
-
+from ..core.cache import CacheEntry
 from ..core.errors import QemuError
-from .image import LOCK_TIMEOUT, cached, discard
 from ..core.integrity import file_digest
 from ..machine.qemu import MachineConfig, Sockets, qemu_command
 
@@ -34,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Bump when what a snapshot holds changes without the inputs changing (e.g. new steps
 # before saving), so older snapshots are never resumed.
-FORMAT = b"sirl-snapshot-2"  # 2: the store checks a manifest of the files
+FORMAT = b"sirl-snapshot-3"  # 2: the store checks a manifest of the files; 3: core.cache's record
 STATE_FILE = "state"
 INFO_FILE = "info.json"
 # Stand-ins for the per-machine paths, which are no part of the migrated state.
@@ -136,40 +135,37 @@ def snapshot_dir(cache: Path, key: str) -> Path:
     return cache / "snapshots" / key
 
 
+def _entry(directory: Path) -> CacheEntry:
+    return CacheEntry(directory, "guest snapshot", check=_info_problem, error=QemuError)
+
+
+def _info_problem(directory: Path) -> str | None:
+    return f"{INFO_FILE} is unreadable" if Snapshot.read(directory) is None else None
+
+
 def load_or_build(cache: Path, key: str, build: Callable[[Path], SnapshotInfo]) -> Snapshot:
-    """The snapshot with *key*; if the cache has none, `build(state_path)` saves a ready
-    guest to *state_path*. Concurrent callers (threads, processes) build it once."""
+    """The snapshot with *key*; if the cache has none (or a damaged one), `build(state_path)`
+    saves a ready guest to *state_path*. Concurrent callers (threads, processes) build it once."""
     directory = snapshot_dir(cache, key)
-    for _ in range(2):
-        with cached(directory) as staging:
-            if staging is not None:
-                log.info("building guest snapshot %s", key)
-                _save(build(staging / STATE_FILE), staging)
-        snapshot = Snapshot.read(directory)
-        if snapshot is not None:
-            return snapshot
-        _discard(directory)
-    raise QemuError(f"guest snapshot {directory} is damaged right after it was built")
 
+    def save(staging: Path) -> None:
+        log.info("building guest snapshot %s", key)
+        info = build(staging / STATE_FILE)
+        data = {"delivery": info.delivery, "release": info.release, "boot_seconds": info.boot_seconds}
+        (staging / INFO_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
-def _save(info: SnapshotInfo, staging: Path) -> None:
-    data = {"delivery": info.delivery, "release": info.release, "boot_seconds": info.boot_seconds}
-    (staging / INFO_FILE).write_text(json.dumps(data, indent=1) + "\n")
-
-
-def _discard(directory: Path) -> None:
-    """Remove a damaged snapshot, under the build lock, so that it is built again."""
-    log.warning("guest snapshot %s is damaged: building it again", directory)
-    with FileLock(str(directory) + ".lock", timeout=LOCK_TIMEOUT):
-        if directory.is_dir() and Snapshot.read(directory) is None:
-            discard(directory)
+    _entry(directory).ensure(save)
+    snapshot = Snapshot.read(directory)
+    if snapshot is None:  # only if another process discarded it in between: rare enough to fail on
+        raise QemuError(f"guest snapshot {directory} vanished right after it was checked")
+    return snapshot
 
 
 def discard_unloadable(snapshot: Snapshot) -> None:
     """Remove *snapshot*, whose state QEMU could not load, so that the next
     `load_or_build` builds it again; a rebuild another process made meanwhile stays."""
-    directory = snapshot.directory
-    with FileLock(str(directory) + ".lock", timeout=LOCK_TIMEOUT):
-        current = Snapshot.read(directory) if directory.is_dir() else None
+    entry = _entry(snapshot.directory)
+    with entry.lock():
+        current = Snapshot.read(snapshot.directory) if snapshot.directory.is_dir() else None
         if current is not None and current.made == snapshot.made:
-            discard(directory)
+            entry.discard()

@@ -1,15 +1,14 @@
-"""GDB driven over the Machine Interface, one token-matched round trip per command.
+"""GDB driven over the Machine Interface: typed commands over one MI transport.
 
-pygdbmi's ``GdbController`` starts the process (through ``procs.spawn``, so GDB dies
-with us) and its parser reads the records; the I/O is ours. ``GdbController.write()``
-waits for 0.2 s of silence after every command and does not match results to MI
-tokens, so a ``*stopped`` record can be swallowed by whichever call was reading.
-Here one reader thread hands each result record to the command whose token it
-carries and every async record to a queue, so a stop is never lost.
+mi_transport.MiTransport owns the process, the reader threads, the token matching and
+the transcript; this module says what the commands mean (breakpoints, registers,
+memory, stops). A register file (arch.registers.RegisterFile), handed in by the face
+that chose the architecture, names the registers that are views of others: those are
+computed here instead of read.
 
-Example::
+Example (the x86_64 register file comes from arch/x86_64/registers.py)::
 
-    with GdbSession(vmlinux="vmlinux", transcript_path="gdb.log") as gdb:
+    with GdbSession(vmlinux="vmlinux", transcript_path="gdb.log", register_file=X86_64_REGISTERS) as gdb:
         gdb.connect("/tmp/guest/gdb.sock")
         gdb.break_insert("start_kernel", hardware=True)
         stop = gdb.continue_until_stop(timeout=30)
@@ -18,90 +17,33 @@ Example::
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import queue
 import re
-import subprocess
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Union
+from typing import Any
 
-from pygdbmi.gdbcontroller import GdbController
-
-from ..core import procs
-from ..core.errors import GdbError, tail
-from .mi_records import (X86_64_REGISTER_VIEWS, Breakpoint, Frame, Instruction, MiResult, RegisterValue,
-                            StopEvent, int_or_none, mi_quote, parse_line, parse_ptype_offsets)
+from ..arch.registers import RegisterFile
+from ..core.errors import GdbError
+from .mi_records import (Breakpoint, Frame, Instruction, MiResult, RegisterValue, StopEvent, int_or_none, mi_quote,
+                         parse_line, parse_ptype_offsets)
+from .mi_transport import (CLOSE_TIMEOUT, DEFAULT_TIMEOUT, GdbCommandError, GdbTimeoutError,
+                           MiTransport, PathLike, State)
 
 __all__ = ["Breakpoint", "Frame", "GdbCommandError", "GdbSession", "GdbTimeoutError", "Instruction", "MiResult",
            "StopEvent", "mi_quote", "parse_line", "parse_ptype_offsets"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 10.0  # one ordinary command
 LOAD_TIMEOUT = 120.0  # reading a vmlinux's DWARF cold (a distro one takes ~13 s here)
 STOP_TIMEOUT = 60.0  # waiting for the guest to hit a breakpoint
-CLOSE_TIMEOUT = 2.0
 INTERRUPT_RETRY = 1.0  # an interrupt not answered by a stop this soon is sent again
 
-State = Literal["running", "stopped", "detached"]
-PathLike = Union[str, "os.PathLike[str]"]
-
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-TAIL_LINE_CHARS = 400
-
-
-def _cut(line: str) -> str:
-    if len(line) <= TAIL_LINE_CHARS:
-        return line
-    return f"{line[:TAIL_LINE_CHARS]}... ({len(line) - TAIL_LINE_CHARS} more characters in the transcript file)"
-
-
-class GdbCommandError(GdbError):
-    """GDB answered an MI command with ``^error``; ``gdb_message`` is its msg."""
-
-    def __init__(self, mi_command: str, gdb_message: str, log_tail: str) -> None:
-        super().__init__(
-            f"GDB rejected {mi_command!r}: {gdb_message}", command=[mi_command], log_tail=log_tail
-        )
-        self.mi_command = mi_command
-        self.gdb_message = gdb_message
-
-
-class GdbTimeoutError(GdbError):
-    """GDB did not answer, or the target did not stop, before the deadline."""
-
-
-@dataclass
-class _Pending:
-    token: int
-    command: str
-    done: threading.Event = field(default_factory=threading.Event)
-    record: dict[str, Any] | None = None
-    console: list[str] = field(default_factory=list)
-    log: list[str] = field(default_factory=list)
-
-
-_EOF = object()  # queued when GDB's stdout closes, so waiters wake up
-
-
-class _GdbProcess(GdbController):
-    """pygdbmi's process handling, with the child bound to our lifetime by procs.spawn."""
-
-    def spawn_new_gdb_subprocess(self) -> int:
-        """Start GDB with pipes on stdin, stdout and stderr; return its pid."""
-        # debuginfod would fetch symbols over the network (Ubuntu enables it by default).
-        env = dict(os.environ, DEBUGINFOD_URLS="")
-        pipe = subprocess.PIPE
-        self.gdb_process = procs.spawn(self.command, stdin=pipe, stdout=pipe, stderr=pipe, env=env)
-        return int(self.gdb_process.pid)
 
 
 class GdbSession:
@@ -117,11 +59,16 @@ class GdbSession:
         init_commands: Sequence[str] = (),
         load_timeout: float = LOAD_TIMEOUT,
         background: bool = False,
+        register_file: RegisterFile | None = None,
     ) -> None:
         """Start GDB; apply settings and *init_commands*, then load *vmlinux*'s symbols.
 
         *index_cache_dir* enables GDB's index cache there before the symbols load, so a
         second session on the same vmlinux starts in a fraction of the time.
+
+        *register_file* names the registers that are views of others (x86_64's eax of
+        rax): registers() computes those instead of having GDB format them. Without one,
+        every register is read as GDB names it (the same values, a little slower).
 
         With *background*, the settings and the symbol load run on a thread of their own
         and the constructor returns once GDB is started: the caller can start a guest
@@ -130,35 +77,16 @@ class GdbSession:
         started by the calling thread: a child dies with the thread that spawned it
         (procs.spawn sets PR_SET_PDEATHSIG).
         """
-        self._command_line = [gdb, "--nx", "--quiet", "--interpreter=mi3"]
-        self._tokens = itertools.count(1)
-        self._lock = threading.Lock()  # guards _pending, _state, _exited
-        self._command_lock = threading.Lock()  # one command in flight
-        self._pending: _Pending | None = None
-        self._state: State = "detached"
-        self._exited = False
-        self._closed = False
-        self._async: queue.Queue[object] = queue.Queue()
-        self._tail: deque[str] = deque(maxlen=200)
-        self._started = time.monotonic()  # transcript lines carry seconds since then
+        self._register_file = register_file
         self._auto_continue: set[int] = set()  # breakpoints whose commands end in continue
         self._register_names: list[str] | None = None
         self._scalar_registers: list[int] | None = None
-        self._register_views: list[tuple[str, tuple[str, int, int]]] = []
-        self._transcript: IO[str] | None = None
-        self._transcript_lock = threading.Lock()
-        self.transcript_path = Path(transcript_path) if transcript_path is not None else None
-        if self.transcript_path is not None:
-            self._transcript = open(self.transcript_path, "a", encoding="utf-8", buffering=1)
-        self._proc = self._spawn()
-        self._threads = [
-            threading.Thread(target=self._read_stdout, name="gdbmi-stdout", daemon=True),
-            threading.Thread(target=self._read_stderr, name="gdbmi-stderr", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        # (view, base, shift, mask), learned at the first full read: plain tuples, as
+        # every later full read walks ~50 of them.
+        self._register_views: list[tuple[str, str, int, int]] = []
         self._setup_thread: threading.Thread | None = None
         self._setup_error: BaseException | None = None
+        self._mi = MiTransport(gdb, transcript_path=transcript_path)
         if background:
             self._setup_thread = threading.Thread(
                 target=self._background_setup, args=(vmlinux, index_cache_dir, init_commands, load_timeout),
@@ -189,16 +117,6 @@ class GdbSession:
             self.close()
             raise self._setup_error
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        try:
-            controller = _GdbProcess(command=self._command_line)
-        except (ValueError, OSError) as exc:  # ValueError: pygdbmi found no such executable
-            self._close_transcript()
-            raise GdbError(f"cannot start GDB: {exc}", command=self._command_line) from exc
-        proc: subprocess.Popen[bytes] = controller.gdb_process  # type: ignore[assignment]
-        log.info("GDB started, pid %d: %s", proc.pid, " ".join(self._command_line))
-        return proc
-
     def _setup(
         self,
         vmlinux: PathLike | None,
@@ -223,95 +141,7 @@ class GdbSession:
         # -gdb-set hands its raw argument text to the CLI "set": MI quotes would be kept.
         self.command(f"-gdb-set {text}", timeout)
 
-    # ---- I/O -----------------------------------------------------------------
-
-    def _record(self, prefix: str, line: str) -> None:
-        # "  12.345 -> 7-exec-continue": a stall shows as a jump in the first column.
-        entry = f"{time.monotonic() - self._started:8.3f} {prefix}{line}"
-        with self._transcript_lock:
-            self._tail.append(entry)
-            if self._transcript is not None:
-                self._transcript.write(entry + "\n")
-
-    def transcript_tail(self, lines: int = 40) -> str:
-        """The last *lines* lines of the MI transcript, each cut to TAIL_LINE_CHARS (a
-        disassembly or a register dump is kilobytes on one line; the file keeps it whole)."""
-        return tail("\n".join(_cut(line) for line in self._tail), lines)
-
-    def _read_stdout(self) -> None:
-        stdout = self._proc.stdout
-        assert stdout is not None
-        for raw in iter(stdout.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            self._record("<- ", line)
-            try:
-                self._dispatch(line)
-            except Exception:  # a parser surprise must not kill the only reader
-                log.exception("cannot handle GDB output line %r", line)
-        with self._lock:
-            self._exited = True
-            self._state = "detached"
-            pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.done.set()
-        self._async.put(_EOF)
-
-    def _read_stderr(self) -> None:
-        stderr = self._proc.stderr
-        assert stderr is not None
-        for raw in iter(stderr.readline, b""):
-            self._record("<2 ", raw.decode("utf-8", "replace").rstrip("\r\n"))
-
-    def _dispatch(self, line: str) -> None:
-        if not line or line.startswith("(gdb)"):
-            return
-        record = parse_line(line)
-        kind = record["type"]
-        if kind == "result":
-            self._on_result(record)
-        elif kind == "notify":  # both "*" exec and "=" notify records
-            self._on_async(record)
-        elif kind in ("console", "log", "target"):
-            with self._lock:
-                if self._pending is not None:
-                    target = self._pending.log if kind == "log" else self._pending.console
-                    target.append(str(record["payload"]))
-
-    def _on_result(self, record: dict[str, Any]) -> None:
-        token = record.get("token")
-        if record["message"] == "running":
-            # Decided here, in stream order: a stop that GDB reported before this ^running
-            # is stale, one after it is this resume's, however late the waiter comes.
-            self._discard_async(f"token {token} (^running)")
-        with self._lock:
-            if record["message"] == "running":
-                self._state = "running"
-            elif record["message"] == "connected":
-                self._state = "stopped"
-            pending = self._pending
-            if pending is None or (token is not None and token != pending.token):
-                log.warning("GDB result for no waiting command (late answer?): token %s", token)
-                return
-            pending.record = record
-            self._pending = None
-        pending.done.set()
-
-    def _on_async(self, record: dict[str, Any]) -> None:
-        message = record["message"]
-        if message == "running":
-            # The target resumed after any stop still queued (a breakpoint whose commands
-            # end in `continue` resumes without a ^running of ours): those stops are stale.
-            self._discard_async("*running")
-        with self._lock:
-            if message == "running":
-                self._state = "running"
-            elif message == "stopped":
-                self._state = "stopped"
-            elif message == "thread-group-exited":
-                self._state = "detached"
-        self._async.put(record)
-
-    # ---- commands ------------------------------------------------------------
+    # ---- the transport -------------------------------------------------------
 
     def command(self, mi: str, timeout: float = DEFAULT_TIMEOUT) -> MiResult:
         """Send one MI command (no token: one is added) and return its result record.
@@ -320,82 +150,31 @@ class GdbSession:
         if GDB is gone. Example: ``gdb.command("-stack-info-depth").payload["depth"]``.
         """
         self.wait_ready()
-        deadline = time.monotonic() + timeout
-        if not self._command_lock.acquire(timeout=timeout):
-            raise GdbTimeoutError(
-                f"{mi!r} waited {timeout:g} s for another command to finish", command=[mi]
-            )
-        try:
-            pending = self._send(mi)
-            if not pending.done.wait(max(deadline - time.monotonic(), 0.0)):
-                with self._lock:
-                    if self._pending is pending:
-                        self._pending = None  # a late answer will be logged and dropped
-                if pending.record is None:
-                    raise GdbTimeoutError(
-                        f"GDB did not answer {mi!r} within {timeout:g} s",
-                        command=[mi],
-                        log_tail=self.transcript_tail(),
-                    )
-        finally:
-            self._command_lock.release()
-        return self._result(pending)
-
-    def _send(self, mi: str) -> _Pending:
-        if "\n" in mi or "\r" in mi:
-            raise GdbError(f"line break in {mi!r}: GDB would read two commands")
-        with self._lock:
-            if self._closed or self._exited:
-                raise self._gone(mi)
-            pending = _Pending(next(self._tokens), mi)
-            self._pending = pending
-        line = f"{pending.token}{mi}"
-        self._record("-> ", line)
-        stdin = self._proc.stdin
-        assert stdin is not None
-        try:
-            stdin.write(line.encode() + b"\n")
-            stdin.flush()
-        except (BrokenPipeError, ValueError) as exc:
-            raise self._gone(mi) from exc
-        return pending
-
-    def _result(self, pending: _Pending) -> MiResult:
-        record = pending.record
-        if record is None:
-            raise self._gone(pending.command)
-        payload = record.get("payload") or {}
-        if record["message"] == "error":
-            raise GdbCommandError(pending.command, str(payload.get("msg", "")), self.transcript_tail())
-        return MiResult(record["message"], payload, "".join(pending.console), "".join(pending.log))
-
-    def _gone(self, mi: str) -> GdbError:
-        if self._closed:
-            return GdbError(f"GDB session is closed; cannot send {mi!r}", command=[mi])
-        try:
-            code: int | None = self._proc.wait(timeout=CLOSE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            code = None
-        return GdbError(
-            f"GDB exited while handling {mi!r}", command=[mi], exit_code=code,
-            log_tail=self.transcript_tail(),
-        )
+        return self._mi.command(mi, timeout)
 
     @property
     def state(self) -> State:
         """``"running"``, ``"stopped"`` or ``"detached"`` (no target), from GDB's records."""
-        with self._lock:
-            return self._state
+        return self._mi.state
 
     def is_alive(self) -> bool:
         """True while GDB runs and the session is not closed."""
-        with self._lock:
-            return not (self._closed or self._exited) and self._proc.poll() is None
+        return self._mi.is_alive()
 
     @property
     def pid(self) -> int:
         """GDB's process id."""
-        return self._proc.pid
+        return self._mi.pid
+
+    @property
+    def transcript_path(self) -> Path | None:
+        """The file every MI line goes to, or None."""
+        return self._mi.transcript_path
+
+    def transcript_tail(self, lines: int = 40) -> str:
+        """The last *lines* lines of the MI transcript, each cut to mi_transport.TAIL_LINE_CHARS
+        (a disassembly or a register dump is kilobytes on one line; the file keeps it whole)."""
+        return self._mi.transcript_tail(lines)
 
     # ---- target control ------------------------------------------------------
 
@@ -409,7 +188,7 @@ class GdbSession:
 
         The target is stopped afterwards; returns the stop GDB reported on connecting.
         """
-        self._discard_async("connect")
+        self._mi.drop_stale_stops("connect")
         # -target-select hands its raw text to the CLI "target": MI quotes would stay in the path.
         self.command(f"-target-select remote {os.fspath(socket_path)}", timeout)
         self._forget_registers()
@@ -426,8 +205,7 @@ class GdbSession:
                 if self.state == "running":  # not a stop that raced the interrupt
                     raise
         self.command("-target-detach", timeout)
-        with self._lock:
-            self._state = "detached"
+        self._mi.mark_detached()
         self._forget_registers()
 
     def resume(self, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -439,23 +217,8 @@ class GdbSession:
 
     def wait_for_stop(self, timeout: float = STOP_TIMEOUT) -> StopEvent:
         """The next ``*stopped`` record, including one that arrived during another command."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                record = self._async.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                raise GdbTimeoutError(
-                    f"target did not stop within {timeout:g} s (state {self.state})",
-                    log_tail=self.transcript_tail(),
-                ) from None
-            if record is _EOF:
-                self._async.put(_EOF)  # for the next waiter
-                raise self._gone("(waiting for the target to stop)")
-            assert isinstance(record, dict)
-            if record["message"] == "stopped":
-                stop = StopEvent.from_payload(record.get("payload") or {})
-                if stop.breakpoint not in self._auto_continue:  # GDB resumes those itself
-                    return stop
+        # A breakpoint whose commands end in `continue`: GDB resumes the target itself.
+        return self._mi.wait_for_stop(timeout, skip=lambda stop: stop.breakpoint in self._auto_continue)
 
     def continue_until_stop(self, timeout: float = STOP_TIMEOUT) -> StopEvent:
         """Resume, then wait for the next stop (a breakpoint, a signal, an interrupt)."""
@@ -487,19 +250,6 @@ class GdbSession:
             return self.wait_for_stop(0.0)
         except GdbTimeoutError:
             raise GdbError(f"interrupt: the target is not running ({self.state})") from None
-
-    def _discard_async(self, why: str) -> None:
-        # A stop queued before the target resumed is stale: a later wait must not see it.
-        while True:
-            try:
-                record = self._async.get_nowait()
-            except queue.Empty:
-                return
-            if record is _EOF:
-                self._async.put(_EOF)
-                return
-            if isinstance(record, dict) and record["message"] == "stopped":
-                log.info("discarding a stop nobody waited for before %s: %s", why, record)
 
     # ---- breakpoints ---------------------------------------------------------
 
@@ -581,9 +331,10 @@ class GdbSession:
         fs/gs bases, cr*, efer, x87 control, GDB's eax/ax/al views), or just *names*.
 
         Vector registers are left out (see raw_registers). GDB formats each register it
-        sends (~10 us apiece), so after the first read the views (eax, ax, al, ah, r8d, ...)
-        are derived here from their 64-bit registers instead of read; a full read is ~50
-        registers. ``registers(["rip", "rcx", "r11"])`` is faster still.
+        sends (~10 us apiece), so after the first read the views the session's register
+        file names (x86_64: eax, ax, al, ah, r8d, ...) are derived here from their base
+        registers instead of read; a full x86_64 read is then ~50 registers.
+        ``registers(["rip", "rcx", "r11"])`` is faster still.
         """
         numbers = self._scalar_registers if names is None else self._numbers(names, timeout)
         regs = self._register_values(numbers, timeout)
@@ -594,20 +345,25 @@ class GdbSession:
             raise GdbError(f"not all of {list(names)} are integer registers: see raw_registers()")
         found = {reg.name: v for reg in regs if (v := values[reg.number]) is not None}
         if names is None and numbers is not None:
-            for view, (register, shift, mask) in self._register_views:
-                if register in found:  # GDB gave its value as an integer this time
-                    found[view] = (found[register] >> shift) & mask
+            for view, base, shift, mask in self._register_views:
+                if base in found:  # GDB gave its value as an integer this time
+                    found[view] = (found[base] >> shift) & mask
         return found
+
+    @property
+    def derived_views(self) -> list[str]:
+        """The registers full reads derive here from others (the register file's views), once
+        the first full read has learned which GDB gives as integers; [] before it."""
+        return [view for view, _, _, _ in self._register_views]
 
     def _learn_scalars(self, regs: list[RegisterValue], values: dict[int, int | None]) -> None:
         """The integer registers to read on later full reads, without the views of them
-        (X86_64_REGISTER_VIEWS) that can be derived from a register read with them."""
+        (named by the register file) that can be derived from a register read with them."""
         scalars = {reg.name: reg.number for reg in regs if values[reg.number] is not None}
-        views = [(name, X86_64_REGISTER_VIEWS[name]) for name in scalars
-                 if name in X86_64_REGISTER_VIEWS and X86_64_REGISTER_VIEWS[name][0] in scalars]
-        derived = {name for name, _ in views}
+        views = self._register_file.derivable(list(scalars)) if self._register_file is not None else []
+        derived = {view.name for view in views}
         self._scalar_registers = [number for name, number in scalars.items() if name not in derived]
-        self._register_views = views
+        self._register_views = [(view.name, view.base, view.offset, view.mask) for view in views]
 
     def _numbers(self, names: Sequence[str], timeout: float) -> list[int]:
         known = {name: number for number, name in enumerate(self._names(timeout)) if name}
@@ -705,40 +461,15 @@ class GdbSession:
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Ask GDB to exit (it detaches, the guest runs on), then stop and reap it. Idempotent."""
-        if self._closed:
+        if self._mi.closed:
             return
+        ask_to_exit = True
         setup = self._setup_thread
         if setup is not None and setup is not threading.current_thread():
             self._setup_thread = None  # its commands fail once GDB is gone
             if setup.is_alive():
-                self._closed = True  # no -gdb-exit behind a symbol load: stop GDB
-        if not self._closed and not self._exited:
-            try:
-                self.command("-gdb-exit", timeout)
-                # A SIGTERM during GDB 13's own exit path makes it segfault: let it finish.
-                self._proc.wait(timeout)
-            except (GdbError, subprocess.TimeoutExpired) as exc:
-                log.warning("GDB did not exit cleanly: %s", exc)
-        self._closed = True
-        code = procs.stop(self._proc, grace=timeout)
-        for thread in self._threads:
-            thread.join(timeout)
-        for pipe in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
-            if pipe is not None:
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
-        with self._lock:
-            self._state = "detached"
-        log.info("GDB pid %d ended with status %s", self._proc.pid, code)
-        self._close_transcript()
-
-    def _close_transcript(self) -> None:
-        with self._transcript_lock:
-            if self._transcript is not None:
-                self._transcript.close()
-                self._transcript = None
+                ask_to_exit = False  # no -gdb-exit behind a symbol load: stop GDB
+        self._mi.close(timeout, ask_to_exit=ask_to_exit)
 
     def __enter__(self) -> GdbSession:
         return self

@@ -1,6 +1,7 @@
 """GDB/MI records as typed values, and the line parser (pygdbmi's, with a fast path).
 
-No pytest here. The session that produces them is gdbmi.GdbSession.
+No pytest here. The transport that reads them is mi_transport.MiTransport; the session
+that gives them meaning is gdbmi.GdbSession.
 """
 
 from __future__ import annotations
@@ -25,30 +26,6 @@ def int_or_none(text: object) -> int | None:
         return int(text, 0)
     except ValueError:
         return None
-
-
-def _x86_64_views() -> dict[str, tuple[str, int, int]]:
-    """GDB's amd64 pseudo-registers: view -> (register, shift, mask)."""
-    views: dict[str, tuple[str, int, int]] = {}
-    legacy = {"a": "rax", "b": "rbx", "c": "rcx", "d": "rdx"}
-    for letter, reg in legacy.items():
-        views.update({f"e{letter}x": (reg, 0, 0xFFFF_FFFF), f"{letter}x": (reg, 0, 0xFFFF),
-                      f"{letter}l": (reg, 0, 0xFF), f"{letter}h": (reg, 8, 0xFF)})
-    for short in ("si", "di", "bp", "sp"):
-        reg = f"r{short}"
-        views.update({f"e{short}": (reg, 0, 0xFFFF_FFFF), f"{short}l": (reg, 0, 0xFF)})
-        if short != "sp":  # GDB has no "sp" word view on amd64
-            views[short] = (reg, 0, 0xFFFF)
-    for n in range(8, 16):
-        views.update({f"r{n}d": (f"r{n}", 0, 0xFFFF_FFFF), f"r{n}w": (f"r{n}", 0, 0xFFFF),
-                      f"r{n}l": (f"r{n}", 0, 0xFF)})
-    return views
-
-
-# The views GDB computes from the 64-bit registers (eax, ax, al, ah, r8d, ...). A full
-# registers() read has GDB format only the registers themselves and derives these here:
-# formatting the 51 views is ~0.4 ms of GDB's ~1.3 ms for all 101 (measured, GDB 13, TCG).
-X86_64_REGISTER_VIEWS = _x86_64_views()
 
 
 @dataclass(frozen=True)

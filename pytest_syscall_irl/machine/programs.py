@@ -17,8 +17,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from ..core.cache import CacheEntry
 from ..core.errors import ConfigError
-from ..core.integrity import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +83,27 @@ def _checked(program: str, what: str, verdict: Callable[[str], str], cache: Path
     stamp = (real, st.st_size, st.st_mtime_ns)
     if stamp in _verdicts:
         return _verdicts[stamp]
-    record = None
-    if cache is not None:
-        record = cache / "checked-programs" / (hashlib.sha256(repr(stamp).encode()).hexdigest()[:16] + ".json")
+    if cache is None:
+        _verdicts[stamp] = verdict(program)
+        return _verdicts[stamp]
+    # One record per binary and check: a program given as QEMU and as GDB is asked both.
+    name = hashlib.sha256(repr((stamp, what)).encode()).hexdigest()[:16] + ".json"
+    identity = {"what": what, "identity": list(stamp)}
+
+    def saved(record: Path) -> str | None:
         try:
-            saved = json.loads(record.read_text())
-            if saved["identity"] == list(stamp) and saved["what"] == what:
-                _verdicts[stamp] = str(saved["version"])
-                return _verdicts[stamp]
+            data = json.loads(record.read_text())
+            return str(data["version"]) if {k: data[k] for k in identity} == identity else None
         except (OSError, ValueError, KeyError, TypeError):
-            pass  # none yet, or damaged: ask the program again
-    _verdicts[stamp] = verdict(program)
-    if record is not None:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(record, json.dumps({"what": what, "identity": list(stamp), "version": _verdicts[stamp]}))
+            return None
+
+    def ask(staging: Path) -> None:
+        staging.write_text(json.dumps({**identity, "version": verdict(program)}))
+
+    entry = CacheEntry.file(cache / "checked-programs" / name, f"verdict on {real}",
+                            lambda record: None if saved(record) is not None else "it does not parse", ConfigError)
+    entry.ensure(ask)
+    _verdicts[stamp] = str(saved(entry.path))
     return _verdicts[stamp]
 
 

@@ -5,15 +5,19 @@ Every option has three spellings that cannot clash with another plugin's, plus a
     --kernel / --syscall-irl-kernel    SYSCALL_IRL_KERNEL    syscall_irl_kernel (ini)
 
 As in pytest-timeout, a later source overrides an earlier one and every value remembers its
-origin, so an invalid value is reported with where it came from. No pytest here: the plugin
-passes in what pytest parsed.
+origin, so an invalid value is reported with where it came from. `read_options` resolves them
+all once into a `ResolvedOptions`, which every hook and fixture reads. No pytest here: the
+plugin passes in what pytest parsed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..core.errors import ConfigError
 
@@ -132,3 +136,78 @@ def split_values(option: Option, cli: list[str] | None, setting: Setting) -> lis
 def given_in_env(env: Mapping[str, str]) -> bool:
     """True if any option of ours is set in the environment."""
     return any(env.get(option.env) for option in OPTIONS) or bool(env.get(SNAPSHOTS_ENV))
+
+
+@dataclass(frozen=True)
+class ResolvedOptions:
+    """Every option of a run with its origin, resolved once per process: what the hooks and
+    fixtures read (ini file < environment < command line, each value checked once).
+
+        options = read_options(cli={"kernel": ["a/bzImage"]}, env=os.environ, ini={},
+                               ini_file=None, cwd=Path.cwd(), rootdir=Path.cwd())
+        options.paths("kernel")  # [Path("/cwd/a/bzImage")]
+    """
+
+    settings: Mapping[str, Setting]  # by option name
+    lists: Mapping[str, tuple[str, ...]]  # each repeatable option's values
+    snapshots: bool
+    explicit: bool  # an option of ours was given: it is checked, and the header shown, before collection
+    ini_file: Path | None = None
+    html: Path | None = None  # --syscall-irl-html, absolute
+
+    def value(self, name: str) -> str | None:
+        """The value of the option *name*, None if not given anywhere."""
+        return self.settings[name].value
+
+    def values(self, name: str) -> tuple[str, ...]:
+        """A repeatable option's values (each --NAME, else its environment twin's or ini key's words)."""
+        return self.lists[name]
+
+    def paths(self, name: str) -> list[Path]:
+        """`values` as absolute paths, relative to where they were given; "none" stays "none"."""
+        base = self.settings[name].base
+        return [Path(value) if value == "none" else (base / os.path.expanduser(value)).resolve()
+                for value in self.values(name)]
+
+    def given_origin(self, name: str) -> str | None:
+        """Where a setting not given on the command line came from ("syscall_irl_NAME = VALUE in
+        FILE", "$SYSCALL_IRL_NAME = VALUE"), else None."""
+        setting = self.settings[name]
+        if not setting.given or setting.origin.startswith("--"):
+            return None
+        if setting.origin.startswith("$"):
+            return f"{setting.origin} = {setting.value}"
+        return f"{BY_NAME[name].ini} = {setting.value} in {self.ini_file or 'the ini file'}"
+
+    @contextmanager
+    def naming_origin(self, *names: str) -> Iterator[None]:
+        """A ConfigError about the settings *names* says which ini file (or environment variable) set them."""
+        try:
+            yield
+        except ConfigError as exc:
+            origins = [origin for origin in (self.given_origin(name) for name in names) if origin]
+            if origins:
+                raise ConfigError(f"{'; '.join(origins)}: {exc.message}") from None
+            raise
+
+
+def read_options(*, cli: Mapping[str, Any], env: Mapping[str, str], ini: Mapping[str, Any], ini_file: Path | None,
+                 cwd: Path, rootdir: Path) -> ResolvedOptions:
+    """Resolve every option once. *cli* and *ini* hold what pytest parsed, by option name
+    (a repeatable option's command-line values as a list), plus "snapshots" (cli: False for
+    --no-snapshots, else None; ini: a bool) and "html" (cli only). ConfigError names the
+    first invalid value with its origin, in the order of OPTIONS, then $SYSCALL_IRL_SNAPSHOTS."""
+    settings, lists = {}, {}
+    for option in OPTIONS:
+        given = cli.get(option.name)
+        joined = " ".join(given) if isinstance(given, list) else given  # see split_values
+        settings[option.name] = pick(option, cli=joined, env=env, ini=ini.get(option.name) or None,
+                                     ini_file=ini_file, cwd=cwd, rootdir=rootdir)
+        if option.repeat:
+            lists[option.name] = tuple(split_values(option, given if isinstance(given, list) else None,
+                                                    settings[option.name]))
+    snapshots = pick_snapshots(cli=cli.get("snapshots"), env=env, ini=bool(ini.get("snapshots", True)))[0]
+    explicit = any(setting.given for setting in settings.values()) or cli.get("snapshots") is not None \
+        or given_in_env(env)
+    html = cli.get("html")
+    return ResolvedOptions(settings, lists, snapshots, explicit, ini_file, (cwd / html).resolve() if html else None)

@@ -1,11 +1,12 @@
 """What a run tests with, said once for the report header and the JUnit testsuite properties:
-the kernel (release, bzImage, vmlinux), QEMU and GDB versions, the accelerator."""
+the kernel (release, bzImage, vmlinux), QEMU and GDB versions, the accelerator. The pytest
+layer writes them (plugin/header.py)."""
 
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..lab.settings import kernel_ids
 
@@ -36,38 +37,6 @@ def describe(every: Sequence[LabSettings]) -> tuple[list[str], list[tuple[str, s
     properties = [*kernel_properties(every), ("syscall-irl qemu", qemu), ("syscall-irl gdb", gdb),
                   ("syscall-irl accelerator", accel)]
     return lines, properties
-
-
-def record_suite_properties(config: Any, properties: list[tuple[str, str]]) -> None:
-    """Testsuite properties of the JUnit report, if this process writes one (an xdist controller
-    does, its workers do not): pytest's LogXML plugin takes them, as record_testsuite_property does."""
-    for plugin in config.pluginmanager.get_plugins():
-        if hasattr(plugin, "add_global_property"):
-            for name, value in properties:
-                plugin.add_global_property(name, value)
-
-
-class HeaderRelay:
-    """A pytest plugin for an xdist controller, which collects nothing and so cannot know that a
-    kernel is needed: writes the identity the first worker that resolved it sent with a report
-    (report.syscall_irl_identity), once, and records its JUnit properties."""
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-        self.shown = False
-
-    def pytest_runtest_logreport(self, report: Any) -> None:
-        identity = getattr(report, "syscall_irl_identity", None)
-        if not identity or self.shown:
-            return
-        self.shown = True
-        lines, properties = identity
-        record_suite_properties(self.config, [(str(name), str(value)) for name, value in properties])
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.ensure_newline()
-            for line in lines:
-                reporter.write_line(line)
 
 
 def kernel_lines(settings: Sequence[LabSettings]) -> list[str]:

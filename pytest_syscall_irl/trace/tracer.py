@@ -4,37 +4,29 @@
     tracer.command("echo x | cat", nr="read", args={0: 0}, comm="cat")
     hits, result = tracer.count_syscalls("/payloads/vdso", nr="clock_gettime", comm="vdso")
 
-The API and the kernel facts a trace needs (syscall names, struct pt_regs, the entry code
-as the booted kernel patched it) are here; walk.py takes the trace. No pytest here.
+The API is here; the kernel facts a trace needs (struct pt_regs, the entry code as the
+booted kernel patched it) are facts.py's, and walk.py takes the trace. The architecture
+is handed in by the face that makes the tracer (the plugin's `syscall_trace` fixture
+passes x86_64's). No pytest here.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import replace
-from pathlib import Path
 
-from ..arch.x86_64 import facts as x86
-from ..machine.console import CommandResult
+from ..arch.base import Architecture
+from ..arch.roads import Road, SyscallNames, road_named, road_of
 from ..kernel.artifacts import Kernel
-from ..machine.qemu import MachineConfig
-from ..arch.x86_64.roads import SYSCALL64, Road, SyscallNames, road_of
-from ..arch.x86_64.roads import road as road_named
-from .model import NO_HANDLER, STAGES, SyscallSelector, SyscallTrace, TraceError
-from .walk import (CommandEnded, Debugger, EntryCode, Fault, Running, TracedGuest, Walk, clear_breakpoints,
-                   process_condition, resume_watching)
+from ..machine.console import CommandResult
+from .facts import PROCESS_CACHE, FactsCache, KernelFacts
+from .model import NO_HANDLER, SyscallSelector, SyscallTrace, TraceError
+from .protocols import Debugger, Fault, Running, TracedGuest
+from .walk import CommandEnded, Walk, clear_breakpoints, process_condition, resume_watching
 
-__all__ = ["Debugger", "EntryCode", "Fault", "SyscallTracer", "TracedGuest"]
+__all__ = ["Debugger", "Fault", "SyscallTracer", "TracedGuest"]
 
 USER_LABEL = "sirl_syscall_insn"
-
-
-# Per process: struct pt_regs offsets by vmlinux; entry code by (vmlinux, machine, symbol):
-# alternatives follow the CPU model and the boot arguments, and a restored guest runs its
-# saver's patched code, so the machine configuration (less -incoming) is part of the key.
-_LAYOUTS: dict[Path, dict[str, int]] = {}
-_ENTRY_CODES: dict[tuple[Path, MachineConfig, str], EntryCode] = {}
 
 
 class SyscallTracer:
@@ -45,11 +37,14 @@ class SyscallTracer:
         tracer.command("echo x | cat", nr="read", args={0: 0}, comm="cat")
     """
 
-    def __init__(self, gdb: Debugger, kernel: Kernel, guest: TracedGuest, timeout: float = 60.0) -> None:
+    def __init__(self, gdb: Debugger, kernel: Kernel, guest: TracedGuest, architecture: Architecture,
+                 timeout: float = 60.0, cache: FactsCache = PROCESS_CACHE) -> None:
         self.gdb = gdb
         self.kernel = kernel
         self.guest = guest
+        self.architecture = architecture
         self.timeout = timeout
+        self.facts = KernelFacts(gdb, kernel, guest, architecture, cache)
         self.traces: list[SyscallTrace] = []
         self.faults: dict[str, list[Fault]] = {}
         self._names: dict[str, SyscallNames] = {}
@@ -65,8 +60,9 @@ class SyscallTracer:
         returns a callable, that undoes the fault right after recording. This is how the
         project's own tests prove an invariant can fail: they make the kernel show a
         wrong value through the debugger."""
-        if stage not in STAGES:
-            raise ValueError(f"no stage {stage!r}: one of {', '.join(STAGES)}")
+        stages = self.architecture.stages.all
+        if stage not in stages:
+            raise ValueError(f"no stage {stage!r}: one of {', '.join(stages)}")
         self.faults.setdefault(stage, []).append(fault)
 
     def payload(self, name: str, *argv: str, nr: int | str, args: Mapping[int, int] | None = None,
@@ -77,17 +73,18 @@ class SyscallTracer:
         another static program may run the same address with the same registers)."""
         program = self.guest.payload(name)
         address = program.symbol(at)
-        road = road_of(program.read(address, 2), program.bits)
+        road = road_of(self.architecture.roads, program.read(address, 2), program.bits)
         selector = SyscallSelector(self.names(road).number(nr), dict(args or {}), comm=comm)
         return self.trace(" ".join([program.guest_path, *argv]), selector, road, user_address=address,
                           timeout=timeout)
 
     def command(self, command: str, *, nr: int | str, args: Mapping[int, int] | None = None,
-                road: str = "syscall64", comm: str | None = None, pid: int | None = None,
+                road: str | None = None, comm: str | None = None, pid: int | None = None,
                 agent: bool = False, timeout: float | None = None) -> SyscallTrace:
-        """Trace syscall *nr* (with *args*) made by a shell command on *road*, from the
-        kernel entry on (no user stage), by the process *comm* / *pid* if given."""
-        way = road_named(road)
+        """Trace syscall *nr* (with *args*) made by a shell command on *road* (the
+        architecture's default road: x86_64's syscall64), from the kernel entry on (no
+        user stage), by the process *comm* / *pid* if given."""
+        way = self.road(road)
         selector = SyscallSelector(self.names(way).number(nr), dict(args or {}), comm=comm, pid=pid, agent=agent)
         return self.trace(command, selector, way, timeout=timeout)
 
@@ -122,73 +119,36 @@ class SyscallTracer:
             clear_breakpoints(self.gdb, quietly=True)  # never in place of the error being raised
             raise
 
-    def count_syscalls(self, command: str, *, nr: int | str, road: str = "syscall64",
+    def count_syscalls(self, command: str, *, nr: int | str, road: str | None = None,
                        args: Mapping[int, int] | None = None, comm: str | None = None, pid: int | None = None,
                        timeout: float | None = None) -> tuple[int, CommandResult]:
         """How many syscalls *nr* (with *args*) the selected process made on *road* while
         *command* ran (counted at the road's kernel entry), and the command's result."""
-        way = road_named(road)
+        way = self.road(road)
         selector = SyscallSelector(self.names(way).number(nr), dict(args or {}), comm=comm, pid=pid)
-        terms = [selector.register_condition(way.abi.arg_registers, way.abi.bits),
-                 process_condition(self.kernel, selector, payload=False)]
-        return self.count(command, self.entry_address(way), " && ".join(t for t in terms if t), timeout)
+        terms = [selector.register_condition(way.abi),
+                 process_condition(self.kernel, self.architecture, selector, payload=False)]
+        return self.count(command, self.facts.entry_address(way), " && ".join(t for t in terms if t), timeout)
 
-    # --- kernel facts, once per process --------------------------------------------------
-
-    @property
-    def pt_regs_layout(self) -> dict[str, int]:
-        """struct pt_regs field offsets: from DWARF when the vmlinux has it, cross-checked
-        against the x86_64 layout (a disagreement is an error: one of them is wrong);
-        the known layout otherwise. One type lookup per vmlinux and process (16 ms)."""
-        path = self.kernel.vmlinux.path
-        if path not in _LAYOUTS:
-            layout = dict(x86.PT_REGS_OFFSETS)
-            if self.kernel.dwarf:
-                members = self.gdb.member_offsets("struct pt_regs")
-                missing = [name for name in x86.PT_REGS_FIELDS if name not in members]
-                if missing:
-                    raise TraceError(f"struct pt_regs in DWARF has no field {', '.join(missing)}; "
-                                     f"GDB printed members {sorted(members)}")
-                dwarf = {name: members[name] for name in x86.PT_REGS_FIELDS}
-                if dwarf != layout:
-                    moved = {n: (layout[n], dwarf[n]) for n in dwarf if dwarf[n] != layout[n]}
-                    raise TraceError(f"struct pt_regs in DWARF differs from the x86_64 layout "
-                                     f"(field: (known, DWARF)): {moved}")
-            _LAYOUTS[path] = layout
-        return _LAYOUTS[path]
-
-    def entry_code(self, symbol: str = "entry_SYSCALL_64") -> EntryCode:
-        """*symbol* disassembled from the guest's memory (boot-time alternatives patch it),
-        once per vmlinux, machine configuration and process (~14 ms of GDB each)."""
-        key = (self.kernel.vmlinux.path, replace(self.guest.config, incoming=None), symbol)
-        if key not in _ENTRY_CODES:
-            _ENTRY_CODES[key] = EntryCode.find(self.kernel.vmlinux.symbol(symbol), self.gdb.disassemble(symbol))
-        return _ENTRY_CODES[key]
-
-    def entry_address(self, road: Road) -> int:
-        """Where the CPU enters for *road*: IDT vector 0x80 read from guest memory for
-        int80, the entry symbol otherwise (GDB cannot read MSRs: the suite checks those
-        in the guest)."""
-        if road.found_by.startswith("IDT"):
-            table = self.kernel.vmlinux.symbol("idt_table")
-            gate = x86.decode_idt_gate(self.gdb.read_memory(table + x86.IDT_GATE_SIZE * x86.IA32_SYSCALL_VECTOR,
-                                                            x86.IDT_GATE_SIZE))
-            return gate.offset
-        return self.kernel.vmlinux.symbol(road.entry_symbol(self.kernel.vmlinux))
+    def road(self, name: str | None) -> Road:
+        """The architecture's road *name* (its default road for None)."""
+        return road_named(self.architecture.roads, name or self.architecture.default_road)
 
     # --- taking a trace ------------------------------------------------------------------
 
-    def trace(self, command: str, selector: SyscallSelector, road: Road = SYSCALL64,
+    def trace(self, command: str, selector: SyscallSelector, road: Road | None = None,
               user_address: int | None = None, timeout: float | None = None) -> SyscallTrace:
-        """Run *command* in the guest and trace the syscall *selector* picks on *road*.
+        """Run *command* in the guest and trace the syscall *selector* picks on *road*
+        (the architecture's default road for None).
 
         *user_address* is the user instruction (a payload's label); without it the trace
         starts at the kernel entry and the user stage is not taken."""
         deadline = time.monotonic() + (timeout or self.timeout)
-        handler = self.names(road).handler(selector.nr) or NO_HANDLER
-        result = SyscallTrace(command, selector, road, handler)
+        way = road or self.road(None)
+        handler = self.names(way).handler(selector.nr) or NO_HANDLER
+        result = SyscallTrace(command, selector, way, handler)
         self.traces.append(result)
-        walk = Walk(self, result, deadline)
+        walk = Walk(self.gdb, self.facts, self.architecture, self.faults, result, deadline)
         pending: Running | None = None
         try:
             walk.arm_first(user_address)

@@ -1,119 +1,47 @@
 """The walk down one road: the stops, steps and breakpoints that take a SyscallTrace.
 
 tracer.py's SyscallTracer is the API; this is how a trace is taken, one `Walk` per
-trace, for every road alike (roads.py describes them):
+trace, for every road of every architecture alike (arch/ describes them; the x86 words
+below are x86_64's answers):
 1. the first stop: at the user instruction (a payload's labelled `syscall`, `int $0x80`
    or `sysenter`), qualified by the syscall's registers and the process; or, for a
    shell command, at the road's kernel entry. It records the running task, and every
    later breakpoint is qualified by that task, by the pt_regs pointer or by the values
    pt_regs holds, so no other process and no other syscall stops there;
 2. one `stepi` off the user instruction shows where the CPU enters (recorded, never
-   assumed); stepping on to the entry's `swapgs`, if the entry code has one;
+   assumed); stepping on past the entry's switch to kernel state (`swapgs`), if the
+   entry code has one;
 3. the C entry that takes pt_regs (decoded), the handler, `ksys_<name>`, the return;
-4. every exit of the road armed at once, with pt_regs as the handler left it: SYSRET
-   (the exit `swapgs`, `sysretq`/`sysretl`) or IRET (`iret_path`, `iretq` and the frame
-   it pops); back in user mode at pt_regs->ip.
+4. every exit of the road armed at once, with pt_regs as the handler left it: an exit
+   inside the entry code (SYSRET: the exit `swapgs`, `sysretq`/`sysretl`) or a return
+   path (IRET: `iret_path`, `iretq` and the frame it pops); back in user mode at pt_regs->ip.
 While the guest runs, the command is watched: if it ends before the selected syscall,
-the trace fails at once, saying why. The walk depends on small protocols (a debugger,
-a guest), not on GdbSession and Guest. No pytest here.
+the trace fails at once, saying why. A walk is handed what it needs (a debugger, the
+kernel's facts, the architecture, the faults, a deadline), never its tracer; it depends
+on small protocols (protocols.py), not on GdbSession and Guest. No pytest here.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Protocol
+from collections.abc import Callable, Mapping
 
-from ..arch.x86_64 import tasks
-from ..arch.x86_64 import facts as x86
-from ..machine.console import CommandResult
+from ..arch.base import Architecture
+from ..arch.roads import Exit
 from ..core.errors import SyscallIrlError, tail
-from ..machine.mi_records import Breakpoint, Frame, Instruction, StopEvent
-from ..lab.image import Payload
-from ..machine.qemu import MachineConfig
-from ..arch.x86_64.roads import IRET_PATH_SYMBOL, IRETQ_SYMBOL, SYSRET_CODE
 from ..kernel.artifacts import Kernel
-from .model import NO_HANDLER, TRACE_REGISTERS, Stage, SyscallSelector, SyscallTrace, TraceError
-
-if TYPE_CHECKING:
-    from .tracer import SyscallTracer
+from ..machine.console import CommandResult
+from ..machine.mi_records import StopEvent
+from .facts import KernelFacts
+from .model import NO_HANDLER, Stage, SyscallSelector, SyscallTrace, TraceError
+from .protocols import Debugger, Fault, Running
 
 log = logging.getLogger(__name__)
 
-MAX_SWAPGS_STEPS = 16
+MAX_SWITCH_STEPS = 16
 MAX_STEP_ATTEMPTS = 3
 POLL_SLICE = 0.2  # how often a running guest's command is checked for its end
-
-
-class Debugger(Protocol):
-    """What the tracer needs of a debugger attached to a stopped guest (GdbSession)."""
-
-    @property
-    def state(self) -> str: ...
-    def registers(self, names: Sequence[str] | None = None, timeout: float = ...) -> dict[str, int]: ...
-    def read_memory(self, address: int, size: int, timeout: float = ...) -> bytes: ...
-    def evaluate(self, expression: str, timeout: float = ...) -> str: ...
-    def break_insert(self, location: str, condition: str | None = None, hardware: bool = False,
-                     temporary: bool = False, timeout: float = ...) -> Breakpoint: ...
-    def delete_breakpoint(self, number: int, timeout: float = ...) -> None: ...
-    def delete_breakpoints(self, timeout: float = ...) -> None: ...
-    def resume(self, timeout: float = ...) -> None: ...
-    def wait_for_stop(self, timeout: float = ...) -> StopEvent: ...
-    def stepi(self, timeout: float = ...) -> StopEvent: ...
-    def interrupt(self, timeout: float = ...) -> StopEvent: ...
-    def disassemble(self, start: str | int, end: int | None = None, timeout: float = ...) -> list[Instruction]: ...
-    def backtrace(self, timeout: float = ...) -> list[Frame]: ...
-    def member_offsets(self, aggregate: str, timeout: float = ...) -> dict[str, int]: ...
-
-
-class Running(Protocol):
-    """A command started in the guest (console.PendingCommand)."""
-
-    command: str
-
-    def wait(self, timeout: float | None = None) -> CommandResult: ...
-    def poll(self) -> CommandResult | None: ...
-
-
-class Console(Protocol):
-    def start(self, command: str) -> Running: ...
-
-
-class TracedGuest(Protocol):
-    """What the tracer needs of a guest (guest.Guest)."""
-
-    @property
-    def console(self) -> Console: ...
-    @property
-    def config(self) -> MachineConfig: ...
-    def payload(self, name: str) -> Payload: ...
-    def running(self) -> AbstractContextManager[None]: ...
-
-
-Fault = Callable[[Debugger], Optional[Callable[[], None]]]
-
-
-@dataclass(frozen=True)
-class EntryCode:
-    """Addresses in an entry function, found by disassembly (6.1 puts `verw` between the
-    exit swapgs and sysretq, so no fixed label or offset is trusted)."""
-
-    entry: int
-    entry_swapgs: int | None
-    exit_swapgs: int | None
-    sysret: int | None
-
-    @classmethod
-    def find(cls, entry: int, instructions: list[Instruction]) -> EntryCode:
-        texts = [(insn.address, insn.text.split()[0] if insn.text.split() else "") for insn in instructions]
-        swapgs = [address for address, op in texts if op == "swapgs"]
-        sysret = [address for address, op in texts if op in ("sysretq", "sysret", "sysretl")]
-        exit_swapgs = max((a for a in swapgs if sysret and a < sysret[0]), default=None)
-        return cls(entry, swapgs[0] if swapgs else None, exit_swapgs, sysret[0] if sysret else None)
 
 
 class CommandEnded(Exception):
@@ -156,12 +84,12 @@ def clear_breakpoints(gdb: Debugger, quietly: bool) -> None:
         log.warning("cleaning up after a failed trace: %s", exc)
 
 
-def process_condition(kernel: Kernel, selector: SyscallSelector, payload: bool) -> str:
+def process_condition(kernel: Kernel, architecture: Architecture, selector: SyscallSelector, payload: bool) -> str:
     """The selector's process terms (comm, pid, never the agent) as a condition in user
-    mode or before the entry swapgs (kernel GS base in MSR_KERNEL_GS_BASE). A payload's
-    instruction address already picks its program, so only a comm or pid asked for is
-    added there: reading task_struct fails under PTI (user page tables map no kernel
-    data), and GDB would stop on the failed condition."""
+    mode or before the entry's switch to kernel state. A payload's instruction address
+    already picks its program, so only a comm or pid asked for is added there: reading
+    task_struct fails under PTI (user page tables map no kernel data), and GDB would stop
+    on the failed condition."""
     asked = selector.comm is not None or selector.pid is not None
     if not kernel.dwarf:
         if asked:
@@ -170,25 +98,29 @@ def process_condition(kernel: Kernel, selector: SyscallSelector, payload: bool) 
         return ""
     if payload and not asked:
         return ""
-    return tasks.task_condition(kernel.vmlinux, tasks.GS_IN_USER, pid=selector.pid, comm=selector.comm,
-                                exclude_pids=() if selector.agent else (1,))
+    return architecture.current.condition(kernel.vmlinux, pid=selector.pid, comm=selector.comm,
+                                          exclude_pids=() if selector.agent else (1,))
 
 
 class Walk:
     """One walk down a road; each method takes one part of it."""
 
-    def __init__(self, tracer: SyscallTracer, trace: SyscallTrace, deadline: float) -> None:
-        self.t = tracer
-        self.gdb = tracer.gdb
-        self.vmlinux = tracer.kernel.vmlinux
+    def __init__(self, gdb: Debugger, facts: KernelFacts, architecture: Architecture,
+                 faults: Mapping[str, list[Fault]], trace: SyscallTrace, deadline: float) -> None:
+        self.gdb = gdb
+        self.facts = facts
+        self.arch = architecture
+        self.faults = faults
+        self.vmlinux = facts.vmlinux
         self.trace = trace
         self.road = trace.road
         self.deadline = deadline
         self.pending: Running | None = None
         self.task = 0  # the task_struct followed, from the first stop
-        self.dispatch_sp = 0  # RSP at the C entry's first instruction: its return address
+        self.dispatch_registers: Mapping[str, int] = {}  # at the C entry's first instruction
         self.regs_ptr = 0
-        self.armed: dict[int, str] = {}  # exit breakpoint number -> stage
+        self.pt_regs: Mapping[str, int] = {}  # as the exits will restore them
+        self.armed: dict[int, tuple[str, Exit | None]] = {}  # exit breakpoint number -> (stage, exit)
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -208,15 +140,16 @@ class Walk:
 
     def record(self, name: str, note: str = "", pt_regs_at: int | None = None, backtrace: bool = False,
                frame: bool = False) -> Stage:
-        undo = [fault(self.gdb) for fault in self.t.faults.get(name, ())]
-        regs = self.gdb.registers(TRACE_REGISTERS)
+        undo = [fault(self.gdb) for fault in self.faults.get(name, ())]
+        regs = self.gdb.registers(self.arch.trace_registers)
         pt_regs = self.read_pt_regs(pt_regs_at) if pt_regs_at is not None else None
-        iret_frame = x86.decode_iret_frame(self.gdb.read_memory(regs["rsp"], 40)) if frame else None
+        popped = self.arch.exit_frame(self.gdb, regs) if frame else None
         frames = tuple(f.function or f"{f.address:#x}" for f in self.gdb.backtrace()) if backtrace else ()
         for action in undo:
             if action is not None:
                 action()
-        stage = Stage(name, True, regs, pt_regs, note=note, backtrace=frames, frame=iret_frame)
+        stage = Stage(name, True, regs, pt_regs, note=note, backtrace=frames, frame=popped,
+                      summary=self.arch.summary)
         self.trace.stages[name] = stage
         return stage
 
@@ -224,24 +157,24 @@ class Walk:
         self.trace.stages[name] = Stage(name, False, note=note)
 
     def read_pt_regs(self, address: int) -> dict[str, int]:
-        layout = self.t.pt_regs_layout
-        return x86.decode_pt_regs(self.gdb.read_memory(address, max(layout.values()) + 8), layout)
+        layout, frame = self.facts.pt_regs_layout, self.arch.pt_regs
+        return frame.decode(self.gdb.read_memory(address, frame.size(layout)), layout)
 
     def at(self, symbol: str) -> str:
         """A breakpoint location at the symbol's first instruction: argument registers and
         the return address hold there by the ABI, whatever GDB's prologue analysis says."""
         return f"*{self.vmlinux.symbol(symbol):#x}"
 
-    def ours(self, gs: str = tasks.GS_IN_KERNEL) -> str:
+    def ours(self) -> str:
         """A condition true only while the task followed runs (no DWARF needed)."""
-        return f"*(unsigned long *)({gs} + {tasks.current_task_slot(self.vmlinux):#x}) == {self.task:#x}"
+        return self.arch.current.is_running(self.vmlinux, self.task)
 
     # --- the walk --------------------------------------------------------------------------
 
     def arm_first(self, user_address: int | None) -> None:
-        selector, abi = self.trace.selector, self.road.abi
-        terms = [selector.register_condition(abi.arg_registers, abi.bits)]
-        who = process_condition(self.t.kernel, selector, payload=user_address is not None)
+        selector = self.trace.selector
+        terms = [selector.register_condition(self.road.abi)]
+        who = process_condition(self.facts.kernel, self.arch, selector, payload=user_address is not None)
         if who:
             terms.append(who)
         self.gdb.delete_breakpoints()
@@ -249,16 +182,16 @@ class Walk:
             # Hardware: under KVM a software breakpoint would patch whichever process is mapped.
             self.gdb.break_insert(f"*{user_address:#x}", condition=" && ".join(terms), hardware=True)
         else:
-            self.gdb.break_insert(f"*{self.t.entry_address(self.road):#x}", condition=" && ".join(terms))
+            self.gdb.break_insert(f"*{self.facts.entry_address(self.road):#x}", condition=" && ".join(terms))
 
     def walk(self, from_user: bool) -> None:
         try:
             first = self.stop()
         except CommandEnded as ended:
             raise self.never_made(ended.result) from None
-        self.task = self.running_task(tasks.GS_IN_USER)
+        self.task = self.running_task(switched=False)
         if from_user:
-            entered = self.step_off(self.record("user")["rip"]).address or 0
+            entered = self.step_off(self.record("user")[self.arch.pc]).address or 0
         else:
             self.skip("user", f"no user address given (trace started at the {self.road.name} entry)")
             entered = first.address or 0
@@ -272,13 +205,14 @@ class Walk:
             self.trace.output, self.trace.status = ended.result.output, ended.result.status
             self.ended_early(ended.result)
 
-    def running_task(self, gs: str) -> int:
+    def running_task(self, switched: bool) -> int:
         """The task_struct running now, 0 where its per-CPU slot cannot be read: with page
         table isolation, user mode and the first entry instructions run on page tables
         that map no kernel data."""
-        base = self.gdb.registers([gs.lstrip("$")])[gs.lstrip("$")]
+        register, slot = self.arch.current.slot(self.vmlinux, switched)
+        base = self.gdb.registers([register])[register]
         try:
-            return int.from_bytes(self.gdb.read_memory(base + tasks.current_task_slot(self.vmlinux), 8), "little")
+            return int.from_bytes(self.gdb.read_memory(base + slot, 8), "little")
         except SyscallIrlError as exc:
             log.info("the running task cannot be read here (PTI?): %s", exc)
             return 0
@@ -313,51 +247,50 @@ class Walk:
                          f"so far:\n{self.trace}")
 
     def entry_stages(self, rip: int) -> None:
-        """Where the CPU entered (whatever symbol that is), and past the entry's swapgs."""
+        """Where the CPU entered (whatever symbol that is), and past the entry's switch to
+        kernel state (the road's second entry stage, if it has one)."""
         names = self.vmlinux.names_at(rip)
         self.trace.entry = names[0] if names else f"{rip:#x}"
         self.record("entry", note=f"{', '.join(names) or 'no symbol'} (the CPU's way in: {self.road.found_by})")
-        code = self.t.entry_code(names[0]) if names else None
-        if code is None or code.entry_swapgs is None:
-            self.skip("after_swapgs", f"no swapgs in {self.trace.entry} itself")
+        if len(self.road.entry_stages) < 2:
             return
-        self.step_past(rip, code.entry_swapgs, "after_swapgs")
+        stage = self.road.entry_stages[1]
+        code = self.facts.entry_code(names[0]) if names else None
+        if code is None or code.entry_switch is None:
+            self.skip(stage, f"no {self.arch.entry_switch} in {self.trace.entry} itself")
+            return
+        self.step_past(rip, code.entry_switch, stage)
 
     def step_past(self, rip: int | None, address: int, name: str) -> None:
         """Step from *rip* until the instruction at *address* has executed, then record *name*."""
-        for _ in range(MAX_SWAPGS_STEPS):
+        for _ in range(MAX_SWITCH_STEPS):
             if rip == address:
                 self.step_off(address)
                 self.record(name)
                 return
             rip = self.gdb.stepi(timeout=self.left()).address
-        self.skip(name, f"swapgs at {address:#x} not reached in {MAX_SWAPGS_STEPS} steps")
+        self.skip(name, f"{self.arch.entry_switch} at {address:#x} not reached in {MAX_SWITCH_STEPS} steps")
 
     def dispatch_stage(self) -> int:
-        """The C entry, with the pt_regs it was given (first argument by the x86_64 ABI;
-        do_syscall_64 took (nr, regs) in 5.8-5.13)."""
+        """The C entry, with the pt_regs it was given (where the architecture says)."""
         symbol = self.road.dispatch_symbol(self.vmlinux)
-        regs_reg = x86.do_syscall_64_args(self.t.kernel.version_tuple)[0] if symbol == "do_syscall_64" else "rdi"
+        regs_reg = self.arch.dispatch_regs_register(symbol, self.facts.kernel.version_tuple)
         self.gdb.break_insert(self.at(symbol), condition=self.ours() if self.task else self.number_in(regs_reg))
         self.stop()
         regs_ptr = self.gdb.registers([regs_reg])[regs_reg]
         if not self.task:
-            self.task = self.running_task(tasks.GS_IN_KERNEL)
+            self.task = self.running_task(switched=True)
         stage = self.record(symbol, note=f"regs={regs_ptr:#x} in ${regs_reg}", pt_regs_at=regs_ptr)
-        self.dispatch_sp = stage["rsp"]
+        self.dispatch_registers = stage.registers
         self.gdb.delete_breakpoints()
         self.trace.table_handler = self.live_table_entry()
-        if self.t.kernel.dwarf:
-            self.trace.task = tasks.read_current(self.gdb, self.vmlinux)
+        if self.facts.kernel.dwarf:
+            self.trace.task = self.arch.current.read(self.gdb, self.vmlinux)
         return regs_ptr
 
     def number_in(self, regs_reg: str) -> str:
-        """A condition true when the pt_regs in *regs_reg* are the selected syscall's: the
-        number in orig_ax, or in ax where the int80 entry leaves orig_ax -1 for its C
-        code to fill (do_int80_emulation)."""
-        layout, nr = self.t.pt_regs_layout, self.trace.selector.nr
-        orig_ax, ax = (f"*(unsigned long *)(${regs_reg} + {layout[f]})" for f in ("orig_ax", "ax"))
-        return f"({orig_ax} == {nr:#x} || ({orig_ax} == -1 && {ax} == {nr:#x}))"
+        """A condition true when the pt_regs in *regs_reg* are the selected syscall's."""
+        return self.arch.dispatch_number_condition(regs_reg, self.facts.pt_regs_layout, self.trace.selector.nr)
 
     def live_table_entry(self) -> str:
         """What the kernel's syscall table holds for the number in guest memory ("" if
@@ -376,10 +309,12 @@ class Walk:
             for name in ("handler", "ksys", "handler_return"):
                 self.skip(name, f"the kernel has no {self.road.abi.name} handler for nr {self.trace.selector.nr}")
             return
-        number = self.gdb.break_insert(self.at(handler), condition=f"$rdi == {regs_ptr:#x}").number
+        # The handler and the exit work take pt_regs as their first argument.
+        takes_ours = f"${self.arch.kernel_arg_registers[0]} == {regs_ptr:#x}"
+        number = self.gdb.break_insert(self.at(handler), condition=takes_ours).number
         if self.vmlinux.has_symbol("syscall_exit_to_user_mode"):
             # Leaving for user mode without the handler: the kernel dispatched elsewhere.
-            self.gdb.break_insert(self.at("syscall_exit_to_user_mode"), condition=f"$rdi == {regs_ptr:#x}")
+            self.gdb.break_insert(self.at("syscall_exit_to_user_mode"), condition=takes_ours)
         stop = self.stop()
         self.gdb.delete_breakpoints()
         if stop.breakpoint != number:
@@ -392,17 +327,22 @@ class Walk:
         self.record("handler", backtrace=True, pt_regs_at=regs_ptr)
         self.handler_tail(handler, regs_ptr)
 
+    def ksys_of(self, handler: str) -> str:
+        """ksys_<name> for the handler PREFIX + name (the ABI's longest prefix that fits)."""
+        for prefix in sorted(self.road.abi.handler_prefixes, key=len, reverse=True):
+            if handler.startswith(prefix):
+                return "ksys_" + handler[len(prefix):]
+        return "ksys_" + handler
+
     def handler_tail(self, handler: str, regs_ptr: int) -> None:
         """ksys_<name> (if the handler calls it) and the handler's return."""
-        sp = self.trace.stages["handler"]["rsp"]
-        ret = int.from_bytes(self.gdb.read_memory(sp, 8), "little")
-        # The return lands right after the call, with the return address popped.
-        return_bp = self.gdb.break_insert(f"*{ret:#x}", condition=f"$rsp == {sp + 8:#x}").number
-        ksys = "ksys_" + re.sub(r"^__(x64|ia32)_(compat_)?sys_", "", handler)
+        ret, returned = self.arch.return_breakpoint(self.gdb, self.trace.stages["handler"].registers)
+        return_bp = self.gdb.break_insert(f"*{ret:#x}", condition=returned).number
+        ksys = self.ksys_of(handler)
         ksys_bp = None
         if self.vmlinux.has_symbol(ksys):
-            # Same kernel stack as our pt_regs (kernel stacks are THREAD_SIZE aligned, >= 16 KiB).
-            ksys_bp = self.gdb.break_insert(self.at(ksys), condition=f"($rsp >> 14) == ({regs_ptr:#x} >> 14)").number
+            # On the kernel stack of our pt_regs: our task, not another one in ksys_<name>.
+            ksys_bp = self.gdb.break_insert(self.at(ksys), condition=self.arch.same_stack_condition(regs_ptr)).number
         stop = self.stop()
         if ksys_bp is not None and stop.breakpoint == ksys_bp:
             self.record("ksys")
@@ -419,71 +359,83 @@ class Walk:
     def exit_stages(self, regs_ptr: int) -> None:
         """Back in the entry code from the C entry (dispatch_return), where pt_regs is final
         (the handler, signal delivery and the exit work are done), then every exit of the
-        road armed at once, qualified by where pt_regs says the kernel returns to
-        (registers and the IRET frame only: with PTI the exit runs on the user page tables,
-        where the kernel's data cannot be read)."""
+        road armed at once, qualified by where pt_regs says the kernel returns to."""
         self.regs_ptr = regs_ptr
-        if self.dispatch_sp:
+        if self.dispatch_registers:
             # What the C entry returns (do_syscall_64's bool since 6.7: may it SYSRET?).
-            back = int.from_bytes(self.gdb.read_memory(self.dispatch_sp, 8), "little")
-            number = self.gdb.break_insert(f"*{back:#x}", condition=f"$rsp == {self.dispatch_sp + 8:#x}").number
+            back, returned = self.arch.return_breakpoint(self.gdb, self.dispatch_registers)
+            number = self.gdb.break_insert(f"*{back:#x}", condition=returned).number
             stop = self.stop()
             if stop.breakpoint != number:
                 raise TraceError(f"expected the return of {self.trace.dispatch.name}, stopped at {stop}; "
                                  f"so far:\n{self.trace}")
             self.record("dispatch_return", note=f"rax = what {self.trace.dispatch.name} returned")
             self.gdb.delete_breakpoints()
-        pt = self.read_pt_regs(regs_ptr)
-        ip, sp = pt["ip"], pt["sp"]
-        # Back in compatibility mode only ESP is the program's (QEMU keeps RSP's upper half zero).
-        user_sp = f"$rsp == {sp:#x}" if pt["cs"] != x86.USER32_CS else f"($rsp & 0xffffffff) == {sp & 0xFFFFFFFF:#x}"
-        self.arm("user_return", f"*{ip:#x}", f"$rip == {ip:#x} && {user_sp} && ($cs & 3) == 3", hardware=True)
+        self.pt_regs = pt = self.read_pt_regs(regs_ptr)
+        ip, back_in_user = self.arch.user_return(pt)
+        self.arm("user_return", f"*{ip:#x}", back_in_user, None, hardware=True)
         for way in self.road.exits:
-            if way.name == "iret":
-                if self.vmlinux.has_symbol(IRET_PATH_SYMBOL):
-                    self.arm("iret_path", self.at(IRET_PATH_SYMBOL), f"$rsp == {regs_ptr:#x}")
-                else:
-                    self.arm_iretq(ip, sp)
-                continue
-            code = self.t.entry_code(SYSRET_CODE[way.name])
-            cond = f"$rcx == {ip:#x} && $rsp == {sp:#x}"
-            if code.exit_swapgs is not None:
-                self.arm("exit_swapgs", f"*{code.exit_swapgs:#x}", cond)
-            if code.sysret is not None:
-                self.arm(way.name, f"*{code.sysret:#x}", cond)
-        self.follow_exit(ip, sp)
+            if way.path:
+                self.arm_path(way)
+            else:
+                self.arm_in_code(way)
+        self.follow_exit()
 
-    def arm(self, name: str, location: str, condition: str, hardware: bool = False) -> None:
-        self.armed[self.gdb.break_insert(location, condition=condition, hardware=hardware).number] = name
+    def arm(self, name: str, location: str, condition: str, way: Exit | None, hardware: bool = False) -> None:
+        self.armed[self.gdb.break_insert(location, condition=condition, hardware=hardware).number] = (name, way)
 
-    def arm_iretq(self, ip: int, sp: int) -> None:
-        """The `iretq` of the common exit, qualified by the frame it pops. Armed only once
-        the IRET path is taken: every interrupt returns through it, and a debug stop at
-        each (QEMU 7.2 flushes its translations at every one) starves the guest; from
-        the IRET path on, interrupts are off."""
-        if self.vmlinux.has_symbol(IRETQ_SYMBOL):
-            self.arm("iretq", self.at(IRETQ_SYMBOL),
-                     f"*(unsigned long *)$rsp == {ip:#x} && *(unsigned long *)($rsp + 24) == {sp:#x}")
+    def arm_in_code(self, way: Exit) -> None:
+        """An exit inside the entry code: its switch back to user state, its instruction."""
+        code = self.facts.entry_code(way.in_code)
+        condition = self.arch.in_code_exit_condition(self.pt_regs)
+        if code.exit_switch is not None and len(way.stages) > 1:
+            self.arm(way.stages[0], f"*{code.exit_switch:#x}", condition, way)
+        if code.exit_instruction is not None:
+            self.arm(way.stages[-1], f"*{code.exit_instruction:#x}", condition, way)
 
-    def follow_exit(self, ip: int, sp: int) -> None:
+    def arm_path(self, way: Exit) -> None:
+        """A return path from pt_regs; straight its instruction where the kernel has no
+        symbol for the path's start."""
+        if self.vmlinux.has_symbol(way.path):
+            self.arm(way.stages[0], self.at(way.path), self.arch.path_exit_condition(self.regs_ptr), way)
+        else:
+            self.arm_path_return(way)
+
+    def arm_path_return(self, way: Exit) -> None:
+        """The return path's instruction (x86: the `iretq` of the common exit), qualified
+        by the frame it pops. Armed only once the path is taken: every interrupt returns
+        through it, and a debug stop at each (QEMU 7.2 flushes its translations at every
+        one) starves the guest; from the IRET path on, interrupts are off."""
+        if self.vmlinux.has_symbol(way.instruction):
+            self.arm(way.stages[-1], self.at(way.instruction), self.arch.path_return_condition(self.pt_regs), way)
+
+    def follow_exit(self) -> None:
         while "user_return" not in self.trace.stages:
             stop = self.stop()
-            name = self.armed.get(stop.breakpoint or -1)
-            if name is None:
+            name, way = self.armed.get(stop.breakpoint or -1, ("", None))
+            if not name:
                 raise TraceError(f"unexpected stop {stop.reason} at {stop.address:#x}; so far:\n{self.trace}")
-            if name in ("sysretq", "sysretl"):
-                self.trace.exit = name
-                self.step_off(self.record(name)["rip"])
-                self.record("user_return", note=f"one instruction after {name}")
-            elif name == "iretq":
-                self.trace.exit = "iret"
-                self.record(name, note="frame = what iretq pops", frame=True)
-            elif name == "iret_path":
-                self.record(name, note="pt_regs = what the IRET exit restores", pt_regs_at=self.regs_ptr)
-                self.arm_iretq(ip, sp)
+            if way is None:
+                self.record(name, note="back in user mode")
+            elif name != way.stages[-1]:
+                self.passing(name, way)
+            elif way.path:
+                self.trace.exit = way.name
+                self.record(name, note=f"frame = what {name} pops", frame=True)
             else:
-                self.record(name, note="back in user mode" if name == "user_return" else "")
+                self.trace.exit = way.name
+                self.step_off(self.record(name)[self.arch.pc])
+                self.record("user_return", note=f"one instruction after {name}")
             self.gdb.delete_breakpoint(stop.breakpoint or -1)
         for name in ["dispatch_return", *self.exit_stage_names()]:
             if name not in self.trace.stages:
                 self.skip(name, f"the kernel left by {self.trace.exit or 'another way'}")
+
+    def passing(self, name: str, way: Exit) -> None:
+        """A stage on the way to an exit's instruction: a return path's start (then its
+        instruction is armed), or an in-code exit's switch back to user state."""
+        if way.path:
+            self.record(name, note=f"pt_regs = what the {way.name.upper()} exit restores", pt_regs_at=self.regs_ptr)
+            self.arm_path_return(way)
+        else:
+            self.record(name)

@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
 
 from ...core.errors import KernelError
+from ..base import Evaluator, TaskInfo
 from ..roads import SymbolTable
+
+__all__ = ["GS_IN_KERNEL", "GS_IN_USER", "TASK_COMM_LEN", "CurrentTaskViaGs", "Evaluator", "TaskInfo",
+           "comm_words", "current_task", "current_task_slot", "gs_register", "parse_comm", "read_current",
+           "task_condition"]
 
 TASK_COMM_LEN = 16  # include/linux/sched.h
 # Where the per-CPU base is, by where the CPU is on the path (see the module docstring).
 GS_IN_KERNEL = "$gs_base"
 GS_IN_USER = "$k_gs_base"
-
-
-class Evaluator(Protocol):
-    """What reads an expression in the stopped target (GdbSession has this)."""
-
-    def evaluate(self, expression: str, timeout: float = ...) -> str: ...
 
 
 def current_task_slot(vmlinux: SymbolTable) -> int:
@@ -71,18 +68,6 @@ def task_condition(vmlinux: SymbolTable, gs: str, *, pid: int | None = None, com
     return " && ".join(terms)
 
 
-@dataclass(frozen=True)
-class TaskInfo:
-    """Who was running: the task_struct pointer, its pid (thread id) and comm."""
-
-    address: int
-    pid: int
-    comm: str
-
-    def __str__(self) -> str:
-        return f"pid {self.pid} ({self.comm})"
-
-
 _COMM = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
@@ -106,3 +91,21 @@ def gs_register(registers: Mapping[str, int]) -> str:
     """Which GS register holds the per-CPU base at a stop with these *registers*: the
     kernel's GS base is a kernel address (the upper half), a user one is not."""
     return GS_IN_KERNEL if registers["gs_base"] >> 63 else GS_IN_USER
+
+
+class CurrentTaskViaGs:
+    """`current` through GS, as arch.base.CurrentTask describes it: the per-CPU base is
+    in GS base once the entry `swapgs` has run (*switched*), in the kernel GS base before."""
+
+    def slot(self, vmlinux: SymbolTable, switched: bool) -> tuple[str, int]:
+        return (GS_IN_KERNEL if switched else GS_IN_USER).lstrip("$"), current_task_slot(vmlinux)
+
+    def is_running(self, vmlinux: SymbolTable, task: int) -> str:
+        return f"*(unsigned long *)({GS_IN_KERNEL} + {current_task_slot(vmlinux):#x}) == {task:#x}"
+
+    def condition(self, vmlinux: SymbolTable, *, pid: int | None = None, comm: str | None = None,
+                  exclude_pids: tuple[int, ...] = ()) -> str:
+        return task_condition(vmlinux, GS_IN_USER, pid=pid, comm=comm, exclude_pids=exclude_pids)
+
+    def read(self, gdb: Evaluator, vmlinux: SymbolTable) -> TaskInfo:
+        return read_current(gdb, vmlinux)

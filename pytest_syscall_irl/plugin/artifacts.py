@@ -1,0 +1,114 @@
+"""What a failing test's report shows of what it used: each guest's console tail and log
+directory, the GDB/MI transcript, the syscall traces. The fixtures record each thing as they
+hand it out (`evidence(item).add_guest(guest)`), in the order the test got them; nothing is
+read unless the test failed. With --syscall-irl-html the traces also ride on the report,
+to the xdist controller that writes the page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import pytest
+
+from ..core.errors import tail
+from .settings import valid_options
+
+if TYPE_CHECKING:
+    from ..lab.guest import Guest
+    from ..machine.gdbmi import GdbSession
+    from ..trace.tracer import SyscallTracer
+
+Pairs = list[tuple[str, str]]
+
+
+class _Shown(Protocol):
+    """One thing a test used, as a failure report shows it."""
+
+    def sections(self) -> Pairs: ...  # (title, text): below the failure
+
+    def properties(self) -> Pairs: ...  # (name, path): JUnit XML has no room for sections, it gets the paths
+
+
+@dataclass
+class _GuestLogs:
+    guest: Guest
+
+    def sections(self) -> Pairs:
+        origin = "restored from snapshot, boot log not included" if self.guest.restored else "booted"
+        return [(f"guest {self.guest.name} console, {origin} (tail)", tail(_read(self.guest.machine.console_log), 60))]
+
+    def properties(self) -> Pairs:
+        return [(f"syscall-irl {self.guest.name} logs", str(self.guest.machine.log_dir))]
+
+
+@dataclass
+class _Transcript:
+    session: GdbSession
+
+    def sections(self) -> Pairs:
+        return [("gdb/mi transcript (tail)", self.session.transcript_tail(40))]
+
+    def properties(self) -> Pairs:
+        path = self.session.transcript_path
+        return [] if path is None else [("syscall-irl gdb/mi transcript", str(path))]
+
+
+@dataclass
+class _Traces:
+    tracer: SyscallTracer
+
+    def sections(self) -> Pairs:
+        return [(f"syscall trace {number}", str(trace)) for number, trace in enumerate(self.tracer.traces, start=1)]
+
+    def properties(self) -> Pairs:
+        return []
+
+
+@dataclass
+class Evidence:
+    """What one test used that explains its failure, in the order it got them."""
+
+    shown: list[_Shown] = field(default_factory=list)
+    tracers: list[SyscallTracer] = field(default_factory=list)
+
+    def add_guest(self, guest: Guest) -> None:
+        self.shown.append(_GuestLogs(guest))
+
+    def add_gdb(self, session: GdbSession) -> None:
+        self.shown.append(_Transcript(session))
+
+    def add_tracer(self, tracer: SyscallTracer) -> None:
+        self.shown.append(_Traces(tracer))
+        self.tracers.append(tracer)
+
+
+EVIDENCE_KEY = pytest.StashKey[Evidence]()
+
+
+def evidence(item: pytest.Item) -> Evidence:
+    """The test's record of what it used (the fixtures add to it)."""
+    return item.stash.setdefault(EVIDENCE_KEY, Evidence())
+
+
+def attach(item: pytest.Item, report: pytest.TestReport) -> None:
+    """A failed test's report gets the logs of what it used; with --syscall-irl-html, the
+    test's traces ride on its call report."""
+    used = item.stash.get(EVIDENCE_KEY, None)
+    if used is None:
+        return
+    options = valid_options(item.config)
+    if report.when == "call" and used.tracers and options is not None and options.html:
+        from ..report.html import trace_record
+        report.syscall_irl_traces = [trace_record(trace)  # type: ignore[attr-defined]
+                                     for tracer in used.tracers for trace in tracer.traces]
+    if report.failed:
+        for thing in used.shown:
+            report.sections.extend(thing.sections())
+            item.user_properties.extend(thing.properties())
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""

@@ -1,0 +1,194 @@
+"""The fixtures, each a few lines over a plain class of the lab layer: `Lab` (guests of one
+kernel), `SharedGuests` (a worker's shared guests), `WorkerDebugger` (a worker's GDB),
+`SyscallTracer`. Each records what it hands out, for a failing test's report (artifacts.py).
+
+Fixtures: `kernel`, `guest` (shared per xdist worker), `fresh_guest` (the test's own),
+`gdb` (attached to the test's guest), `syscall_trace` (one syscall through every stage),
+`make_guest` (boot more guests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+from .artifacts import evidence
+from .markers import variant_of
+from .settings import settings_of
+
+if TYPE_CHECKING:
+    # Imported where first used: pytest loads this plugin in every run of its environment,
+    # and a run with no kernel tests need not pay for QEMU, GDB/MI and pexpect modules.
+    from ..arch.base import Architecture
+    from ..kernel.artifacts import Kernel
+    from ..lab.debugger import WorkerDebugger
+    from ..lab.guest import Guest, Lab
+    from ..lab.pool import SharedGuests
+    from ..machine.gdbmi import GdbSession
+    from ..trace.tracer import SyscallTracer
+
+# Every fixture of ours that needs a kernel depends on this one; a test's own fixture that
+# happens to be called `gdb` or `kernel` does not.
+LAB_FIXTURE = "syscall_irl_lab"
+
+
+def worker_id(config: pytest.Config) -> str:
+    """This process's xdist worker id (gw0), "main" without xdist: per-worker logs are named
+    by it, so a person can match them to the report. Read from what xdist hands its worker,
+    not from $PYTEST_XDIST_WORKER, which a pytest run started by a worker's test inherits."""
+    workerinput: dict[str, object] = getattr(config, "workerinput", {})
+    return str(workerinput.get("workerid", "main"))
+
+
+@pytest.fixture(scope="session")
+def syscall_irl_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    """The resolved settings and guest maker of this run (one per xdist worker), for the
+    kernel of the test's parameter when several are under test."""
+    from ..lab.guest import Lab
+    from ..lab.settings import kernel_ids
+    every, log_root = settings_of(request.config), tmp_path_factory.getbasetemp() / "syscall-irl"
+    index: int = getattr(request, "param", 0)
+    return Lab(every[index], log_root / kernel_ids(every)[index] if len(every) > 1 else log_root)
+
+
+@pytest.fixture(scope="session")
+def kernel(syscall_irl_lab: Lab) -> Kernel:
+    """The kernel under test: its bzImage, vmlinux symbols and version.
+
+        def test_entry_symbol(kernel):
+            assert kernel.vmlinux.symbol("entry_SYSCALL_64") > 0xffffffff80000000
+    """
+    return syscall_irl_lab.kernel
+
+
+@pytest.fixture(scope="session")
+def make_guest(syscall_irl_lab: Lab) -> Iterator[Callable[[], Guest]]:
+    """Boot extra guests of the kernel under test; all are shut down at the end of the session.
+
+        def test_two(make_guest):
+            a, b = make_guest(), make_guest()
+    """
+    guests: list[Guest] = []
+
+    def boot() -> Guest:
+        guests.append(syscall_irl_lab.boot())
+        return guests[-1]
+
+    yield boot
+    for guest in guests:
+        guest.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _shared_guests(request: pytest.FixtureRequest, syscall_irl_lab: Lab) -> Iterator[SharedGuests[Guest]]:
+    from ..lab.pool import SharedGuests
+    shared = SharedGuests(syscall_irl_lab, worker_id(request.config))
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def guest(request: pytest.FixtureRequest, _shared_guests: SharedGuests[Guest]) -> Iterator[Guest]:
+    """A booted guest shared by the tests of this xdist worker (one per set of
+    @pytest.mark.boot_args). A command a test leaves running is read to its end
+    afterwards; a guest a test killed, or whose command does not end within 10 s, is
+    replaced for the next test.
+
+        def test_echo(guest):
+            assert guest.run("echo syscall_irl").output == "syscall_irl\\n"
+
+        @pytest.mark.boot_args("pti=on")
+        def test_pti(guest):
+            assert "pti" in guest.run("cat /proc/cpuinfo").output.split()
+    """
+    shared = _shared_guests[variant_of(request.node)]
+    own = shared.get()
+    evidence(request.node).add_guest(own)
+    yield own
+    # After Ctrl-C (pytest sets INTERRUPTED before the teardowns) nothing waits on a guest:
+    # the command the interrupted test left running may never end.
+    if request.session.exitstatus == pytest.ExitCode.INTERRUPTED:
+        shared.close()
+    else:
+        shared.settle()
+
+
+@pytest.fixture
+def fresh_guest(request: pytest.FixtureRequest, syscall_irl_lab: Lab) -> Iterator[Guest]:
+    """A guest of this test's own, for tests that change guest state; shut down afterwards.
+    Restored from the saved ready guest, it costs ~0.15 s (TCG), so use it freely. It
+    honours @pytest.mark.boot_args like `guest`.
+
+        def test_sysctl(fresh_guest):
+            fresh_guest.run("echo 1 > /proc/sys/kernel/panic_on_oops").check()
+    """
+    own = syscall_irl_lab.boot(variant=variant_of(request.node))
+    evidence(request.node).add_guest(own)
+    yield own
+    own.shutdown()
+
+
+def _target(request: pytest.FixtureRequest) -> Guest:
+    """The guest a test drives: its own `fresh_guest` if it asked for one, else `guest`."""
+    name = "fresh_guest" if "fresh_guest" in request.fixturenames else "guest"
+    target: Guest = request.getfixturevalue(name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def syscall_irl_architecture(kernel: Kernel) -> Architecture:
+    """The description of the kernel's architecture (its roads, registers and entry rules),
+    chosen by its vmlinux's ELF machine: x86_64 today.
+
+        def test_roads(syscall_irl_architecture):
+            assert "syscall64" in syscall_irl_architecture.roads
+    """
+    from ..arch.registry import architecture_for
+    return architecture_for(kernel.vmlinux.machine)
+
+
+@pytest.fixture(scope="session")
+def _worker_debugger(request: pytest.FixtureRequest, syscall_irl_lab: Lab,
+                     syscall_irl_architecture: Architecture) -> Iterator[WorkerDebugger]:
+    from ..lab.debugger import WorkerDebugger
+    debugger = WorkerDebugger(syscall_irl_lab, worker_id(request.config),
+                              register_file=syscall_irl_architecture.register_file)
+    yield debugger
+    debugger.close()
+
+
+@pytest.fixture
+def gdb(request: pytest.FixtureRequest, _worker_debugger: WorkerDebugger) -> Iterator[GdbSession]:
+    """GDB attached to this test's guest (`fresh_guest` if the test uses it, else `guest`),
+    stopped. Afterwards its breakpoints are deleted and the guest runs on.
+
+        def test_ksys_write(guest, gdb):
+            gdb.break_insert("ksys_write", condition="fd == 1")
+            pending = guest.console.start("echo syscall_irl")
+            stop = gdb.continue_until_stop(timeout=30)
+            assert gdb.registers()["rdx"] == 12
+    """
+    _worker_debugger.session()  # first: GDB loads the symbols while the guest gets ready
+    target = _target(request)
+    evidence(request.node).add_gdb(_worker_debugger.session())  # shown even if attaching fails
+    session = _worker_debugger.attach(target)
+    yield session
+    _worker_debugger.release(session, target)
+
+
+@pytest.fixture
+def syscall_trace(request: pytest.FixtureRequest, kernel: Kernel, gdb: GdbSession,
+                  syscall_irl_architecture: Architecture) -> SyscallTracer:
+    """Trace one syscall through every stage of the path; a failing test's report shows
+    the traces it took.
+
+        def test_lstar(kernel, syscall_trace):
+            trace = syscall_trace.payload("syscall_irl", nr="write", args={0: 1, 2: 12})
+            assert trace["entry"]["rip"] == kernel.vmlinux.symbol("entry_SYSCALL_64")
+    """
+    from ..trace.tracer import SyscallTracer
+    tracer = SyscallTracer(gdb, kernel, _target(request), syscall_irl_architecture)
+    evidence(request.node).add_tracer(tracer)
+    return tracer
