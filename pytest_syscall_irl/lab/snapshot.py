@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 # Bump when what a snapshot holds changes without the inputs changing (e.g. new steps
 # before saving), so older snapshots are never resumed.
-FORMAT = b"sirl-snapshot-3"  # 2: the store checks a manifest of the files; 3: core.cache's record
+# 2: the store checks a manifest of the files; 3: core.cache's record; 4: saved only once the
+# kernel has left its early clocksource (lab.guest.wait_for_final_clocksource)
+FORMAT = b"sirl-snapshot-4"
 STATE_FILE = "state"
 INFO_FILE = "info.json"
 # Stand-ins for the per-machine paths, which are no part of the migrated state.
