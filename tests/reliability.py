@@ -303,7 +303,7 @@ def cases(cache: Path) -> list[Case]:
              private_cache=True, prepare=_damage("snapshots/*/state", "garbage"), max_seconds=120),
         Case("damaged guest image", private, PASSED, r"images/\w+ is damaged", test=GUEST_AND_GDB,
              private_cache=True, prepare=_damage("images/*/initramfs.cpio.gz", "truncate"), max_seconds=120),
-        Case("damaged GDB index", private, PASSED, r"GDB index cache .* is damaged", test=GUEST_AND_GDB,
+        Case("damaged GDB index", private, PASSED, r"GDB index .* is damaged", test=GUEST_AND_GDB,
              private_cache=True, prepare=_damage("gdb-index-cache/*.gdb-index", "truncate"), max_seconds=120),
     ]
 
