@@ -21,13 +21,17 @@ log = logging.getLogger(__name__)
 
 
 def gnu_build_id(path: Path) -> str | None:
-    """The GNU build id of the ELF file *path* in hex (GDB names index cache files by it)."""
+    """The GNU build id of the ELF file *path* in hex (GDB names index cache files by it).
+
+    Only a note of owner "GNU": note types are per owner, and a distribution kernel's .notes
+    has Xen notes first, one of whose types is also 3 (Debian's 6.1 and 6.12 cloud vmlinux:
+    owner "Xen", type 3, 8 bytes), which pyelftools names NT_GNU_BUILD_ID too."""
     with open(path, "rb") as f:
         for section in ELFFile(f).iter_sections():
             if not isinstance(section, NoteSection):
                 continue
             for note in section.iter_notes():
-                if note["n_type"] == "NT_GNU_BUILD_ID":
+                if note["n_name"] == "GNU" and note["n_type"] == "NT_GNU_BUILD_ID":
                     return str(note["n_desc"])
     return None
 
