@@ -8,6 +8,8 @@
 - the conformance suite (`pytest test_suites`, a subprocess): -n 1 vs -n 2, and a shared
   guest per worker vs a fresh guest per test (bench/fresh_guests.py, `-p fresh_guests`)
 - peak RSS (VmHWM) of QEMU per guest and of GDB
+- command output throughput: the agent's own port (10 MB, 1 MB) vs the shared console line
+  (200 KB, with and without pexpect's search window) (bench/channel.py)
 - a distribution kernel with its 590 MB -dbg vmlinux (bench/distro.py): first run with an
   empty cache, warm suite beside the reference kernel's, a second kernel in one run, GDB RSS
 - what the installed plugin adds to a run of unrelated tests (bench/overhead.py);
@@ -33,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import channel  # noqa: E402
 import distro  # noqa: E402
 import overhead  # noqa: E402
 import probes  # noqa: E402
@@ -180,10 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         warm_gdb_index(base)
         report_header(base, lab, snapshot_build(base, lab.accel))
         ready, reads, gdb_rss = guests_and_gdb(lab, args.samples)
+        throughput = channel.measure(lab)
     loads = probes.symbol_loads(base, args.samples)
     suite = probes.suite_runs(args.suite_samples) if args.suite_samples > 0 else None
     print_results(ready, reads, loads, suite, gdb_rss)
     found = targets(ready, reads, loads, suite, gdb_rss)
+    print("\n" + "\n".join(channel.report(throughput)))
+    found.append(Target("10 MB of command output read in <= 30 s (command channel)", throughput.channel_10mb <= 30,
+                        sec(throughput.channel_10mb)))
     pair = distro_kernel(args.distro) if args.distro_samples > 0 else None
     if pair is not None:
         runs = distro.distro_runs(base.kernel.bzimage.path, pair, args.distro_samples)

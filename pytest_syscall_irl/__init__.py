@@ -62,11 +62,16 @@ _PUBLIC: dict[str, str] = {
     "GdbError": "pytest_syscall_irl.core.errors",
     "ConsoleError": "pytest_syscall_irl.core.errors",
     "GuestPanic": "pytest_syscall_irl.core.errors",
+    "BootFailure": "pytest_syscall_irl.core.errors",
+    "FailureClass": "pytest_syscall_irl.core.errors",
+    "CommandFailed": "pytest_syscall_irl.trace.tracer",
 }
 
 __all__ = [
     "Abi",
     "Architecture",
+    "BootFailure",
+    "CommandFailed",
     "CommandResult",
     "ConfigError",
     "ConsoleError",
@@ -74,6 +79,7 @@ __all__ = [
     "ENTRY_STAGES",
     "EXIT_STAGES",
     "Exit",
+    "FailureClass",
     "GdbError",
     "GdbSession",
     "Guest",
@@ -125,11 +131,11 @@ if TYPE_CHECKING:
                               TRACE_REGISTERS, USER_STAGES, X86_64)
     from .arch.x86_64 import facts as x86
     from .arch.x86_64 import roads, tasks
-    from .core.errors import (ConfigError, ConsoleError, GdbError, GuestPanic, KernelError, QemuError,
-                              SyscallIrlError)
+    from .core.errors import (BootFailure, ConfigError, ConsoleError, FailureClass, GdbError, GuestPanic,
+                              KernelError, QemuError, SyscallIrlError)
     from .kernel.artifacts import Kernel, Vmlinux
     from .lab.guest import Guest
     from .machine.console import CommandResult
     from .machine.gdbmi import GdbSession
     from .trace.model import NO_HANDLER, Stage, SyscallSelector, SyscallTrace, TraceError
-    from .trace.tracer import SyscallTracer
+    from .trace.tracer import CommandFailed, SyscallTracer

@@ -69,6 +69,41 @@ def test_guest(guest, gdb):
     assert gdb.registers()["rip"] > 0
     assert guest.run("echo ok").output == "ok\\n"
 """
+# Twenty tests of a kernel that panics at boot: the first boot's panic is remembered and the
+# others fail at once with it (failure class: crash), instead of twenty boots.
+BOOT_PANICS = "".join(f"""
+def test_{n}(guest):
+    guest.run("true")
+""" for n in range(20))
+# A harness failure in a test's body (GDB timing out; a counted command that is not there)
+# is classed harness, not an invariant violated.
+HARNESS_FAILS = """
+def test_gdb_times_out(guest, gdb):
+    gdb.resume()
+    gdb.wait_for_stop(0.5)
+
+def test_count_of_a_missing_command(syscall_trace):
+    syscall_trace.count_syscalls("/nonexistent", nr="getpid")
+"""
+# What a program prints never counts as a kernel crash, whatever it looks like (the agent's
+# own port, ttyS1); a kernel that crashes while a command waits does, with the kernel's log.
+CRASH_LOOKALIKES = r"""
+def test_lookalikes(guest):
+    result = guest.run("echo 'Oops: 0000 [#1]'; echo 'BUG: expected 1 got 2'; printf '[    1.000000] hi\\r\\n'; "
+                       "for i in 1 2 3 4 5 6 7 8 9; do echo SIRL{$i:E:0}; done; exit 5")
+    assert result.status == 5 and result.output.count("\n") == 12 and "\r" in result.output
+"""
+PANIC_MID_COMMAND = """
+def test_panic(fresh_guest, gdb):
+    pending = fresh_guest.console.start("sleep 30")
+    gdb.set_register("rdi", gdb.symbol_address("linux_banner"))
+    gdb.set_register("rip", gdb.symbol_address("panic"))
+    gdb.resume()
+    pending.wait(30)
+"""
+# A boot argument the lab accepts that makes the reference kernel panic at boot: without
+# the initramfs there is no /init, and no root device to mount.
+PANIC_AT_BOOT = "--boot-args=initcall_blacklist=populate_rootfs"
 
 
 @dataclass
@@ -99,6 +134,7 @@ class Case:
     prepare: Callable[[Path], None] | None = None
     swept: bool = False  # socket directories may stay: the process could not run (swept by the next run)
     private_cache: bool = False
+    never: str = ""  # a regex the output must not contain
 
 
 def _env(case: Case, work: Path, cache: Path) -> dict[str, str]:
@@ -209,6 +245,8 @@ def run_case(case: Case, cache: Path) -> tuple[bool, str]:
         problems = []
         if run.code not in expected:
             problems.append(f"exit {run.code}, expected {' or '.join(map(str, expected))}")
+        if case.never and re.search(case.never, run.output):
+            problems.append(f"output has {case.never!r}")
         if case.says and not re.search(case.says, run.output):
             problems.append(f"output lacks {case.says!r}")
         if run.seconds > case.max_seconds:
@@ -293,6 +331,10 @@ def cases(cache: Path) -> list[Case]:
         Case("worker crash -n 2", ["-n", "2"], FAILED, r"crashed|worker .* crashed", test=WORKER_CRASH,
              max_seconds=90, swept=True),
         Case("pytest-timeout signal", ["--timeout=5"], FAILED, r"Timeout", test=GUEST_TIMES_OUT, max_seconds=40),
+        Case("kernel panics at boot -n 2", [*explicit, PANIC_AT_BOOT, "-n", "2"], FAILED,
+             r"(?s)not booted again.*crash \(setup\).*20 errors", test=BOOT_PANICS, max_seconds=60),
+        Case("harness failures in a test", explicit, FAILED,
+             r"(?s)(harness \(call\).*){2}.*2 failed", test=HARNESS_FAILS, max_seconds=60),
         Case("pytest-timeout thread", ["--timeout=5", "--timeout-method=thread"], (FAILED,), r"Timeout",
              test=GUEST_TIMES_OUT, max_seconds=40, swept=True),
         Case("fresh cache, two runs race", [*private, "-n", "2"], PASSED, r"passed", test=GUEST_AND_GDB,
@@ -305,7 +347,122 @@ def cases(cache: Path) -> list[Case]:
              private_cache=True, prepare=_damage("images/*/initramfs.cpio.gz", "truncate"), max_seconds=120),
         Case("damaged GDB index", private, PASSED, r"GDB index .* is damaged", test=GUEST_AND_GDB,
              private_cache=True, prepare=_damage("gdb-index-cache/*.gdb-index", "truncate"), max_seconds=120),
+        Case("output that looks like a kernel crash", explicit, PASSED, r"1 passed", test=CRASH_LOOKALIKES,
+             never=r"GuestPanic|crashed", max_seconds=60),
+        Case("kernel panics while a command runs", explicit, FAILED, r"(?s)GuestPanic.*Kernel panic - not syncing",
+             test=PANIC_MID_COMMAND, max_seconds=60),
+        *verdict_cases(cache, explicit),
     ]
+
+
+def _script(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return str(path)
+
+
+def _zeroed_kernel(cache: Path) -> str:
+    """The reference bzImage with its setup header intact and the rest zeroed (the CRC too)."""
+    reference = reference_kernel()
+    assert reference is not None
+    data = bytearray(reference.read_bytes())
+    data[0x10200:] = bytes(len(data) - 0x10200)
+    target = cache / "zeroed" / "bzImage"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(bytes(data))
+    return str(target)
+
+
+def _payloads(cache: Path, name: str, files: dict[str, str | bytes]) -> str:
+    directory = cache / "payloads" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    for file, content in files.items():
+        (directory / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return f"--payloads={directory}"
+
+
+def _dynamic_elf(cache: Path) -> bytes:
+    source = cache / "dynamic.c"
+    source.write_text("int main(void) { return 0; }\n")
+    subprocess.run(["gcc", "-o", str(cache / "dynamic"), str(source)], check=True)
+    return (cache / "dynamic").read_bytes()
+
+
+def _restored_by_tar(cache: Path) -> None:
+    """A private cache holding a copy of the reference kernel, its record as this version
+    makes it, then every mtime cut to whole seconds, as tar, zip and `cp -r` leave them."""
+    from pytest_syscall_irl.kernel.build import ARTIFACTS, KernelBuild
+
+    shared, private = KernelBuild(), KernelBuild(cache=cache)
+    private.directory.mkdir(parents=True, exist_ok=True)
+    for name in ARTIFACTS:
+        shutil.copyfile(shared.directory / name, private.directory / name)
+    private.entry.seal(shared.entry.meta())
+    for path in cache.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.utime(path, (int(path.stat().st_atime), int(path.stat().st_mtime)))
+
+
+def _small_tmpfs(cache: Path) -> Path | str:
+    """An 8 MB tmpfs under *cache*, unmounted at exit; or why there is none (not root)."""
+    import atexit
+
+    mount = cache / "full-disk"
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        return done.stderr.strip() or f"mount exit {done.returncode}"
+
+    def unmount() -> None:  # after main's clean-up, which cannot remove a mount point
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        shutil.rmtree(cache, ignore_errors=True)
+
+    atexit.register(unmount)
+    return mount
+
+
+def verdict_cases(cache: Path, explicit: list[str]) -> list[Case]:
+    """Bad artifacts refused early, and nothing outliving the run (issue 18)."""
+    kernel = reference_kernel()
+    assert kernel is not None
+    vmlinux = f"--vmlinux={kernel.parent / 'vmlinux'}"
+    qemu = shutil.which("qemu-system-x86_64")
+    wrapper = _script(cache / "wrappers" / "qemu-no-exec", f'#!/bin/sh\n{qemu} "$@"\necho done\n')
+    hung = _script(cache / "wrappers" / "qemu-hangs", "#!/bin/sh\nsleep 300\n")
+    c_file = "int main(void) { return 0; }\n"
+    cases = [
+        Case("--qemu wrapper, SIGKILL", [*explicit, f"--qemu={wrapper}"], (-signal.SIGKILL,), test=GUEST_SLEEPS,
+             signal=signal.SIGKILL, started=1, max_seconds=5, swept=True),
+        Case("--qemu wrapper hangs", [*explicit, f"--qemu={hung}"], USAGE_ERROR, r"did not finish within 20 s",
+             max_seconds=30),
+        Case("zeroed bzImage body", [f"--kernel={_zeroed_kernel(cache)}", vmlinux], USAGE_ERROR,
+             r"is damaged: its contents do not match the CRC-32"),
+        Case("--modules missing", [*explicit, "--modules=/nonexistent/modules"], USAGE_ERROR,
+             r"module directory /nonexistent/modules does not exist"),
+        Case("payload: dynamic ELF", [*explicit, _payloads(cache, "dynamic", {"dyn": _dynamic_elf(cache)})],
+             USAGE_ERROR, r"payloads/dynamic/dyn is dynamically linked \(needs /lib"),
+        Case("payload: not ELF", [*explicit, _payloads(cache, "text", {"script": "#!/bin/sh\n"})], USAGE_ERROR,
+             r"payloads/text/script is not an ELF file"),
+        Case("payload: duplicate", [*explicit, _payloads(cache, "one", {"same.c": c_file}),
+                                    _payloads(cache, "two", {"same.c": c_file})], USAGE_ERROR,
+             r"two guest programs named 'same'"),
+        Case("payload: compile error", [*explicit, _payloads(cache, "broken", {"broken.c": "int main(void) { x }"})],
+             USAGE_ERROR, r"(?s)cannot compile guest program .*broken\.c.*error", max_seconds=60),
+        Case("comma in the cache path", explicit, PASSED, r"passed", test=GUEST_AND_GDB, max_seconds=240,
+             env={"SYSCALL_IRL_CACHE": str(cache / "with,comma")}),
+        Case("cache restored by tar", [], PASSED, r"passed", test=GUEST_AND_GDB, private_cache=True,
+             prepare=_restored_by_tar, never=r"damaged|building it again", max_seconds=240),
+    ]
+    disk = _small_tmpfs(cache)
+    if isinstance(disk, Path):
+        cases.append(Case("full disk", explicit, USAGE_ERROR,
+                          rf"the cache directory {disk} has too little room \(\d+ MB free of 8 MB",
+                          env={"SYSCALL_IRL_CACHE": str(disk)}))
+    else:
+        print(f"SKIP full disk: cannot mount a tmpfs ({disk})", flush=True)
+    return cases
 
 
 def _race(case: Case, cache: Path) -> tuple[bool, str]:

@@ -14,33 +14,84 @@ from pytest_syscall_irl.cli import bisect
 from pytest_syscall_irl.core.errors import KernelError
 from pytest_syscall_irl.kernel.build import KernelBuild, reference_kernel
 
-FAILURE = '<testcase classname="t" name="f{n}"><failure message="{message}">...</failure></testcase>'
-ERROR = '<testcase classname="t" name="e{n}"><error message="failed on setup">...</error></testcase>'
+FAILURE = '<testcase classname="t" name="f{n}"><failure message="{message}">...</failure>{props}</testcase>'
+ERROR = '<testcase classname="t" name="e{n}"><error message="failed on setup">...</error>{props}</testcase>'
+PASSED = '<testcase classname="t" name="p{n}"/>'
+SKIPPED = '<testcase classname="t" name="s{n}"><skipped message="no vDSO clocksource"/></testcase>'
 ASSERTION = "AssertionError: FMASK 0x217fd5, expected 0x257fd5"
 HARNESS = "pytest_syscall_irl.core.errors.GdbError: GDB exited"
+GDB_TIMEOUT = "pytest_syscall_irl.machine.mi_transport.GdbTimeoutError: target did not stop within 30 s"
 PANIC = "pytest_syscall_irl.core.errors.GuestPanic: Kernel panic - not syncing"
 
 
-def _junit(path: Path, failures: list[str], errors: int) -> Path:
-    cases = [FAILURE.format(n=n, message=message) for n, message in enumerate(failures)]
-    cases += [ERROR.format(n=n) for n in range(errors)]
+def _props(cls: str | None) -> str:
+    return "" if cls is None else f'<properties><property name="syscall-irl failure class" value="{cls}"/></properties>'
+
+
+def _junit(path: Path, failures: list[str], errors: int | list[str | None], passed: int = 0, skipped: int = 0,
+           classes: list[str | None] | None = None) -> Path:
+    """A JUnit report; *classes* gives the plugin's class of each failure (None: no property),
+    *errors* a count of unclassified errors or the class of each."""
+    classes = classes or [None] * len(failures)
+    error_classes = [None] * errors if isinstance(errors, int) else errors
+    cases = [FAILURE.format(n=n, message=message, props=_props(cls))
+             for n, (message, cls) in enumerate(zip(failures, classes))]
+    cases += [ERROR.format(n=n, props=_props(cls)) for n, cls in enumerate(error_classes)]
+    cases += [PASSED.format(n=n) for n in range(passed)] + [SKIPPED.format(n=n) for n in range(skipped)]
     path.write_text(f'<testsuites><testsuite name="pytest">{"".join(cases)}</testsuite></testsuites>')
     return path
 
 
 @pytest.mark.parametrize("status, failures, errors, expected", [
-    (0, [], 0, bisect.GOOD),
     (1, [ASSERTION], 0, bisect.BAD),
     (1, [PANIC], 0, bisect.BAD),             # the kernel under test panicked
     (1, [ASSERTION], 2, bisect.BAD),         # an invariant failed: an error elsewhere does not hide it
     (1, [], 2, bisect.SKIP),                 # only errors: the harness or the environment broke
     (1, [HARNESS], 0, bisect.SKIP),          # GDB died inside the test body: still not the kernel's fault
-    (2, [], 0, bisect.ABORT),                # interrupted: stop bisecting
-    (4, [], 0, bisect.SKIP),                 # usage error (e.g. a vmlinux without symbols at this commit)
-    (5, [], 0, bisect.SKIP),                 # no tests collected
+    (1, [GDB_TIMEOUT], 0, bisect.SKIP),      # a GDB timeout in the body, from a report without classes
+    (2, [], 0, bisect.INTERRUPTED),          # interrupted: stop bisecting
+    (3, [], 0, bisect.SKIP),                 # pytest's internal error: the harness broke
+    (4, [], 0, bisect.ABORT),                # usage error (an option, no QEMU or GDB): the same on every commit
+    (5, [], 0, bisect.ABORT),                # no tests collected: the selection matches nothing, on any commit
 ])
 def test_verdicts(tmp_path: Path, status: int, failures: list[str], errors: int, expected: int) -> None:
-    assert bisect.verdict(status, _junit(tmp_path / "junit.xml", failures, errors)).status == expected
+    assert bisect.verdict(status, _junit(tmp_path / "junit.xml", failures, errors, passed=3)).status == expected
+
+
+@pytest.mark.parametrize("classes, errors, expected", [
+    (["violation"], [], bisect.BAD),
+    (["crash"], [], bisect.BAD),
+    ([], ["crash"], bisect.BAD),             # a kernel that never booted: the guest fixture errored with BootFailure
+    (["harness"], ["harness"], bisect.SKIP),
+    (["harness"], ["crash"], bisect.BAD),
+    (["usage"], [], bisect.ABORT),
+    (["usage"], ["harness"], bisect.SKIP),   # a harness failure could be this commit's: do not abort the bisection
+])
+def test_verdicts_follow_the_failure_class_the_plugin_recorded(tmp_path: Path, classes: list[str | None],
+                                                               errors: list[str | None], expected: int) -> None:
+    # The messages would say otherwise: the plugin's class wins.
+    junit = _junit(tmp_path / "junit.xml", [HARNESS if cls == "violation" else ASSERTION for cls in classes], errors,
+                   passed=2, classes=list(classes))
+    assert bisect.verdict(1, junit).status == expected
+
+
+def test_a_run_where_every_test_skipped_is_skipped_not_good(tmp_path: Path) -> None:
+    found = bisect.verdict(0, _junit(tmp_path / "junit.xml", [], 0, skipped=5))
+    assert found.status == bisect.SKIP and "nothing was checked" in found.reason
+    found = bisect.verdict(0, _junit(tmp_path / "junit.xml", [], 0, passed=1, skipped=5))
+    assert found.status == bisect.GOOD and "1 test(s) passed, 5 skipped" in found.reason
+
+
+def test_git_bisect_aborts_on_the_abort_statuses() -> None:
+    # git bisect run: 0 good, 1-127 but 125 bad, 125 skip, anything else aborts.
+    assert bisect.ABORT > 127 and bisect.INTERRUPTED > 127 and bisect.SKIP == 125 and 0 < bisect.BAD < 125
+
+
+def test_a_missing_build_tool_aborts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bisect, "missing_build_deps", lambda: ["bison"])
+    monkeypatch.setattr(KernelBuild, "build", lambda self: pytest.fail("built without bison"))
+    result = bisect.bisect_step(KernelBuild(tmp_path, cache=tmp_path), [], say=lambda line: None)
+    assert result.status == bisect.ABORT and "apt-get install bison" in result.reason
 
 
 def test_a_build_that_fails_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

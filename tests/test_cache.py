@@ -4,21 +4,27 @@ every use, built again once (with a warning) when damaged, and published whole o
 from __future__ import annotations
 
 import ast
+import errno
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 import pytest_syscall_irl
-from pytest_syscall_irl.core import procs
-from pytest_syscall_irl.core.cache import LOCK_TIMEOUT, NOT_BUILT, CacheEntry, lock_path
-from pytest_syscall_irl.core.errors import ImageError, SyscallIrlError, SyscallIrlWarning
+from pytest_syscall_irl.core import integrity, procs
+from pytest_syscall_irl.core.cache import (LOCK_TIMEOUT, NOT_BUILT, CacheEntry, CacheFullError, check_cache_dir,
+                                           lock_path)
+from pytest_syscall_irl.core.errors import ConfigError, ImageError, SyscallIrlError, SyscallIrlWarning
+from pytest_syscall_irl.core.integrity import BY_MTIME
 
 
 def _maker(calls: list[Path], content: bytes = b"made", delay: float = 0.0) -> Callable[[Path], None]:
@@ -206,8 +212,8 @@ def test_an_entry_built_in_place_is_published_by_its_record(tmp_path: Path) -> N
     assert entry.problem() is None and entry.meta() == {"steps": 2}
     (entry.path / "obj" / "work").write_text("changed by the build")  # not the entry's: no damage
     assert entry.problem() is None
-    os.utime(entry.path / "big", ns=(0, 1))
-    assert entry.problem() == "big was modified since it was made (its mtime differs)"
+    (entry.path / "big").write_text("VMLINUX")  # same size, new mtime: its digest tells
+    assert entry.problem() == "big has changed since it was made (SHA-256 differs)"
 
 
 def test_an_in_place_build_cut_short_is_not_built_and_keeps_its_work(tmp_path: Path) -> None:
@@ -262,3 +268,134 @@ def test_no_module_but_the_cache_takes_a_file_lock() -> None:
 def test_every_entry_waits_the_same_time_by_default(tmp_path: Path) -> None:
     assert _entry(tmp_path).timeout == LOCK_TIMEOUT
     assert CacheEntry.file(tmp_path / "f", "f", lambda p: None).timeout == LOCK_TIMEOUT
+
+
+def _restored_by_tar(directory: Path) -> None:
+    """What tar, zip or `cp -r` do to a cache: the same bytes, mtimes in whole seconds."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            os.utime(path, (int(path.stat().st_atime), int(path.stat().st_mtime) - 1))
+
+
+def test_a_big_file_is_read_only_when_its_mtime_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = _entry(tmp_path, digest=lambda name: False)  # every file big: checked by mtime
+    entry.ensure(_maker([]))
+    record = json.loads((entry.path / "MANIFEST.json").read_text())["files"]["sub/file"]
+    assert record[2:] == [hashlib.sha256(b"made").hexdigest(), BY_MTIME]  # the digest is kept all the same
+    read: list[Path] = []
+
+    def file_digest(path: Path) -> bytes:
+        read.append(path)
+        return b""
+
+    monkeypatch.setattr(integrity, "file_digest", file_digest)
+    assert entry.problem() is None and read == []  # the fast path reads nothing
+
+
+def test_a_cache_restored_by_tar_is_used_as_it_is_and_its_record_refreshed(
+        tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    entry, calls = _entry(tmp_path, digest=lambda name: False), list[Path]()
+    entry.ensure(_maker(calls))
+    _restored_by_tar(entry.path)
+    assert entry.ensure(_maker(calls)) is False and len(calls) == 1  # not built again
+    refreshed = json.loads((entry.path / "MANIFEST.json").read_text())["files"]["sub/file"]
+    assert refreshed[1] == (entry.path / "sub" / "file").stat().st_mtime_ns
+    assert not recwarn.list
+
+
+def test_a_big_file_changed_behind_an_old_mtime_is_damaged(tmp_path: Path) -> None:
+    entry = _entry(tmp_path, digest=lambda name: False)
+    entry.ensure(_maker([]))
+    (entry.path / "sub" / "file").write_bytes(b"MADE")  # same size, new mtime
+    assert entry.problem() == "sub/file has changed since it was made (SHA-256 differs)"
+
+
+def test_a_record_without_digests_is_still_checked_by_mtime(tmp_path: Path) -> None:
+    entry = _entry(tmp_path)
+    entry.ensure(_maker([]))
+    manifest = entry.path / "MANIFEST.json"
+    data = json.loads(manifest.read_text())
+    data["files"] = {name: record[:2] for name, record in data["files"].items()}  # as records were made before
+    manifest.write_text(json.dumps(data))
+    assert entry.problem() is None
+    _restored_by_tar(entry.path)
+    assert entry.problem() == "sub/file was modified since it was made (its mtime differs)"
+
+
+def test_no_space_left_is_one_error_naming_the_cache_and_the_space(tmp_path: Path) -> None:
+    entry = _entry(tmp_path)
+
+    def make(staging: Path) -> None:
+        (staging / "half").write_bytes(b"x" * (3 << 20))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CacheFullError, match=rf"the cache directory {entry.path.parent} is full \(\d+ MB free of "
+                                             r"\d+ MB; making test entry key needs more than 3 MB\)") as raised:
+        entry.ensure(make)
+    assert isinstance(raised.value, ConfigError)  # the plugin's usage error
+    assert entry.problem() == NOT_BUILT and [p.name for p in entry.path.parent.iterdir()] == ["key.lock"]
+
+
+def test_a_build_that_fails_on_a_full_disk_is_reported_as_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QEMU saving a snapshot through `cat` to a full disk says "Broken pipe", not ENOSPC.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100 << 20, 100 << 20, 0))
+    entry = _entry(tmp_path)
+
+    def make(staging: Path) -> None:
+        raise ImageError("migration failed: Broken pipe")
+
+    with pytest.raises(CacheFullError, match=r"0 MB free of 100 MB") as raised:
+        entry.ensure(make)
+    assert isinstance(raised.value.__cause__, ImageError)
+
+
+def test_a_build_that_fails_with_room_left_keeps_its_error(tmp_path: Path) -> None:
+    def make(staging: Path) -> None:
+        raise ImageError("compiler failed")
+
+    with pytest.raises(ImageError, match="compiler failed"):
+        _entry(tmp_path).ensure(make)
+
+
+def test_a_cache_directory_without_room_is_refused_before_anything_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 10 << 20))
+    with pytest.raises(CacheFullError, match=rf"{tmp_path} has too little room \(10 MB free of 1024 MB; a run "
+                                             r"\(guest images and snapshots\) needs more than 64 MB\)"):
+        check_cache_dir(tmp_path)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs (needs root and a kernel that lets it mount)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_is_one_clear_error(small_tmpfs: Path) -> None:
+    entry = CacheEntry(small_tmpfs / "images" / "key", "guest image", error=ImageError)
+
+    def make(staging: Path) -> None:
+        (staging / "initramfs.cpio.gz").write_bytes(os.urandom(4 << 20))
+
+    with pytest.raises(CacheFullError, match=rf"the cache directory {small_tmpfs / 'images'} is full "
+                                             r"\(0 MB free of 2 MB; making guest image key needs more than 2 MB\)"):
+        entry.ensure(make)
+    assert entry.problem() == NOT_BUILT
+
+
+def test_a_snapshot_killed_while_it_is_made_leaves_no_directory(tmp_path: Path) -> None:
+    # Snapshots are made in a staging directory and renamed (the kind proven above by
+    # test_a_build_killed_midway_publishes_nothing_and_its_leftovers_are_swept), not in place.
+    from pytest_syscall_irl.lab.snapshot import _entry as snapshot_entry
+    entry = snapshot_entry(tmp_path / "snapshots" / "key")
+    assert not entry.in_place and entry.record is not None

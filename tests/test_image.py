@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pytest_syscall_irl.core.errors import ImageError
-from pytest_syscall_irl.lab.image import CpioEntry, build_guest_image, cpio_newc
+from pytest_syscall_irl.lab.image import (CpioEntry, build_guest_image, build_programs, check_payloads, cpio_newc,
+                                          payload_sources)
 
 
 def test_cpio_round_trips_through_gnu_cpio(tmp_path: Path) -> None:
@@ -90,3 +91,71 @@ def test_two_programs_of_one_name_are_an_error(tmp_path: Path) -> None:
 def test_a_missing_payload_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"payload directory .*nowhere does not exist"):
         build_guest_image(tmp_path / "cache", payloads_on_iso=True, payload_dirs=[tmp_path / "nowhere"])
+
+
+def _payload_dir(tmp_path: Path, name: str = "mine") -> Path:
+    directory = tmp_path / name
+    directory.mkdir()
+    return directory
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to link a dynamic program")
+def test_a_dynamically_linked_program_is_refused_naming_its_loader(tmp_path: Path) -> None:
+    # Shipped, it fails in the guest as "not found": the guest has no loader nor libc.
+    mine = _payload_dir(tmp_path)
+    source = tmp_path / "dyn.c"
+    source.write_text("int main(void) { return 0; }\n")
+    subprocess.run(["gcc", "-o", str(mine / "dyn"), str(source)], check=True)
+    with pytest.raises(ImageError, match=r"guest program .*/mine/dyn is dynamically linked \(needs /lib.*ld-linux.*"
+                                         r"\): .* ship a static x86_64 or i386 ELF"):
+        check_payloads(tmp_path / "cache", [mine])
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to link a shared object")
+def test_a_program_that_needs_a_library_is_refused_naming_it(tmp_path: Path) -> None:
+    # No PT_INTERP (a -nostartfiles -shared oddity), but DT_NEEDED: still nothing to load it with.
+    mine = _payload_dir(tmp_path)
+    source = tmp_path / "lib.c"
+    source.write_text("int f(void) { return 0; }\n")
+    subprocess.run(["gcc", "-shared", "-o", str(mine / "needy"), str(source), "-Wl,--no-as-needed", "-lm"],
+                   check=True)
+    with pytest.raises(ImageError, match=r"needy is dynamically linked \(needs libm\.so\.6"):
+        check_payloads(tmp_path / "cache", [mine])
+
+
+def test_a_file_that_is_not_elf_is_refused(tmp_path: Path) -> None:
+    mine = _payload_dir(tmp_path)
+    (mine / "script").write_text("#!/bin/sh\necho hi\n")
+    with pytest.raises(ImageError, match=r"mine/script is not an ELF file: .* as script\.c"):
+        check_payloads(tmp_path / "cache", [mine])
+
+
+def test_headers_and_hidden_files_are_not_programs(tmp_path: Path) -> None:
+    mine = _payload_dir(tmp_path)
+    (mine / "common.h").write_text("#define X 1\n")
+    (mine / ".gitignore").write_text("*\n")
+    assert set(payload_sources(extra_dirs=[mine])) == set(payload_sources())
+
+
+def test_two_programs_of_one_name_in_two_directories_are_an_error(tmp_path: Path) -> None:
+    first, second = _payload_dir(tmp_path, "first"), _payload_dir(tmp_path, "second")
+    (first / "same.c").write_text("int main(void) { return 0; }\n")
+    (second / "same.c").write_text("int main(void) { return 1; }\n")
+    with pytest.raises(ImageError, match=r"two guest programs named 'same': .*first/same\.c and .*second/same\.c"):
+        check_payloads(tmp_path / "cache", [first, second])
+
+
+def test_a_program_that_does_not_compile_is_an_error_with_the_compilers_words(tmp_path: Path) -> None:
+    mine = _payload_dir(tmp_path)
+    (mine / "broken.c").write_text("int main(void) { return nope; }\n")
+    with pytest.raises(ImageError, match=r"cannot compile guest program .*broken\.c") as raised:
+        check_payloads(tmp_path / "cache", [mine])
+    assert "nope" in (raised.value.log_tail or "")
+
+
+def test_checked_payloads_are_compiled_once_for_the_guests_to_come(tmp_path: Path) -> None:
+    mine = _payload_dir(tmp_path)
+    (mine / "fine.c").write_text("int main(void) { return 0; }\n")
+    check_payloads(tmp_path / "cache", [mine])
+    made = {p.name for p in (tmp_path / "cache" / "programs").iterdir()}
+    assert build_programs(tmp_path / "cache", extra_dirs=[mine])["fine"].parent.name in made

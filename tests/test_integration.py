@@ -111,7 +111,7 @@ def test_nothing_listens_on_tcp(guest: Guest, gdb: GdbSession) -> None:
         assert not _socket_inodes(pid) & listening, f"process {pid} listens on TCP"
     sockets = guest.machine.sockets.directory
     assert (sockets.stat().st_mode & 0o777) == 0o700
-    assert {p.name for p in sockets.iterdir()} == {"console.sock", "gdb.sock", "qmp.sock"}
+    assert {p.name for p in sockets.iterdir()} == {"console.sock", "channel.in", "channel.out", "gdb.sock", "qmp.sock"}
 
 
 # --- whole runs in a subprocess ------------------------------------------------------
@@ -272,7 +272,7 @@ def test_payloads_travel_in_the_initramfs_when_the_iso_cannot_be_mounted(kernel:
     config = MachineConfig(kernel=kernel.bzimage.path, initrd=image.initramfs)
     with QemuMachine(config, tmp_path / "logs") as machine:
         machine.launch()
-        console = GuestConsole(machine.sockets.console)
+        console = GuestConsole(machine.sockets.console, channel_path=machine.sockets.channel)
         try:
             console.connect()
             machine.resume()
@@ -288,7 +288,7 @@ def test_a_failing_test_reports_its_guest_and_gdb_logs(pytester: pytest.Pytester
     result = pytester.runpytest_subprocess("--junitxml=junit.xml")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(
-        ["*guest shared-* console, restored from snapshot*", "*SIRL{*", "*gdb/mi transcript (tail)*"]
+        ["*guest shared-* commands (tail)*", "$ echo x", "x", "[[]exit 0]", "*gdb/mi transcript (tail)*"]
     )
     # The failed testcase's properties name its guest's log directory and the GDB/MI transcript.
     (logs,) = failed_logs(pytester.path / "junit.xml").values()

@@ -1,6 +1,7 @@
 """Every invariant of the conformance suite can fail: for each, a fault makes the kernel
 break it at run time through the debugger, and the suite's own test must report it with
-expected and actual values (and the captured trace, where it took one)."""
+expected and actual values (and the captured trace, where it took one), as a violation
+(the failure class of its JUnit testcase)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from invariant_faults import FAULTS
 
 from pytest_syscall_irl.kernel.build import reference_kernel
+from pytest_syscall_irl.report.junit import outcomes
 
 pytestmark = pytest.mark.integration
 
@@ -53,11 +55,14 @@ def test_invariant_reports_the_broken_kernel(name: str, suite_copy: Path, pytest
     monkeypatch.setenv("SIRL_FAULT", name)
     monkeypatch.setenv("PYTHONPATH", str(suite_copy))
     monkeypatch.chdir(suite_copy)
+    junit = pytester.path / "junit.xml"
     result = pytester.run(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"x86_64/{fault.test}",
-                          timeout=240)
+                          f"--junitxml={junit}", timeout=240)
     out = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED, out
     assert "1 failed" in out, out
+    found = outcomes(junit)  # the kernel's fault, not the harness's: git bisect would call it bad
+    assert (found.violated, found.crashed, found.broken) == (1, 0, 0), (found, out)
     assert re.search(fault.message, out), f"failure message does not match {fault.message!r}:\n{out}"
     if fault.traced:  # the report carries the whole captured path
         assert "syscall trace 1" in out and re.search(r"syscall trace of (x86_64|ia32) nr=", out), out

@@ -8,6 +8,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from pytest_syscall_irl.cli import main as cli
 
 from pytest_syscall_irl.kernel import build as kernel_build
 from pytest_syscall_irl.core.errors import ConfigError, KernelError
-from pytest_syscall_irl.kernel.artifacts import BzImage, Kernel, Vmlinux, parse_version_string, version_tuple
+from pytest_syscall_irl.kernel.artifacts import (CRC_RESIDUE, BzImage, Kernel, Vmlinux, image_crc, parse_version_string,
+                                                 version_tuple)
 from pytest_syscall_irl.core.cache import cache_dir
 from pytest_syscall_irl.kernel.build import KernelBuild, build_key, dropped_options, reference_kernel
 
@@ -41,8 +43,14 @@ def make_bzimage(path: Path, version: str = VERSION) -> Path:
     data[0xB00:0xB02] = b"\x1f\x8b"
     encoded = version.encode() + b"\0"
     data[0x3000 : 0x3000 + len(encoded)] = encoded
-    path.write_bytes(bytes(data))
+    path.write_bytes(with_crc(data))
     return path
+
+
+def with_crc(data: bytearray) -> bytes:
+    """*data* with the CRC-32 trailer arch/x86/boot/tools/build.c writes in its last 4 bytes."""
+    struct.pack_into("<I", data, len(data) - 4, zlib.crc32(data[:-4]) ^ 0xFFFFFFFF)
+    return bytes(data)
 
 
 def make_vmlinux(path: Path, banner: str = BANNER, extra: str = "") -> Path:
@@ -581,3 +589,64 @@ def test_a_full_base_merges_only_what_the_suite_needs(tmp_path: Path) -> None:
     assert KernelBuild().fragments == [kernel_build.default_fragment()]
     with pytest.raises(ConfigError, match="neither tinyconfig nor defconfig nor a .config file"):
         KernelBuild(base="allnoconfig")
+
+
+def _zeroed_body(source: Path, target: Path) -> Path:
+    """*source* with its header intact and the rest of its kernel zeroed: what a copy cut
+    short into a preallocated file, or a disk error, leaves."""
+    data = bytearray(source.read_bytes())
+    data[0x10200:-4] = bytes(len(data) - 0x10200 - 4)
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_a_bzimage_whose_body_no_longer_matches_its_crc_is_refused(tmp_path: Path) -> None:
+    image = make_bzimage(tmp_path / "bzImage")
+    data = bytearray(image.read_bytes())
+    data[0x3800] ^= 1  # one bit, behind an intact header
+    image.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=rf"{image} is damaged: its contents do not match the CRC-32 its kernel "
+                                          r"build appended \(the trailer at byte 16380 says 0x[0-9a-f]{8}, the 16380 "
+                                          r"bytes before it give 0x[0-9a-f]{8}\): copy it again"):
+        BzImage.read(image)
+
+
+def test_the_crc_is_build_cs_register_not_finalised() -> None:
+    # arch/x86/boot/tools/build.c: CRC-32 (0xEDB88320, initial 0xffffffff) without the final
+    # inversion, stored little-endian: an image with its trailer has zlib's residue.
+    body = b"kernel" * 1000
+    assert image_crc(body + struct.pack("<I", zlib.crc32(body) ^ 0xFFFFFFFF)) == CRC_RESIDUE
+
+
+def test_a_signed_image_passes_once_its_signers_edits_are_undone(tmp_path: Path) -> None:
+    # sbsign/pesign set the PE checksum and the certificate table entry, and append the
+    # signature after the image (Debian's vmlinuz files are signed so).
+    data = bytearray(0x4000)
+    data[0x3C:0x40] = struct.pack("<I", 0x40)
+    data[0x40:0x44] = b"PE\0\0"
+    struct.pack_into("<H", data, 0x40 + 0x18, 0x20B)  # PE32+
+    unsigned = with_crc(data)
+    signed = bytearray(unsigned)
+    struct.pack_into("<I", signed, 0x40 + 0x58, 0x12345)
+    struct.pack_into("<II", signed, 0x40 + 0xA8, len(signed), 1472)
+    assert image_crc(unsigned) == image_crc(bytes(signed)) == CRC_RESIDUE
+
+
+def _installed_kernels() -> list[Path]:
+    return [*Path(cache_dir(), "kernels").glob("*/bzImage"), *Path(cache_dir(), "debian-kernels").glob("*/vmlinuz")]
+
+
+@pytest.mark.skipif(not _installed_kernels(), reason="no built or fetched kernel in the cache")
+@pytest.mark.parametrize("image", _installed_kernels(), ids=lambda path: path.parent.name[:24])
+def test_real_kernels_pass_the_crc_check(image: Path) -> None:
+    assert BzImage.read(image).release[0].isdigit()
+
+
+@pytest.mark.skipif(reference_kernel() is None, reason="reference kernel not built (syscall-irl kernel build)")
+def test_kernel_check_reports_a_zeroed_body(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reference = reference_kernel()
+    assert reference is not None
+    damaged = _zeroed_body(reference, tmp_path / "bzImage")
+    assert cli.main(["kernel", "check", f"--kernel={damaged}", f"--vmlinux={reference.parent / 'vmlinux'}",
+                     "--modules=none"]) == 2
+    assert f"{damaged} is damaged: its contents do not match the CRC-32" in capsys.readouterr().err

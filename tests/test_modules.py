@@ -87,3 +87,15 @@ def test_none_means_no_modules_and_a_missing_default_too(tmp_path: Path) -> None
     assert guest_modules(RELEASE, Path("none")).files == ()
     assert guest_modules("0.0.0-no-such-release", None).files == ()
     assert guest_modules(RELEASE, _module_dir(tmp_path)).directory == tmp_path
+
+
+def test_a_missing_module_directory_says_it_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"module directory .*/nowhere does not exist: pass the kernel's module "
+                                          r"directory .* or --modules=none"):
+        guest_modules("6.1.0", tmp_path / "nowhere")
+
+
+def test_a_file_given_as_module_directory_says_so(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"module directory .*/file is not a directory"):
+        guest_modules("6.1.0", tmp_path / "file")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ def _fake_bzimage(path: Path, version: str) -> Path:
     data[0x202:0x206] = b"HdrS"
     struct.pack_into("<H", data, 0x20E, 0x600)
     data[0x800:0x800 + len(version) + 1] = version.encode() + b"\0"
+    # The CRC-32 trailer (arch/x86/boot/tools/build.c) of its 5 sectors (setup_sects 0, syssize 0).
+    struct.pack_into("<I", data, 0xA00 - 4, zlib.crc32(data[: 0xA00 - 4]) ^ 0xFFFFFFFF)
     path.write_bytes(bytes(data))
     return path
 

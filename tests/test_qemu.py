@@ -32,10 +32,22 @@ def test_command_line_uses_only_unix_sockets_and_no_network() -> None:
     assert "-s" not in cmd and "tcp:" not in joined and "tcp::" not in joined
     assert _value(cmd, "-gdb") == ["chardev:gdb"]
     chardevs = _value(cmd, "-chardev")
-    assert all(c.startswith("socket,") and "path=/tmp/sirl-x/" in c for c in chardevs)
+    assert all(c.startswith(("socket,", "pipe,")) and "path=/tmp/sirl-x/" in c for c in chardevs)
     assert "logfile=/logs/console.log" in chardevs[0]
     assert _value(cmd, "-nic") == ["none"] and "-nodefaults" in cmd and "-no-reboot" in cmd
     assert "-S" in cmd  # started paused: the console connects before the guest prints
+
+
+def test_the_kernel_console_is_ttys0_and_the_agent_channel_ttys1_unlogged() -> None:
+    # The first -serial is ttyS0 (COM1), the second ttyS1 (COM2): the kernel's console must
+    # stay first; the channel has no logfile (QEMU writes serial output a byte per write()).
+    cmd = qemu_command(_config(), Sockets(Path("/tmp/sirl-x")), Path("/logs/console.log"))
+    assert _value(cmd, "-serial") == ["chardev:con", "chardev:cmd"]
+    chardevs = {c.split("id=")[1].split(",")[0]: c for c in _value(cmd, "-chardev")}
+    assert chardevs["cmd"] == "pipe,id=cmd,path=/tmp/sirl-x/channel"  # FIFOs channel.in, channel.out
+    assert "logfile=/logs/console.log" in chardevs["con"]
+    alone = qemu_command(_config(channel=False), Sockets(Path("/tmp/sirl-x")), Path("/logs/console.log"))
+    assert _value(alone, "-serial") == ["chardev:con"] and "channel" not in " ".join(alone)
 
 
 def test_command_line_boot_and_disk() -> None:
@@ -161,3 +173,11 @@ def test_a_console_that_never_connects_to_an_unloadable_state_is_a_state_load_er
         assert machine.load_failure(other) is other
     finally:
         machine.shutdown()
+
+
+def test_commas_in_paths_are_doubled_for_qemus_option_parser() -> None:
+    # A cache under /ci/a,b would otherwise end `file=` at the comma: "Invalid parameter 'b/...'".
+    cmd = qemu_command(_config(iso=Path("/a,b/p.iso")), Sockets(Path("/s,t")), Path("/l,m/console.log"))
+    assert _value(cmd, "-drive") == ["file=/a,,b/p.iso,if=virtio,format=raw,readonly=on,media=disk"]
+    assert "socket,id=con,path=/s,,t/console.sock,server=on,wait=off,logfile=/l,,m/console.log" in \
+        _value(cmd, "-chardev")

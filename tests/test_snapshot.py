@@ -69,6 +69,7 @@ def test_key_changes_with_file_contents_at_the_same_path(config: MachineConfig, 
         {"extra_args": ("-cpu", "max")},
         {"iso": None},
         {"qemu": "/opt/qemu/bin/qemu-system-x86_64"},
+        {"channel": False},  # the agent's serial port: its guest talks on ttyS0 instead
     ],
 )
 def test_key_changes_with_the_machine_arguments(config: MachineConfig, change: dict[str, object]) -> None:

@@ -1,7 +1,7 @@
 """The tracer's walk, against typed stand-ins for the debugger and the guest (the
 protocols of trace/protocols.py): stepping, the entry code cache, failing fast when the
-command ends first, cleanup that never replaces the real error, and a walk built from
-what it needs, without a tracer."""
+command ends first, cleanup that never replaces the real error, a walk built from what
+it needs, without a tracer, and counts and traces that check their command's status."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytest_syscall_irl.machine.console import CommandResult
-from pytest_syscall_irl.core.errors import GdbError, SyscallIrlError
+from pytest_syscall_irl.core.errors import FailureClass, GdbError, SyscallIrlError, classify
 from pytest_syscall_irl.machine.gdbmi import GdbTimeoutError
 from pytest_syscall_irl.machine.mi_records import Breakpoint, Frame, Instruction, StopEvent
 from pytest_syscall_irl.lab.image import Payload
@@ -25,7 +25,7 @@ from pytest_syscall_irl.arch.x86_64 import X86_64
 from pytest_syscall_irl.arch.x86_64.roads import SYSCALL64
 from pytest_syscall_irl.trace.facts import FactsCache, KernelFacts
 from pytest_syscall_irl.trace.model import SyscallSelector, SyscallTrace, TraceError
-from pytest_syscall_irl.trace.tracer import SyscallTracer
+from pytest_syscall_irl.trace.tracer import CommandFailed, ExpectedStatus, SyscallTracer
 from pytest_syscall_irl.trace.walk import MAX_STEP_ATTEMPTS, Walk
 
 
@@ -283,3 +283,57 @@ def test_a_count_that_times_out_keeps_its_error_through_cleanup(tmp_path: Path) 
     with pytest.raises(TraceError, match="did not end within"):
         tracer.count("sleep 100", 0xFFFFFFFF81000000, timeout=0.3)
     assert gdb.state == "stopped"
+
+
+# --- a command's status: counted or traced, it must end as its caller expects ----------
+
+def test_a_count_of_a_command_that_could_not_run_fails_with_its_status_and_output(tmp_path: Path) -> None:
+    console = FakeConsole(status=127, output="sh: /payloads/nope: not found\n")
+    with pytest.raises(CommandFailed) as raised:
+        _tracer(FakeDebugger(), tmp_path, console=console).count("/payloads/nope", 0xFFFFFFFF81000000)
+    message = str(raised.value)
+    assert "`/payloads/nope` exited with status 127 (not found), expected 0" in message
+    assert "sh: /payloads/nope: not found" in message
+    assert classify(raised.value) is FailureClass.HARNESS  # not the kernel's: nothing ran
+
+
+def test_count_syscalls_checks_the_status_too(tmp_path: Path) -> None:
+    tracer = _tracer(FakeDebugger(instructions=ENTRY), tmp_path, console=FakeConsole(status=127))
+    with pytest.raises(CommandFailed, match="status 127"):
+        tracer.count_syscalls("/payloads/nope", nr=228)
+
+
+@pytest.mark.parametrize("status, expected", [(139, 139), (139, (0, 139)), (0, (0, 139)), (3, None)])
+def test_a_status_the_caller_expects_is_counted(tmp_path: Path, status: int, expected: ExpectedStatus) -> None:
+    tracer = _tracer(FakeDebugger(), tmp_path, console=FakeConsole(status=status))
+    hits, result = tracer.count("/payloads/vsyscall", 0xFFFFFFFF81000000, expect_status=expected)
+    assert (hits, result.status) == (0, status)
+
+
+def test_a_status_the_caller_did_not_expect_is_a_violation(tmp_path: Path) -> None:
+    tracer = _tracer(FakeDebugger(), tmp_path, console=FakeConsole(status=139, output=""))
+    with pytest.raises(CommandFailed, match=r"status 139 \(killed by signal 11\), expected 0 or 4") as raised:
+        tracer.count("/payloads/sysret_check cs32", 0xFFFFFFFF81000000, expect_status=(0, 4))
+    assert classify(raised.value) is FailureClass.VIOLATION  # it ran, under the kernel under test
+
+
+def _walk_that_takes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Walk, "arm_first", lambda self, user_address: None)
+    monkeypatch.setattr(Walk, "walk", lambda self, from_user: None)
+
+
+def test_a_trace_whose_command_fails_afterwards_fails_and_is_kept(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _walk_that_takes_nothing(monkeypatch)
+    tracer = _tracer(FakeDebugger(), tmp_path, console=FakeConsole(status=1, output="write returned 3\n"))
+    with pytest.raises(CommandFailed, match="status 1, expected 0") as raised:
+        tracer.command("/payloads/syscall_irl", nr=1)
+    assert "write returned 3" in str(raised.value)
+    assert [trace.status for trace in tracer.traces] == [1]  # the report still shows the trace
+
+
+def test_a_trace_may_accept_any_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _walk_that_takes_nothing(monkeypatch)
+    tracer = _tracer(FakeDebugger(), tmp_path, console=FakeConsole(status=4))
+    assert tracer.command("/payloads/sysret_check cs32", nr=15, expect_status=None).status == 4
+    assert tracer.command("/payloads/sysret_check cs32", nr=15, expect_status=4).status == 4

@@ -3,12 +3,19 @@ and turn the outcome into the exit status git bisect understands.
 
     git bisect run syscall-irl bisect-run -- --pyargs pytest_syscall_irl.suites -k fmask
 
-- 0 (good): the selected tests passed.
-- 1 (bad): a test failed: an invariant does not hold on this commit.
-- 125 (skip): this commit cannot be judged: the kernel did not build, or the harness or the
-  environment broke (a test error, a usage error, no tests ran). Skipping, not blaming, keeps a
-  broken build or a flaky machine from being named the culprit.
-- 130: interrupted; git bisect stops on any status above 127.
+The JUnit report tells each failed test's class (core/errors.py, `FailureClass`):
+
+- 0 (good): tests passed, and none failed or crashed.
+- 1 (bad): the kernel is at fault: a test found an invariant violated, or the kernel crashed
+  (a panic, Oops or BUG; a kernel that never reached the guest's agent).
+- 125 (skip): this commit cannot be judged: the kernel did not build, the harness broke
+  (GDB, QEMU, a deadline of ours: the only failures are the harness's), or every selected
+  test skipped (nothing was checked). Skipping, not blaming, keeps a broken build or a
+  flaky machine from being named the culprit.
+- 128 (abort): no commit can be judged: a usage error (pytest exit status 4: a bad option,
+  no QEMU or GDB), no test selected (exit status 5), or a tool the build needs is missing.
+  git bisect stops on any status above 127, rather than skipping every commit.
+- 130 (abort): interrupted.
 
 The tree is built with KernelBuild (tinyconfig + the fragment, out of tree in the cache, so each
 step after the first is an incremental build).
@@ -23,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import SyscallIrlError
-from ..report.junit import outcomes
-from ..kernel.build import KernelBuild, Progress
+from ..kernel.build import KernelBuild, Progress, missing_build_deps
+from ..report.junit import Outcomes, outcomes
 
-GOOD, BAD, SKIP, ABORT = 0, 1, 125, 130
-PYTEST_TESTS_FAILED, PYTEST_INTERRUPTED = 1, 2
+GOOD, BAD, SKIP, ABORT, INTERRUPTED = 0, 1, 125, 128, 130
+PYTEST_OK, PYTEST_TESTS_FAILED, PYTEST_INTERRUPTED, PYTEST_USAGE_ERROR, PYTEST_NO_TESTS = 0, 1, 2, 4, 5
 
 
 @dataclass(frozen=True)
@@ -38,18 +45,37 @@ class Verdict:
     reason: str
 
 
+def _judge_failures(found: Outcomes) -> Verdict:
+    """The verdict of a run with failed tests, by their classes (crash and violation first)."""
+    if found.kernel_at_fault:
+        what = ", ".join(part for part in (f"{found.violated} invariant(s) violated" if found.violated else "",
+                                           f"{found.crashed} test(s) saw the kernel crash" if found.crashed else "")
+                         if part)
+        return Verdict(BAD, f"the kernel is at fault: {what}")
+    if found.broken:
+        return Verdict(SKIP, f"{found.broken} test(s) broken by the harness and none blamed the kernel")
+    if found.misused:
+        return Verdict(ABORT, f"{found.misused} test(s) failed on a usage error: no commit can fix that")
+    return Verdict(SKIP, "pytest reported failures but its JUnit report names none: cannot judge")
+
+
 def verdict(pytest_status: int, junit: Path) -> Verdict:
-    """Map pytest's exit status (and its JUnit report: violations vs breakage) to git bisect's."""
-    if pytest_status == 0:
-        return Verdict(GOOD, "the tests passed")
+    """Map pytest's exit status and its JUnit report (each failure's class) to git bisect's."""
     if pytest_status == PYTEST_INTERRUPTED:
-        return Verdict(ABORT, "pytest was interrupted")
+        return Verdict(INTERRUPTED, "pytest was interrupted")
+    if pytest_status == PYTEST_USAGE_ERROR:
+        return Verdict(ABORT, "pytest exited with a usage error (an option, the kernel's files, QEMU or GDB): "
+                              "no commit can be judged until it is fixed")
+    if pytest_status == PYTEST_NO_TESTS:
+        return Verdict(ABORT, "no test was collected: the selection matches no test on any commit")
+    found = outcomes(junit)
+    if pytest_status == PYTEST_OK:
+        if found.passed == 0:
+            return Verdict(SKIP, f"no test passed ({found.skipped} skipped): nothing was checked on this commit")
+        return Verdict(GOOD, f"{found.passed} test(s) passed" + (f", {found.skipped} skipped" if found.skipped else ""))
     if pytest_status == PYTEST_TESTS_FAILED:
-        found = outcomes(junit)
-        if found.violated:
-            return Verdict(BAD, f"{found.violated} test(s) failed: an invariant does not hold")
-        return Verdict(SKIP, f"{found.broken} test(s) broken and none failed: the harness or the environment broke")
-    return Verdict(SKIP, f"pytest exited {pytest_status} (usage error, internal error or no tests)")
+        return _judge_failures(found)
+    return Verdict(SKIP, f"pytest exited {pytest_status} (an internal error): the harness broke")
 
 
 def pytest_command(pytest_args: Sequence[str], build: KernelBuild, junit: Path) -> list[str]:
@@ -60,6 +86,9 @@ def pytest_command(pytest_args: Sequence[str], build: KernelBuild, junit: Path) 
 
 def bisect_step(build: KernelBuild, pytest_args: Sequence[str], say: Progress) -> Verdict:
     """Build the tree, run pytest on it (its output goes to ours), judge."""
+    missing = missing_build_deps()
+    if missing:  # the same on every commit: skipping each would end the bisection with no answer
+        return Verdict(ABORT, f"building a kernel needs: apt-get install {' '.join(missing)}")
     try:
         build.build()
     except SyscallIrlError as exc:
@@ -71,5 +100,5 @@ def bisect_step(build: KernelBuild, pytest_args: Sequence[str], say: Progress) -
     try:
         status = subprocess.run(command, stdin=subprocess.DEVNULL).returncode
     except KeyboardInterrupt:
-        return Verdict(ABORT, "interrupted")
+        return Verdict(INTERRUPTED, "interrupted")
     return verdict(status, junit)

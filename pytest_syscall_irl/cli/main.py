@@ -238,8 +238,9 @@ def add_ci_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 def add_bisect_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `bisect-run`, one step of `git bisect run`."""
     bisect = subparsers.add_parser(
-        "bisect-run", help="for `git bisect run`: build the tree, run pytest on it; exit 0 good, 1 an invariant "
-        "failed, 125 skip (build failed, harness or environment broke)")
+        "bisect-run", help="for `git bisect run`: build the tree, run pytest on it; exit 0 good, 1 bad (an "
+        "invariant violated or the kernel crashed), 125 skip (build failed, the harness broke, every test skipped), "
+        "128 abort (usage error, no test selected, a build tool missing), 130 interrupted")
     bisect.add_argument("--tree", metavar="DIR", help="kernel source tree (default: the current directory)")
     bisect.add_argument("--config", metavar="FRAGMENT",
                         help="config fragment merged over tinyconfig (default: guest/kernel.config)")

@@ -20,6 +20,7 @@ their record, written last by atomic rename, is what publishes them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -47,6 +48,36 @@ Say = Callable[[str], None]
 Make = Callable[[Path], Mapping[str, object] | None]
 
 
+# Less free space than this in the cache directory fails a run before anything is made:
+# one guest snapshot is ~25 MB, a guest image and GDB's index a few MB more each, and a
+# run that runs out half-way fails every test in turn with errors that do not say why.
+MIN_FREE = 64 << 20
+# After a failed build, less than this left free means the disk was full, whatever error the
+# build reported (QEMU writing a snapshot through `cat` reports a broken pipe).
+FULL = 1 << 20
+
+
+class CacheFullError(ConfigError):
+    """The cache's disk is full: no build can fix that, only space can (a usage error)."""
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1 << 20):.0f} MB"
+
+
+def full_disk_error(directory: Path, doing: str, needed: int | None = None, state: str = "is full") -> CacheFullError:
+    """The error for a full disk under *directory* while *doing* something, with the figures
+    of `shutil.disk_usage` and, if known, what was *needed*."""
+    try:
+        usage = shutil.disk_usage(directory)
+        figures = f"{_megabytes(usage.free)} free of {_megabytes(usage.total)}"
+    except OSError:
+        figures = "its free space unknown"
+    need = f"; {doing} needs more than {_megabytes(needed)}" if needed else ""
+    return CacheFullError(f"the cache directory {directory} {state} ({figures}{need}): free some space there, "
+                          "or point $SYSCALL_IRL_CACHE at a disk with room")
+
+
 def cache_dir() -> Path:
     """$SYSCALL_IRL_CACHE, else $XDG_CACHE_HOME/pytest-syscall-irl, else ~/.cache/pytest-syscall-irl."""
     if os.environ.get("SYSCALL_IRL_CACHE"):
@@ -62,8 +93,12 @@ def check_cache_dir(directory: Path) -> Path:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise full_disk_error(directory, "making anything", MIN_FREE) from exc
         raise ConfigError(f"cannot write to the cache directory {directory} ({exc.strerror or exc}): make it "
                           "writable, or point $SYSCALL_IRL_CACHE at a directory you may write") from exc
+    if shutil.disk_usage(directory).free < MIN_FREE:
+        raise full_disk_error(directory, "a run (guest images and snapshots)", MIN_FREE, "has too little room")
     return directory
 
 
@@ -228,6 +263,25 @@ class CacheEntry:
                 else:
                     path.unlink(missing_ok=True)
 
+    def _full(self, exc: BaseException, written: int | None) -> CacheFullError | None:
+        """The full-disk error if *exc* (or its cause) is ENOSPC, or if the disk is full now;
+        *written*: what the build had written when it failed (the space it needed, at least).
+
+        One clear error in place of what the builder saw of a full disk ("Broken pipe" from
+        QEMU saving a snapshot, a raw OSError from a library), which would come at each use."""
+        if isinstance(exc, CacheFullError) or not isinstance(exc, Exception):
+            return None
+        chain: list[BaseException] = [exc]
+        while chain[-1].__cause__ is not None and len(chain) < 8:
+            chain.append(chain[-1].__cause__)
+        no_space = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+        try:
+            no_space = no_space or shutil.disk_usage(self.path.parent).free < FULL
+        except OSError:
+            pass
+        doing = f"making {self.what} {self.path.name}"
+        return full_disk_error(self.path.parent, doing, written) if no_space else None
+
     def _files(self, directory: Path) -> list[Path]:
         if not directory.is_dir():
             return []
@@ -239,8 +293,13 @@ class CacheEntry:
         if self.in_place:
             self.path.mkdir(parents=True, exist_ok=True)
             # Nothing is published until the record is written: a build cut short leaves "not built".
-            meta = make(self.path)
-            self.seal(meta)
+            try:
+                self.seal(make(self.path))
+            except BaseException as exc:
+                full = self._full(exc, None)
+                if full is not None:
+                    raise full from exc
+                raise
             return
         if self.is_file:
             fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
@@ -253,9 +312,19 @@ class CacheEntry:
             if self.record is not None:
                 write_record(staging / self.record, staging, self._files(staging), self.digest, meta, self.field)
             os.rename(staging, self.path)  # whole or not at all
-        except BaseException:
+        except BaseException as exc:
+            full = self._full(exc, _size(staging))  # measured before the staging goes
             if staging.is_dir():
                 shutil.rmtree(staging, ignore_errors=True)
             else:
                 staging.unlink(missing_ok=True)
+            if full is not None:
+                raise full from exc
             raise
+
+
+def _size(path: Path) -> int:
+    """Bytes under *path* (a file or a directory), 0 if it is gone."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in tree_files(path) if p.is_file()) if path.is_dir() else 0

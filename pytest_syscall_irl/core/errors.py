@@ -1,12 +1,23 @@
-"""One error hierarchy for everything the domain modules raise.
+"""One error hierarchy for everything the domain modules raise, and the failure classes
+every face reports with.
 
 Every error that comes from a child process carries what is needed to act on it
 without re-running: the command line, the exit code and the tail of the relevant log.
+
+Failure classes (`FailureClass`): a red result must say whose fault it is.
+- violation: the kernel broke an invariant (a test's assertion failed);
+- crash: the kernel crashed (a panic, Oops, BUG on its console: `GuestPanic`) or never
+  reached the guest's agent (`BootFailure`);
+- harness: GDB, QEMU, the console, our own code or one of its deadlines broke: says
+  nothing about the kernel;
+- usage: the run was asked for something it cannot do (`ConfigError`): no commit can fix it.
+Each error class carries its class (`failure_class`); `classify` reads it off any exception.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+from collections.abc import Iterator, Sequence
 
 TAIL_LINES = 40
 
@@ -16,8 +27,27 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+class FailureClass(enum.Enum):
+    """Whose fault a failed test is (see the module docstring)."""
+
+    VIOLATION = "violation"
+    CRASH = "crash"
+    HARNESS = "harness"
+    USAGE = "usage"
+
+    @property
+    def kernel_at_fault(self) -> bool:
+        """True for the classes that blame the kernel under test (violation, crash)."""
+        return self in (FailureClass.VIOLATION, FailureClass.CRASH)
+
+
 class SyscallIrlError(Exception):
-    """Base class of every error raised by pytest-syscall-irl."""
+    """Base class of every error raised by pytest-syscall-irl.
+
+    Its `failure_class` is harness unless the subclass (or the instance) says otherwise:
+    an error of ours that nobody classified must not blame the kernel."""
+
+    failure_class: FailureClass = FailureClass.HARNESS
 
     def __init__(
         self,
@@ -47,6 +77,8 @@ class SyscallIrlError(Exception):
 class ConfigError(SyscallIrlError):
     """Bad user input (a path, an option value); the plugin turns it into a usage error."""
 
+    failure_class = FailureClass.USAGE
+
 
 class KernelError(SyscallIrlError):
     """A kernel artifact is unusable, or a kernel build failed."""
@@ -73,11 +105,48 @@ class ConsoleError(SyscallIrlError):
 
 
 class GuestPanic(ConsoleError):
-    """The guest kernel printed a panic, an Oops or a BUG."""
+    """The guest kernel printed a panic, an Oops or a BUG (a console error by where it is
+    seen, a crash by whose fault it is)."""
+
+    failure_class = FailureClass.CRASH
+
+
+class BootFailure(SyscallIrlError):
+    """The kernel never reached the guest's agent: it panicked while booting, or QEMU exited
+    on its own before the agent was ready (with `panic=-1 -no-reboot`, a panic or a triple
+    fault). Raised by `Lab.boot`; its cause is the console's error."""
+
+    failure_class = FailureClass.CRASH
 
 
 class ConsoleTimeout(ConsoleError):
     """The guest console did not print what was awaited in time."""
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """*exc* and the exceptions it was raised from or while handling, nearest first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        # `raise ... from None` hides the context: so does this walk.
+        current = current.__cause__ if current.__cause__ is not None or current.__suppress_context__ \
+            else current.__context__
+
+
+def classify(exc: BaseException) -> FailureClass:
+    """The failure class of *exc*, raised by a test: an AssertionError is a violation, one
+    of our errors says its own class, anything else is the harness's (our own code broke).
+    A crash anywhere in the chain wins: a GDB error raised because the kernel panicked
+    under it is the kernel's crash, not GDB's."""
+    if any(getattr(cause, "failure_class", None) is FailureClass.CRASH for cause in causes(exc)):
+        return FailureClass.CRASH
+    if isinstance(exc, SyscallIrlError):
+        return exc.failure_class
+    if isinstance(exc, AssertionError):
+        return FailureClass.VIOLATION
+    return FailureClass.HARNESS
 
 
 class SyscallIrlWarning(UserWarning):

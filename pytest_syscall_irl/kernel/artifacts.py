@@ -14,6 +14,7 @@ import os
 import re
 import struct
 import time
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -151,6 +152,7 @@ class BzImage:
             )
         image = cls(path, _setup_version(path, head))
         _check_layout(path, head)
+        _check_crc(path, head)
         return image
 
     @property
@@ -214,6 +216,52 @@ def _check_layout(path: Path, head: bytes) -> None:
     if not any(magic.startswith(known) for known in PAYLOAD_MAGICS):
         raise ConfigError(f"{path}: its compressed kernel at offset {start} starts with {magic[:6].hex(' ')}, "
                           f"not a gzip, bzip2, lzma, xz, lzo, lz4 or zstd header (damaged?): {_TRUNCATED_FIX}")
+
+
+# CRC-32 of an intact image (its trailer included), as zlib computes it: build.c appends the
+# CRC register (polynomial 0xEDB88320, initial 0xffffffff) without the final inversion, so
+# the finalised CRC of the whole image is the CRC-32 residue of the inverted register.
+CRC_RESIDUE = 0xFFFFFFFF
+# Offsets from "PE\0\0": the optional header's checksum, and its certificate table entry
+# (data directory 4) in a PE32+ and a PE32 optional header.
+_PE_CHECKSUM, _PE_CERT_DIRECTORY = 0x58, (0xA8, 0x98)
+
+
+def image_crc(data: bytes) -> int:
+    """zlib's CRC-32 of *data*, the bzImage from its first byte to its CRC trailer: an intact
+    image gives CRC_RESIDUE. A signed (Authenticode) image gives it once its signer's edits
+    of the PE header (the checksum and the certificate table's entry) are undone."""
+    crc = zlib.crc32(data)
+    if crc == CRC_RESIDUE or len(data) < 0x40 or data[0x3C:0x40] == b"\0\0\0\0":
+        return crc
+    (pe,) = struct.unpack_from("<I", data, 0x3C)
+    if pe + 0xB0 > len(data) or data[pe : pe + 4] != b"PE\0\0":
+        return crc
+    (magic,) = struct.unpack_from("<H", data, pe + 0x18)
+    directory = pe + _PE_CERT_DIRECTORY[0 if magic == 0x20B else 1]
+    if struct.unpack_from("<II", data, directory)[1] == 0:  # not signed
+        return crc
+    unsigned = bytearray(data)
+    struct.pack_into("<I", unsigned, pe + _PE_CHECKSUM, 0)
+    struct.pack_into("<II", unsigned, directory, 0, 0)
+    return zlib.crc32(unsigned)
+
+
+def _check_crc(path: Path, head: bytes) -> None:
+    """ConfigError if the image's body does not match its CRC-32 trailer (see image_crc):
+    a zeroed or overwritten body behind an intact header boots into a triple fault, which
+    QEMU reports as a clean exit, once per test."""
+    setup_sects = head[0x1F1] or 4
+    (syssize,) = struct.unpack_from("<I", head, 0x1F4)
+    length = (setup_sects + 1) * 512 + syssize * 16  # the signature of a signed image follows
+    with path.open("rb") as f:
+        data = f.read(length)
+    if image_crc(data) != CRC_RESIDUE:
+        (trailer,) = struct.unpack_from("<I", data, length - 4)
+        computed = zlib.crc32(data[:-4]) ^ 0xFFFFFFFF  # the register build.c would have written
+        raise ConfigError(f"{path} is damaged: its contents do not match the CRC-32 its kernel build appended "
+                          f"(the trailer at byte {length - 4} says {trailer:#010x}, the {length - 4} bytes "
+                          f"before it give {computed:#010x}): {_TRUNCATED_FIX}")
 
 
 class _Segment(NamedTuple):

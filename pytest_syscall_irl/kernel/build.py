@@ -280,7 +280,8 @@ class KernelBuild:
     @property
     def entry(self) -> CacheEntry:
         """This build in the cache: built in place (obj/ serves the next build), published by
-        its record, which keeps the bzImage's SHA-256 and the 60 MB vmlinux's size and mtime."""
+        its record, which keeps the SHA-256 of both: the bzImage's checked on every use, the
+        60 MB vmlinux's only when its mtime differs (a cache restored by tar: core.integrity)."""
         return CacheEntry(self.directory, "kernel build", record=RECORD, field="artifacts",
                           digest=lambda name: name == "bzImage",
                           members=lambda directory: [directory / name for name in ARTIFACTS], error=KernelError)

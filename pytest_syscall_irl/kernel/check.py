@@ -63,6 +63,7 @@ def check(kernel: Kernel, modules: GuestModules) -> list[Finding]:
                 "and skips the entry_SYSCALL_64 frame (CONFIG_DEBUG_INFO_DWARF5)"),
         _symbol(kernel, "CONFIG_SERIAL_8250_CONSOLE", "univ8250_console_setup",
                 "no console on ttyS0: no guest can be driven", fatal=True),
+        _second_port(kernel),
         _symbol(kernel, "CONFIG_BLK_DEV_INITRD", "populate_rootfs", "no initramfs: the guest has no init", fatal=True),
         _symbol(kernel, "CONFIG_RD_GZIP", "gunzip", "the gzip initramfs cannot be unpacked", fatal=True),
         _symbol(kernel, "CONFIG_DEVTMPFS", "devtmpfs_init", "no /dev for the guest's init", fatal=True),
@@ -83,6 +84,34 @@ def check(kernel: Kernel, modules: GuestModules) -> list[Finding]:
         _dispatch(kernel),
         _fred(kernel),
     ]
+
+
+SHARED_LINE_COST = ("the guest's command agent shares ttyS0 with the kernel's messages: command output is "
+                    "cleaned by pattern (a line that looks like a kernel message is lost, \\r is dropped, a program "
+                    "that prints Oops or BUG is reported as a kernel crash) and reading it is slower")
+
+
+def serial_ports(kernel: Kernel) -> int | None:
+    """How many 8250 ports the kernel drives (CONFIG_SERIAL_8250_RUNTIME_UARTS: the initial
+    value of 8250_core.c's nr_uarts, read from vmlinux), or None without the 8250 driver.
+    The `8250.nr_uarts=` boot argument can lower it at run time."""
+    if not kernel.vmlinux.has_symbol("nr_uarts"):
+        return None
+    return int.from_bytes(kernel.vmlinux.read(kernel.vmlinux.symbol("nr_uarts"), 4), "little")
+
+
+def command_channel(kernel: Kernel) -> str:
+    """The port the guest's agent will talk on: "ttyS1", its own, or "ttyS0", the kernel's console."""
+    return "ttyS1" if (serial_ports(kernel) or 0) >= 2 else "ttyS0"
+
+
+def _second_port(kernel: Kernel) -> Finding:
+    ports = serial_ports(kernel)
+    how = ("no nr_uarts in vmlinux" if ports is None
+           else f"{ports} 8250 port{'s' if ports != 1 else ''} (nr_uarts in vmlinux): the agent's channel is "
+                f"{command_channel(kernel)}")
+    return Finding("CONFIG_SERIAL_8250_RUNTIME_UARTS >= 2", (ports or 0) >= 2, how,
+                   SHARED_LINE_COST + " (nothing skips)")
 
 
 def _dispatch(kernel: Kernel) -> Finding:

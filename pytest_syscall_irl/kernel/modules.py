@@ -104,6 +104,11 @@ class GuestModules:
         """The modules WANTED needs from *directory* (built-in ones need nothing).
         ConfigError if *directory* is not a module directory of *release*."""
         dep_file = directory / "modules.dep"
+        fix = "pass the kernel's module directory (/lib/modules/<release>) or --modules=none"
+        if not directory.exists():
+            raise ConfigError(f"module directory {directory} does not exist: {fix}")
+        if not directory.is_dir():
+            raise ConfigError(f"module directory {directory} is not a directory: {fix}")
         if not dep_file.is_file():
             raise ConfigError(f"{directory} has no modules.dep: pass the kernel's module directory "
                               f"(/lib/modules/<release>, run depmod there) or --modules=none")

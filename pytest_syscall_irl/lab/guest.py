@@ -18,10 +18,12 @@ from pathlib import Path
 
 from ..core.errors import ConsoleError, ImageError, QemuError, StateLoadError, SyscallIrlError, SyscallIrlWarning
 from ..kernel.artifacts import Kernel
+from ..kernel.check import command_channel
 from ..machine.console import CommandResult, GuestConsole
 from ..machine.gdbmi import GdbSession
 from ..machine.qemu import DEFAULT_APPEND, MachineConfig, QemuMachine
 from .accel import decide_accel
+from .boot_failures import BootFailures
 from .image import GuestImage, Payload, build_guest_image
 from .settings import LabSettings
 from .snapshot import Snapshot, SnapshotInfo, discard_unloadable, load_or_build, qemu_identity, snapshot_key
@@ -42,11 +44,13 @@ CLOCKSOURCE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
 # How long a booted kernel may take to leave its early clocksource (measured: ~1-3 s under TCG).
 CLOCKSOURCE_TIMEOUT = 30.0
 CLOCKSOURCE_POLL = 0.1
+TRANSCRIPT = "console.transcript"
 
 
 @dataclass
 class Guest:
-    """A running guest: its QEMU machine and its serial console."""
+    """A running guest: its QEMU machine and its console (the agent's command channel, on a
+    serial port of its own where the kernel has one, and the kernel's messages)."""
 
     name: str
     machine: QemuMachine
@@ -60,6 +64,12 @@ class Guest:
     def config(self) -> MachineConfig:
         """The QEMU configuration the guest runs with."""
         return self.machine.config
+
+    @property
+    def transcript(self) -> Path:
+        """What the host read on the console at boot, then (command channel) each command
+        with its output (cut at 4 KB) and exit status."""
+        return self.machine.log_dir / TRANSCRIPT
 
     @property
     def gdb_socket(self) -> Path:
@@ -151,6 +161,8 @@ class Lab:
     _accel: tuple[str, str] | None = field(default=None, init=False)
     _snapshots: dict[GuestVariant, Snapshot] = field(default_factory=dict, init=False)
     _names: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
+    # A kernel that does not boot is booted once per variant (boot_failures.py).
+    _boot_failures: BootFailures = field(default_factory=BootFailures, init=False)
 
     @property
     def kernel(self) -> Kernel:
@@ -185,7 +197,8 @@ class Lab:
         image = self.build_image()
         append = " ".join(filter(None, [DEFAULT_APPEND, self.settings.boot_args, variant.boot_args]))
         return MachineConfig(kernel=self.kernel.bzimage.path, initrd=image.initramfs, iso=image.iso,
-                             append=append, accel=self.accel, qemu=self.settings.qemu, cpu=variant.cpu)
+                             append=append, accel=self.accel, qemu=self.settings.qemu, cpu=variant.cpu,
+                             channel=command_channel(self.kernel) == "ttyS1")
 
     def snapshot_key(self, variant: GuestVariant = PLAIN) -> str:
         """The cache key of a snapshot (kernel, image, QEMU, machine arguments)."""
@@ -216,7 +229,8 @@ class Lab:
             guest.machine.save_state(state)
             log.info("saved %s to %s in %.2f s (%d MB)", guest.name, state, time.monotonic() - start,
                      state.stat().st_size >> 20)
-            return SnapshotInfo(guest.delivery, guest.console.release or "", guest.boot_seconds)
+            return SnapshotInfo(guest.delivery, guest.console.release or "", guest.boot_seconds,
+                                guest.console.channel)
         finally:
             guest.shutdown()
 
@@ -228,12 +242,22 @@ class Lab:
         (``qemu64,vendor=GenuineIntel``); each variant's guests start from a snapshot of
         their own. *restore* (default: `settings.snapshots`) starts the guest from its
         snapshot, else the kernel boots; `Guest.restored` tells which.
+
+        A kernel that dies while it boots (a panic; QEMU exiting by itself) raises
+        BootFailure, and every later boot of the variant raises it again at once.
         """
+        self._boot_failures.check(variant)
         name = name or f"guest-{os.getpid()}-{next(self._names)}"
         config = self.machine_config(variant)
-        if self.settings.snapshots if restore is None else restore:
-            return self._restore_or_rebuild(name, timeout, variant, config)
-        return self._cold_boot(name, timeout, config)
+        try:
+            if self.settings.snapshots if restore is None else restore:
+                return self._restore_or_rebuild(name, timeout, variant, config)
+            return self._cold_boot(name, timeout, config)
+        except SyscallIrlError as exc:
+            failure = self._boot_failures.judge(variant, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
 
     def _restore_or_rebuild(self, name: str, timeout: float, variant: GuestVariant, config: MachineConfig) -> Guest:
         """Restore from the snapshot; one QEMU cannot load is discarded and built again, once."""
@@ -268,8 +292,9 @@ class Lab:
     def _restore(self, name: str, snapshot: Snapshot, timeout: float, config: MachineConfig) -> Guest:
         def ready(machine: QemuMachine, console: GuestConsole) -> None:
             machine.resume()
-            # No READY line after a restore (the agent is waiting for a command): a no-op
-            # command proves the console works, the snapshot tells what READY said.
+            # No READY line after a restore (the agent is waiting for a command): the snapshot
+            # tells what READY said, and a no-op command proves the console works.
+            console.use_channel(snapshot.info.channel)
             console.run("true", min(timeout, RESTORE_TIMEOUT)).check()
             console.delivery, console.release = snapshot.info.delivery, snapshot.info.release
 
@@ -280,7 +305,8 @@ class Lab:
         machine = QemuMachine(config, log_dir)
         start = time.monotonic()
         machine.launch()
-        console = GuestConsole(machine.sockets.console, log_dir / "console.transcript")
+        console = GuestConsole(machine.sockets.console, log_dir / TRANSCRIPT,
+                               channel_path=machine.sockets.channel if config.channel else None)
         try:
             console.connect()
             ready(machine, console)

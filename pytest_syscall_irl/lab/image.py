@@ -14,14 +14,19 @@ import io
 import logging
 import os
 import shutil
+import struct
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pycdlib
+from elftools.common.exceptions import ELFError
+from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
+from elftools.elf.segments import InterpSegment
+
 from ..core import shipped
 from ..core.cache import CacheEntry
 from ..core.errors import ImageError
@@ -207,14 +212,44 @@ class ProgramSource:
 
 def _program_name(path: Path) -> str | None:
     """The guest name of a file of a payload directory, None if it is not a program:
-    NAME.c (x86_64, musl), NAME.i386.c (i386, freestanding), or a static ELF file."""
+    NAME.c (x86_64, musl), NAME.i386.c (i386, freestanding), or a file without a suffix,
+    a static ELF program (ImageError if it is not one: shipped, it would fail in the guest
+    as "not found" or "Exec format error", far from the cause). Other files (headers) are
+    what the sources include."""
     if path.name.endswith(I386_SUFFIX):
         return path.name[: -len(I386_SUFFIX)]
     if path.suffix == ".c":
         return path.stem
-    if not path.suffix and path.is_file():
-        with open(path, "rb") as f:
-            return path.name if f.read(4) == b"\x7fELF" else None
+    if path.suffix or not path.is_file() or path.name.startswith("."):
+        return None
+    problem = static_elf_problem(path)
+    if problem is not None:
+        raise ImageError(f"guest program {path} {problem}: the guest has no dynamic loader nor libraries, so "
+                         f"ship a static x86_64 or i386 ELF (gcc -static, musl-gcc -static), or its C source "
+                         f"as {path.name}.c; other files of a payload directory need a suffix (NAME.h)")
+    return path.name
+
+
+def static_elf_problem(path: Path) -> str | None:
+    """None if *path* is a static ELF program; else what it is instead ("is not an ELF
+    file", "is dynamically linked (needs /lib64/ld-linux-x86-64.so.2)")."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            return "is not an ELF file"
+        f.seek(0)
+        try:
+            elf = ELFFile(f)
+            interp = next((seg.get_interp_name() for seg in elf.iter_segments() if isinstance(seg, InterpSegment)),
+                          None)
+            dynamic = elf.get_section_by_name(".dynamic")
+            tags = dynamic.iter_tags() if isinstance(dynamic, DynamicSection) else []
+            needed = [str(getattr(tag, "needed", "?")) for tag in tags if tag.entry.d_tag == "DT_NEEDED"]
+        except (ELFError, struct.error) as exc:
+            return f"is not a readable ELF file ({exc})"
+    if interp is not None:
+        return f"is dynamically linked (needs {interp})"
+    if needed:
+        return f"is dynamically linked (needs {', '.join(needed)})"
     return None
 
 
@@ -309,6 +344,15 @@ def build_programs(cache: Path, guest_dir: Path = GUEST_DIR, musl_gcc: str = MUS
 
     _entry(directory, "guest programs").ensure(compile_all)
     return {name: directory / name for name in programs}
+
+
+def check_payloads(cache: Path, extra_dirs: Iterable[Path], guest_dir: Path = GUEST_DIR,
+                   musl_gcc: str = MUSL_GCC) -> None:
+    """Everything `build_programs` would find wrong with the payload directories, found once
+    before the first test: two programs of one name, a file that is not a static program,
+    a source that does not compile (compiled here, into the cache the guests then use).
+    ImageError says what and where."""
+    build_programs(cache, guest_dir, musl_gcc, extra_dirs)
 
 
 def build_guest_image(cache: Path, *, payloads_on_iso: bool, guest_dir: Path = GUEST_DIR,

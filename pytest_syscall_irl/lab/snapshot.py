@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 # Bump when what a snapshot holds changes without the inputs changing (e.g. new steps
 # before saving), so older snapshots are never resumed.
 # 2: the store checks a manifest of the files; 3: core.cache's record; 4: saved only once the
-# kernel has left its early clocksource (lab.guest.wait_for_final_clocksource)
-FORMAT = b"sirl-snapshot-4"
+# kernel has left its early clocksource (lab.guest.wait_for_final_clocksource); 5: the agent's
+# channel (info.json says which port it talks on)
+FORMAT = b"sirl-snapshot-5"
 STATE_FILE = "state"
 INFO_FILE = "info.json"
 # Stand-ins for the per-machine paths, which are no part of the migrated state.
@@ -50,6 +51,7 @@ class SnapshotInfo:
     delivery: str  # where the guest found its payloads: "iso" or "initramfs"
     release: str  # uname -r in the guest
     boot_seconds: float  # the cold boot that made the snapshot
+    channel: str = "ttyS0"  # the port the agent talks on (its READY line said; none after a restore)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ class Snapshot:
         """The snapshot in *directory*, or None if it is damaged (files deleted by hand)."""
         try:
             data = json.loads((directory / INFO_FILE).read_text())
-            info = SnapshotInfo(str(data["delivery"]), str(data["release"]), float(data["boot_seconds"]))
+            info = SnapshotInfo(str(data["delivery"]), str(data["release"]), float(data["boot_seconds"]),
+                                str(data.get("channel", "ttyS0")))
         except (OSError, ValueError, KeyError, TypeError):
             return None
         try:
@@ -153,7 +156,8 @@ def load_or_build(cache: Path, key: str, build: Callable[[Path], SnapshotInfo]) 
     def save(staging: Path) -> None:
         log.info("building guest snapshot %s", key)
         info = build(staging / STATE_FILE)
-        data = {"delivery": info.delivery, "release": info.release, "boot_seconds": info.boot_seconds}
+        data = {"delivery": info.delivery, "release": info.release, "boot_seconds": info.boot_seconds,
+                "channel": info.channel}
         (staging / INFO_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
     _entry(directory).ensure(save)

@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from ..core import procs
 from ..core.cache import CacheEntry
 from ..core.errors import ConfigError
 
@@ -30,8 +31,10 @@ _verdicts: dict[tuple[str, int, int], str] = {}
 
 
 def _run(command: list[str], stdin: str) -> subprocess.CompletedProcess[str]:
+    # procs.run, not subprocess.run: a hung wrapper script is killed with whatever it
+    # started (its whole group), and nothing it started outlives a killed pytest.
     try:
-        return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=CHECK_TIMEOUT)
+        return procs.run(command, stdin, CHECK_TIMEOUT)
     except subprocess.TimeoutExpired as exc:
         raise ConfigError(f"`{' '.join(command)}` did not finish within {CHECK_TIMEOUT:.0f} s") from exc
     except OSError as exc:

@@ -1,6 +1,9 @@
-"""A QEMU x86_64 machine with its serial console, gdbstub and QMP monitor on unix sockets.
+"""A QEMU x86_64 machine with its serial ports, gdbstub and QMP monitor on unix sockets.
 
-Nothing listens on TCP: the three sockets live in a private 0700 directory with a
+Two serial ports: ttyS0, the kernel's console (logged whole to console.log), and ttyS1,
+the guest agent's command channel (guest/agent.c; two FIFOs rather than a socket, see
+machine/channel.py; not logged: QEMU writes a serial port's output one byte per write(),
+and a log file would double that). Nothing listens on TCP: the sockets and FIFOs live in a private 0700 directory with a
 short path (unix socket paths are limited to ~108 bytes, pytest's tmp paths can
 exceed that). QEMU starts paused (-S) so the console is connected before the guest
 prints anything; `resume()` starts it. QEMU's stdout/stderr go to a log file, never
@@ -53,6 +56,10 @@ class MachineConfig:
     cpus: int = 1
     cpu: str | None = None  # QEMU's -cpu model (default: QEMU's own, qemu64 under TCG)
     extra_args: tuple[str, ...] = ()
+    # A second serial port (ttyS1) for the guest agent's commands. Only for a kernel that drives
+    # two 8250 ports: one that drives fewer (8250.nr_uarts=1) died silently registering the
+    # second port it found (6.1.192), and its agent talks on ttyS0 anyway.
+    channel: bool = True
     # A saved machine state to start from (see QemuMachine.save_state) instead of booting:
     # every other field must equal those of the machine that saved it.
     incoming: Path | None = None
@@ -69,6 +76,19 @@ class Sockets:
         return self.directory / "console.sock"
 
     @property
+    def channel(self) -> Path:
+        """The agent's command channel, the guest's second serial port (ttyS1): the FIFOs
+        PATH.in and PATH.out (see machine/channel.py for why not a socket)."""
+        return self.directory / "channel"
+
+    def make_channel(self) -> None:
+        """Create the channel's FIFOs (QEMU opens them; it does not create them)."""
+        for suffix in (".in", ".out"):
+            fifo = Path(f"{self.channel}{suffix}")
+            if not fifo.exists():
+                os.mkfifo(fifo, 0o600)
+
+    @property
     def gdb(self) -> Path:
         return self.directory / "gdb.sock"
 
@@ -77,8 +97,16 @@ class Sockets:
         return self.directory / "qmp.sock"
 
 
+def option_value(value: object) -> str:
+    """*value* as a QEMU option value (`-drive file=...`, `-chardev ...,path=...`): a comma
+    would end it and start another option, so QEMU reads a doubled comma as one."""
+    return str(value).replace(",", ",,")
+
+
 def _chardev(name: str, path: Path, *extra: str) -> str:
-    return ",".join([f"socket,id={name},path={path},server=on,wait=off", *extra])
+    # extra: "key=value" options, whose values are paths too (logfile=).
+    escaped = [f"{key}={option_value(value)}" for key, _, value in (option.partition("=") for option in extra)]
+    return ",".join([f"socket,id={name},path={option_value(path)},server=on,wait=off", *escaped])
 
 
 def _machine_args(config: MachineConfig) -> list[str]:
@@ -100,13 +128,18 @@ def _boot_args(config: MachineConfig) -> list[str]:
 def _disk_args(config: MachineConfig) -> list[str]:
     if config.iso is None:
         return []
-    return ["-drive", f"file={config.iso},if=virtio,format=raw,readonly=on,media=disk"]
+    return ["-drive", f"file={option_value(config.iso)},if=virtio,format=raw,readonly=on,media=disk"]
 
 
-def _socket_args(sockets: Sockets, console_log: Path) -> list[str]:
+def _channel_args(config: MachineConfig, sockets: Sockets) -> list[str]:
+    return ["-chardev", f"pipe,id=cmd,path={sockets.channel}", "-serial", "chardev:cmd"] if config.channel else []
+
+
+def _socket_args(config: MachineConfig, sockets: Sockets, console_log: Path) -> list[str]:
     return [
         "-chardev", _chardev("con", sockets.console, f"logfile={console_log}"),
         "-serial", "chardev:con",
+        *_channel_args(config, sockets),
         "-chardev", _chardev("gdb", sockets.gdb),
         "-gdb", "chardev:gdb",
         "-chardev", _chardev("qmp", sockets.qmp),
@@ -128,7 +161,7 @@ def qemu_command(config: MachineConfig, sockets: Sockets, console_log: Path) -> 
         *_machine_args(config),
         *_boot_args(config),
         *_disk_args(config),
-        *_socket_args(sockets, console_log),
+        *_socket_args(config, sockets, console_log),
         "-S",
         *_incoming_args(config),
         *config.extra_args,
@@ -228,6 +261,8 @@ class QemuMachine:
         log.info("launching QEMU: %s", " ".join(self.command))
         try:
             self._check_incoming()
+            if self.config.channel:
+                self.sockets.make_channel()
             with open(self.qemu_log, "wb") as out:
                 self._proc = procs.spawn(self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             self._wait_for_socket(self.sockets.qmp)

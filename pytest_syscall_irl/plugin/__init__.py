@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from .artifacts import attach
+from .artifacts import attach, record_failure_class
 from .fixtures import (LAB_FIXTURE, _shared_guests, _worker_debugger, fresh_guest, gdb, guest, kernel, make_guest,
                        syscall_irl_architecture, syscall_irl_lab, syscall_trace)
 from .header import announce, forward_header
@@ -135,5 +135,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     forward_header(item.config, report)
     attach(item, report)
+    record_failure_class(item, report, call)
     return report
 

@@ -3,6 +3,9 @@ directory, the GDB/MI transcript, the syscall traces. The fixtures record each t
 hand it out (`evidence(item).add_guest(guest)`), in the order the test got them; nothing is
 read unless the test failed. With --syscall-irl-html the traces also ride on the report,
 to the xdist controller that writes the page.
+
+Every failed report also says whose fault it is (`failure_class`): a JUnit property
+`syscall-irl failure class` and a line under the failure, read by report/junit.py.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import pytest
 
-from ..core.errors import tail
+from ..core.errors import FailureClass, classify, tail
+from ..report.junit import FAILURE_CLASS_PROPERTY, PYTEST_TIMEOUT
 from .settings import valid_options
 
 if TYPE_CHECKING:
@@ -38,7 +42,8 @@ class _GuestLogs:
 
     def sections(self) -> Pairs:
         origin = "restored from snapshot, boot log not included" if self.guest.restored else "booted"
-        return [(f"guest {self.guest.name} console, {origin} (tail)", tail(_read(self.guest.machine.console_log), 60))]
+        return [(f"guest {self.guest.name} console, {origin} (tail)", tail(_read(self.guest.machine.console_log), 60)),
+                (f"guest {self.guest.name} commands (tail)", tail(_read(self.guest.transcript), 40))]
 
     def properties(self) -> Pairs:
         return [(f"syscall-irl {self.guest.name} logs", str(self.guest.machine.log_dir))]
@@ -108,6 +113,35 @@ def attach(item: pytest.Item, report: pytest.TestReport) -> None:
         for thing in used.shown:
             report.sections.extend(thing.sections())
             item.user_properties.extend(thing.properties())
+
+
+def failure_class(report: pytest.TestReport, call: pytest.CallInfo[None]) -> FailureClass:
+    """Whose fault a failed report is. In the test's body an assertion (or pytest.fail) is a
+    violation; in a fixture (setup, teardown) only a crash blames the kernel: the rest is the
+    harness's, assertions included. pytest-timeout's signal method fails the test with
+    pytest.fail: that is the harness's deadline, not a verdict."""
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if exc is None:
+        return FailureClass.HARNESS
+    if isinstance(exc, pytest.fail.Exception):
+        found = FailureClass.HARNESS if PYTEST_TIMEOUT in str(exc) else FailureClass.VIOLATION
+    else:
+        found = classify(exc)
+    if report.when != "call" and found is FailureClass.VIOLATION:
+        return FailureClass.HARNESS
+    return found
+
+
+def record_failure_class(item: pytest.Item, report: pytest.TestReport, call: pytest.CallInfo[None]) -> None:
+    """Put a failed report's class where JUnit (a property) and a reader (a section) find it."""
+    if not report.failed:
+        return
+    found = failure_class(report, call)
+    report.sections.append(("syscall-irl failure class", f"{found.value} ({report.when})"))
+    prop = (FAILURE_CLASS_PROPERTY, found.value)
+    item.user_properties.append(prop)  # JUnit writes the properties of the teardown report, made later...
+    if report.when == "teardown":
+        report.user_properties.append(prop)  # ...except for a failure of the teardown itself
 
 
 def _read(path: Path) -> str:

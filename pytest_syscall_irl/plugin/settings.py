@@ -98,7 +98,7 @@ def resolve_settings(options: ResolvedOptions) -> list[LabSettings]:
     with options.naming_origin("boot_args"):
         boot_args = _boot_args(options)
     with options.naming_origin("payloads"):
-        payload_dirs = _payload_dirs(options)
+        payload_dirs = _payload_dirs(options, cache)
     settings = [LabSettings(kernel=kernel, qemu=qemu, gdb=gdb, accel=options.value("accel") or "auto",
                             boot_args=boot_args, cache=cache, snapshots=options.snapshots, payload_dirs=payload_dirs,
                             modules=modules)
@@ -141,11 +141,20 @@ def _boot_args(options: ResolvedOptions) -> str:
     return boot_args
 
 
-def _payload_dirs(options: ResolvedOptions) -> tuple[Path, ...]:
-    """The --payloads directories (relative to where they were given); each must be a directory."""
+def _payload_dirs(options: ResolvedOptions, cache: Path) -> tuple[Path, ...]:
+    """The --payloads directories (relative to where they were given); each must be a
+    directory of programs that build (checked and compiled once, here: a bad one is one
+    usage error, not the same error in every test)."""
+    from ..core.errors import ImageError
+    from ..lab.image import check_payloads
     dirs = options.paths("payloads")
     for directory in dirs:
         if not directory.is_dir():
             raise ConfigError(f"--payloads: {directory} is not a directory: name a directory of guest programs "
                               f"(NAME.c, NAME.i386.c or static ELF files)")
+    if dirs:
+        try:
+            check_payloads(cache, dirs)
+        except ImageError as exc:
+            raise ConfigError(f"--payloads: {exc}") from exc
     return tuple(dirs)

@@ -46,8 +46,20 @@ def kernel_lines(settings: Sequence[LabSettings]) -> list[str]:
         about = one.describe()
         name = f"kernel[{kernel_id}]" if len(settings) > 1 else "kernel"
         lines += [f"{name} {about['release']} ({about['bzImage']})",
-                  f"{name} vmlinux {about['vmlinux']}; modules {about['modules']}; payloads via {about['payloads']}"]
+                  f"{name} vmlinux {about['vmlinux']}; modules {about['modules']}; payloads via {about['payloads']}",
+                  f"{name} {channel_line(one)}"]
     return lines
+
+
+def channel_line(settings: LabSettings) -> str:
+    """Where the guest's commands travel: the agent's own serial port, or (the fallback, for a
+    kernel that drives one 8250 port) the kernel's console, where output is cleaned by pattern."""
+    from ..kernel.check import command_channel
+    if command_channel(settings.kernel) == "ttyS1":
+        return "commands on ttyS1, a serial port of their own: output byte-exact"
+    return ("commands on ttyS0, shared with the kernel's messages (the kernel drives one 8250 port: "
+            "CONFIG_SERIAL_8250_RUNTIME_UARTS < 2): output cleaned by pattern, a program printing Oops or BUG "
+            "counts as a kernel crash")
 
 
 def kernel_properties(settings: Sequence[LabSettings]) -> list[tuple[str, str]]:

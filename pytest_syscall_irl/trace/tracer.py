@@ -4,6 +4,11 @@
     tracer.command("echo x | cat", nr="read", args={0: 0}, comm="cat")
     hits, result = tracer.count_syscalls("/payloads/vdso", nr="clock_gettime", comm="vdso")
 
+A command that ends with a status the caller did not expect (`expect_status`, 0 unless
+told: a status, several, or None for any) fails the count or the trace with its status
+and output (`CommandFailed`): a count of a command that never ran would otherwise say
+"this never enters the kernel" without testing anything.
+
 The API is here; the kernel facts a trace needs (struct pt_regs, the entry code as the
 booted kernel patched it) are facts.py's, and walk.py takes the trace. The architecture
 is handed in by the face that makes the tracer (the plugin's `syscall_trace` fixture
@@ -13,10 +18,11 @@ passes x86_64's). No pytest here.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from ..arch.base import Architecture
 from ..arch.roads import Road, SyscallNames, road_named, road_of
+from ..core.errors import FailureClass, SyscallIrlError, tail
 from ..kernel.artifacts import Kernel
 from ..machine.console import CommandResult
 from .facts import PROCESS_CACHE, FactsCache, KernelFacts
@@ -24,9 +30,54 @@ from .model import NO_HANDLER, SyscallSelector, SyscallTrace, TraceError
 from .protocols import Debugger, Fault, Running, TracedGuest
 from .walk import CommandEnded, Walk, clear_breakpoints, process_condition, resume_watching
 
-__all__ = ["Debugger", "Fault", "SyscallTracer", "TracedGuest"]
+__all__ = ["CommandFailed", "Debugger", "ExpectedStatus", "Fault", "SyscallTracer", "TracedGuest"]
 
 USER_LABEL = "sirl_syscall_insn"
+# The statuses of a command that could not run as asked: the shell found no such program
+# (127) or could not execute it (126), or the program (our payloads, busybox's applets) or
+# the shell refused its arguments (2). Any other status is the program's answer under the
+# kernel under test.
+COULD_NOT_RUN = frozenset({2, 126, 127})
+SIGNAL_BASE = 128  # the shell's status of a process killed by signal N is 128 + N
+
+ExpectedStatus = int | Collection[int] | None  # one status, any of several, or None: any
+
+
+class CommandFailed(SyscallIrlError):
+    """The command a count or a trace ran ended with a status its caller did not expect.
+
+    Whose fault that is depends on the status: one that says the command could not run
+    (COULD_NOT_RUN: not found, not executable, refused its arguments) is the harness's;
+    any other (a wrong answer, a death by signal) happened under the kernel under test and
+    is a violation, as a failed assertion would be."""
+
+    def __init__(self, result: CommandResult, expected: ExpectedStatus) -> None:
+        status = result.status
+        super().__init__(f"`{result.command}` exited with status {status}{_meaning(status)}, expected "
+                         f"{_expected_text(expected)}", exit_code=status, log_tail=tail(result.output) or "(no output)")
+        self.result = result
+        self.failure_class = FailureClass.HARNESS if status in COULD_NOT_RUN else FailureClass.VIOLATION
+
+
+def _meaning(status: int) -> str:
+    if status == 127:
+        return " (not found)"
+    if status == 126:
+        return " (not executable)"
+    return f" (killed by signal {status - SIGNAL_BASE})" if status > SIGNAL_BASE else ""
+
+
+def _expected_text(expected: ExpectedStatus) -> str:
+    if isinstance(expected, int):
+        return str(expected)
+    return " or ".join(str(status) for status in sorted(expected or ()))
+
+
+def check_status(result: CommandResult, expected: ExpectedStatus) -> CommandResult:
+    """*result* if its status is one *expected* names (None: any); else CommandFailed."""
+    if expected is None or result.status == expected or (not isinstance(expected, int) and result.status in expected):
+        return result
+    raise CommandFailed(result, expected)
 
 
 class SyscallTracer:
@@ -66,33 +117,38 @@ class SyscallTracer:
         self.faults.setdefault(stage, []).append(fault)
 
     def payload(self, name: str, *argv: str, nr: int | str, args: Mapping[int, int] | None = None,
-                at: str = USER_LABEL, comm: str | None = None, timeout: float | None = None) -> SyscallTrace:
+                at: str = USER_LABEL, comm: str | None = None, timeout: float | None = None,
+                expect_status: ExpectedStatus = 0) -> SyscallTrace:
         """Trace syscall *nr* (with *args*) made at the payload's instruction labelled *at*
         (sirl_syscall_insn by default); the road follows from that instruction and the
         program's mode. *comm* also selects the process by name (payloads are non-PIE:
-        another static program may run the same address with the same registers)."""
+        another static program may run the same address with the same registers). The payload
+        must end with *expect_status* (see `trace`)."""
         program = self.guest.payload(name)
         address = program.symbol(at)
         road = road_of(self.architecture.roads, program.read(address, 2), program.bits)
         selector = SyscallSelector(self.names(road).number(nr), dict(args or {}), comm=comm)
         return self.trace(" ".join([program.guest_path, *argv]), selector, road, user_address=address,
-                          timeout=timeout)
+                          timeout=timeout, expect_status=expect_status)
 
     def command(self, command: str, *, nr: int | str, args: Mapping[int, int] | None = None,
                 road: str | None = None, comm: str | None = None, pid: int | None = None,
-                agent: bool = False, timeout: float | None = None) -> SyscallTrace:
+                agent: bool = False, timeout: float | None = None, expect_status: ExpectedStatus = 0) -> SyscallTrace:
         """Trace syscall *nr* (with *args*) made by a shell command on *road* (the
         architecture's default road: x86_64's syscall64), from the kernel entry on (no
-        user stage), by the process *comm* / *pid* if given."""
+        user stage), by the process *comm* / *pid* if given; the command must end with
+        *expect_status* (see `trace`)."""
         way = self.road(road)
         selector = SyscallSelector(self.names(way).number(nr), dict(args or {}), comm=comm, pid=pid, agent=agent)
-        return self.trace(command, selector, way, timeout=timeout)
+        return self.trace(command, selector, way, timeout=timeout, expect_status=expect_status)
 
     def count(self, command: str, location: str | int, condition: str | None = None,
-              timeout: float | None = None) -> tuple[int, CommandResult]:
+              timeout: float | None = None, expect_status: ExpectedStatus = 0) -> tuple[int, CommandResult]:
         """Run *command* and count how often the kernel reaches *location* (a symbol or an
         address) with *condition* while it runs; returns the count and the command's
-        result. Each hit is a stop and a resume (~10 ms under TCG)."""
+        result. Each hit is a stop and a resume (~10 ms under TCG). A command that ends
+        with a status *expect_status* does not name (0 unless told; None: any) raises
+        CommandFailed: a count of a command that did not run counts nothing."""
         deadline = time.monotonic() + (timeout or self.timeout)
 
         def left() -> float:
@@ -114,21 +170,23 @@ class SyscallTracer:
                 hits += 1
         except CommandEnded as ended:
             clear_breakpoints(self.gdb, quietly=False)
-            return hits, ended.result
+            return hits, check_status(ended.result, expect_status)
         except BaseException:
             clear_breakpoints(self.gdb, quietly=True)  # never in place of the error being raised
             raise
 
     def count_syscalls(self, command: str, *, nr: int | str, road: str | None = None,
                        args: Mapping[int, int] | None = None, comm: str | None = None, pid: int | None = None,
-                       timeout: float | None = None) -> tuple[int, CommandResult]:
+                       timeout: float | None = None, expect_status: ExpectedStatus = 0) -> tuple[int, CommandResult]:
         """How many syscalls *nr* (with *args*) the selected process made on *road* while
-        *command* ran (counted at the road's kernel entry), and the command's result."""
+        *command* ran (counted at the road's kernel entry), and the command's result, which
+        must end with *expect_status* (see `count`)."""
         way = self.road(road)
         selector = SyscallSelector(self.names(way).number(nr), dict(args or {}), comm=comm, pid=pid)
         terms = [selector.register_condition(way.abi),
                  process_condition(self.kernel, self.architecture, selector, payload=False)]
-        return self.count(command, self.facts.entry_address(way), " && ".join(t for t in terms if t), timeout)
+        return self.count(command, self.facts.entry_address(way), " && ".join(t for t in terms if t), timeout,
+                          expect_status)
 
     def road(self, name: str | None) -> Road:
         """The architecture's road *name* (its default road for None)."""
@@ -137,12 +195,16 @@ class SyscallTracer:
     # --- taking a trace ------------------------------------------------------------------
 
     def trace(self, command: str, selector: SyscallSelector, road: Road | None = None,
-              user_address: int | None = None, timeout: float | None = None) -> SyscallTrace:
+              user_address: int | None = None, timeout: float | None = None,
+              expect_status: ExpectedStatus = 0) -> SyscallTrace:
         """Run *command* in the guest and trace the syscall *selector* picks on *road*
         (the architecture's default road for None).
 
         *user_address* is the user instruction (a payload's label); without it the trace
-        starts at the kernel entry and the user stage is not taken."""
+        starts at the kernel entry and the user stage is not taken. A command that ends
+        with a status *expect_status* does not name (0 unless told; None: any, for a test
+        that judges the status itself) raises CommandFailed; the trace is kept in `traces`
+        for the report."""
         deadline = time.monotonic() + (timeout or self.timeout)
         way = road or self.road(None)
         handler = self.names(way).handler(selector.nr) or NO_HANDLER
@@ -162,4 +224,5 @@ class SyscallTracer:
             with self.guest.running():
                 ended = pending.wait(max(1.0, deadline - time.monotonic()))
             result.output, result.status = ended.output, ended.status
+            check_status(ended, expect_status)
         return result

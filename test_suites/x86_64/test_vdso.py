@@ -26,11 +26,12 @@ def _clocksource(guest):
     return guest.run("cat /sys/devices/system/clocksource/clocksource0/current_clocksource").output.strip()
 
 
-def _syscalls(kernel, syscall_trace, name, command, comm):
-    """(how many syscalls *name* the process *comm* made while *command* ran, its result)."""
+def _syscalls(kernel, syscall_trace, name, command, comm, expect_status=0):
+    """(how many syscalls *name* the process *comm* made while *command* ran, its result);
+    a command that ends with another status than *expect_status* fails the count."""
     if not kernel.dwarf:
         pytest.skip("vmlinux has no DWARF: the process cannot be told by its name (task_struct.comm)")
-    return syscall_trace.count_syscalls(command, nr=name, comm=comm)
+    return syscall_trace.count_syscalls(command, nr=name, comm=comm, expect_status=expect_status)
 
 
 @pytest.mark.parametrize("func", ["clock_gettime", GETTIMEOFDAY, "time", "getcpu"])
@@ -66,9 +67,12 @@ def _vsyscall(kernel, guest, syscall_trace):
     if not kernel.vmlinux.has_symbol("emulate_vsyscall"):
         pytest.skip("kernel built without CONFIG_X86_VSYSCALL_EMULATION: no vsyscall page to call")
     program = guest.payload("vsyscall").guest_path
-    syscalls, result = _syscalls(kernel, syscall_trace, GETTIMEOFDAY, program, "vsyscall")
+    # The caller returns (emulated) or dies of SIGSEGV (vsyscall=none): which one is each
+    # test's verdict; any other status means it did not run.
+    ran = (0, SIGSEGV_STATUS)
+    syscalls, result = _syscalls(kernel, syscall_trace, GETTIMEOFDAY, program, "vsyscall", expect_status=ran)
     condition = tasks.task_condition(kernel.vmlinux, tasks.GS_IN_KERNEL, comm="vsyscall")
-    emulated, again = syscall_trace.count(program, "emulate_vsyscall", condition)
+    emulated, again = syscall_trace.count(program, "emulate_vsyscall", condition, expect_status=ran)
     assert again.status == result.status, f"two runs of {program} ended {result.status} and {again.status}"
     return emulated, syscalls, result
 
