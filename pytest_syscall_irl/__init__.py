@@ -63,6 +63,7 @@ _PUBLIC: dict[str, str] = {
     "ConsoleError": "pytest_syscall_irl.core.errors",
     "GuestPanic": "pytest_syscall_irl.core.errors",
     "BootFailure": "pytest_syscall_irl.core.errors",
+    "KernelWarning": "pytest_syscall_irl.core.errors",
     "FailureClass": "pytest_syscall_irl.core.errors",
     "CommandFailed": "pytest_syscall_irl.trace.tracer",
 }
@@ -88,6 +89,7 @@ __all__ = [
     "KERNEL_STAGES",
     "Kernel",
     "KernelError",
+    "KernelWarning",
     "NO_HANDLER",
     "QemuError",
     "Road",
@@ -132,7 +134,7 @@ if TYPE_CHECKING:
     from .arch.x86_64 import facts as x86
     from .arch.x86_64 import roads, tasks
     from .core.errors import (BootFailure, ConfigError, ConsoleError, FailureClass, GdbError, GuestPanic,
-                              KernelError, QemuError, SyscallIrlError)
+                              KernelError, KernelWarning, QemuError, SyscallIrlError)
     from .kernel.artifacts import Kernel, Vmlinux
     from .lab.guest import Guest
     from .machine.console import CommandResult

@@ -20,7 +20,7 @@ from pytest_syscall_irl.machine.gdbmi import GdbSession
 from pytest_syscall_irl.arch.x86_64.registers import X86_64_REGISTERS
 from pytest_syscall_irl.lab.guest import Guest
 from pytest_syscall_irl.kernel.artifacts import Kernel
-from pytest_syscall_irl.report.junit import collect_failed_logs, failed_logs
+from pytest_syscall_irl.report.junit import collect_failed_logs, failed_logs, outcomes
 from pytest_syscall_irl.kernel.build import reference_kernel
 
 pytestmark = pytest.mark.integration
@@ -297,6 +297,27 @@ def test_a_failing_test_reports_its_guest_and_gdb_logs(pytester: pytest.Pytester
     assert sorted(p.name for p in logs) == ["gdb-main.mi.log", "shared-main-1"], logs
     assert collect_failed_logs(pytester.path / "junit.xml", pytester.path / "artifacts") == 2
     assert any((pytester.path / "artifacts").rglob("*.mi.log"))
+
+
+KERNEL_WARNING = """
+def test_passes_while_the_kernel_warns(guest, gdb):
+    # The debugger makes the idle kernel call __warn(), what WARN_ON() does when it fires
+    # (file, line, caller, taint=TAINT_WARN, regs, args): "WARNING: CPU: 0 PID: 0 at ...".
+    gdb.evaluate("__warn(0, 0, 0, 9, 0, 0)", timeout=60)
+    assert guest.run("echo ok").output == "ok\\n"
+
+def test_the_next_test_is_not_blamed(guest):
+    assert guest.run("echo ok").output == "ok\\n"
+"""
+
+
+def test_a_kernel_warning_fails_the_test_that_saw_it_as_a_crash(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner=KERNEL_WARNING)
+    result = pytester.runpytest_subprocess("--junitxml=junit.xml")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_passes_while_the_kernel_warns*",
+                                 "*KernelWarning: the kernel printed 1 WARNING(s) on its log*WARNING: CPU: 0 PID:*"])
+    assert outcomes(pytester.path / "junit.xml").crashed == 1
 
 
 LEAVE_RUNNING = """

@@ -119,6 +119,13 @@ class BootFailure(SyscallIrlError):
     failure_class = FailureClass.CRASH
 
 
+class KernelWarning(SyscallIrlError):
+    """The kernel printed a WARNING (a WARN_ON that fired) on its log while a test used the
+    guest: the kernel found a bug in itself, whatever the test asserted. A crash by class."""
+
+    failure_class = FailureClass.CRASH
+
+
 class ConsoleTimeout(ConsoleError):
     """The guest console did not print what was awaited in time."""
 

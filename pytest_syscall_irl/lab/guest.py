@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..core.errors import ConsoleError, ImageError, QemuError, StateLoadError, SyscallIrlError, SyscallIrlWarning
+from ..core.errors import (ConsoleError, ImageError, KernelWarning, QemuError, StateLoadError, SyscallIrlError,
+                           SyscallIrlWarning)
 from ..kernel.artifacts import Kernel
 from ..kernel.check import command_channel
 from ..machine.console import CommandResult, GuestConsole
@@ -127,6 +128,18 @@ class Guest:
             return False
         log.info("%s: command %r left running ended with status %d", self.name, pending.command, result.status)
         return True
+
+    def warnings_mark(self) -> int:
+        """A mark to pass to `check_no_new_warnings` later: how many kernel WARNINGs so far."""
+        return len(self.console.kernel_warnings)
+
+    def check_no_new_warnings(self, mark: int) -> None:
+        """KernelWarning if the kernel printed a WARNING since *mark* (`warnings_mark`): a
+        WARN_ON that fires is the kernel reporting a bug in itself."""
+        new = self.console.kernel_warnings[mark:]
+        if new:
+            raise KernelWarning(f"the kernel printed {len(new)} WARNING(s) on its log while {self.name} was in use: "
+                                + "; ".join(new[:3]), log_tail=self.console.kernel_log_tail())
 
     def payload(self, name: str) -> Payload:
         """A guest program of guest/payloads/ (in the guest: payload.guest_path)."""

@@ -106,13 +106,15 @@ def guest(request: pytest.FixtureRequest, _shared_guests: SharedGuests[Guest]) -
     shared = _shared_guests[variant_of(request.node)]
     own = shared.get()
     evidence(request.node).add_guest(own)
+    mark = own.warnings_mark()
     yield own
     # After Ctrl-C (pytest sets INTERRUPTED before the teardowns) nothing waits on a guest:
     # the command the interrupted test left running may never end.
     if request.session.exitstatus == pytest.ExitCode.INTERRUPTED:
         shared.close()
-    else:
-        shared.settle()
+        return
+    shared.settle()  # a command the test left running counts as the test's
+    own.check_no_new_warnings(mark)
 
 
 @pytest.fixture
@@ -127,7 +129,10 @@ def fresh_guest(request: pytest.FixtureRequest, syscall_irl_lab: Lab) -> Iterato
     own = syscall_irl_lab.boot(variant=variant_of(request.node))
     evidence(request.node).add_guest(own)
     yield own
-    own.shutdown()
+    try:
+        own.check_no_new_warnings(0)
+    finally:
+        own.shutdown()
 
 
 def _target(request: pytest.FixtureRequest) -> Guest:
