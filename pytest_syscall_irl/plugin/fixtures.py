@@ -128,9 +128,10 @@ def fresh_guest(request: pytest.FixtureRequest, syscall_irl_lab: Lab) -> Iterato
     """
     own = syscall_irl_lab.boot(variant=variant_of(request.node))
     evidence(request.node).add_guest(own)
+    mark = own.warnings_mark()  # what the boot printed is the boot's, as for the shared guest
     yield own
     try:
-        own.check_no_new_warnings(0)
+        own.check_no_new_warnings(mark)
     finally:
         own.shutdown()
 
