@@ -68,13 +68,13 @@ def distro_runs(reference: Path, distro: tuple[Path, ...], samples: int) -> Dist
     with tempfile.TemporaryDirectory(prefix="sirl-bench-distro-") as tmp:
         root, runs = Path(tmp), iter(range(10**6))
         env = {"SYSCALL_IRL_CACHE": str(root / "cache"), "SIRL_BENCH_FIRST_FILE": str(root / "first")}
-        modules = [f"--modules={distro[2]}"] if len(distro) > 2 else []
-        own = [f"--kernel={distro[0]}", f"--vmlinux={distro[1]}", *modules]
+        modules = [f"--syscall-irl-modules={distro[2]}"] if len(distro) > 2 else []
+        own = [f"--kernel={distro[0]}", f"--syscall-irl-vmlinux={distro[1]}", *modules]
         ref = [f"--kernel={reference}"]
-        # --vmlinux and --modules pair with the kernels by position.
-        both = [*ref, own[0], f"--vmlinux={find_vmlinux(reference)}", own[1]]
+        # --syscall-irl-vmlinux and --syscall-irl-modules pair with the kernels by position.
+        both = [*ref, own[0], f"--syscall-irl-vmlinux={find_vmlinux(reference)}", own[1]]
         if modules:
-            both += ["--modules=none", *modules]
+            both += ["--syscall-irl-modules=none", *modules]
 
         def run(options: list[str], rss: str = "rss") -> float:
             return run_suite(2, False, root / f"run{next(runs)}", root / rss, options, env)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place of the version (pyproject reads it): a plain literal
 
 # Public name -> the module that implements it ("module:" names the module itself).
 _PUBLIC: dict[str, str] = {

@@ -13,6 +13,6 @@ pytest_plugins = ["pytester"]
 # for them, before any test starts.
 os.environ.setdefault("SYSCALL_IRL_CACHE", str(cache_dir()))
 
-# A user's suite with its own guest programs: run by test_user_suite.py with --payloads,
+# A user's suite with its own guest programs: run by test_user_suite.py with --syscall-irl-payloads,
 # as a user would run it, not collected with the plugin's own tests.
 collect_ignore = ["user_suite"]

@@ -103,7 +103,7 @@ def test_panic(fresh_guest, gdb):
 """
 # A boot argument the lab accepts that makes the reference kernel panic at boot: without
 # the initramfs there is no /init, and no root device to mount.
-PANIC_AT_BOOT = "--boot-args=initcall_blacklist=populate_rootfs"
+PANIC_AT_BOOT = "--syscall-irl-boot-args=initcall_blacklist=populate_rootfs"
 
 
 @dataclass
@@ -301,17 +301,22 @@ def cases(cache: Path) -> list[Case]:
     text.write_text("not a kernel\n")
     private = [f"--kernel={kernel}"]
     return [
-        Case("truncated bzImage", [f"--kernel={trunc}", f"--vmlinux={vmlinux}"], USAGE_ERROR, r"is truncated"),
+        Case("truncated bzImage", [f"--kernel={trunc}", f"--syscall-irl-vmlinux={vmlinux}"], USAGE_ERROR,
+             r"is truncated"),
         Case("text file as bzImage", [f"--kernel={text}"], USAGE_ERROR, r"not an x86 bzImage"),
-        Case("--qemu=/bin/false", [*explicit, "--qemu=/bin/false"], USAGE_ERROR, r"not a QEMU system emulator"),
-        Case("--qemu=/bin/false -n 2", [*explicit, "--qemu=/bin/false", "-n", "2"], USAGE_ERROR,
+        Case("qemu=/bin/false", [*explicit, "--syscall-irl-qemu=/bin/false"], USAGE_ERROR,
              r"not a QEMU system emulator"),
-        Case("--gdb=/bin/false", [*explicit, "--gdb=/bin/false"], USAGE_ERROR, r"not a GDB that speaks MI"),
-        Case("--qemu=qemu-system-i386", [*explicit, "--qemu=qemu-system-i386"], USAGE_ERROR,
+        Case("qemu=/bin/false -n 2", [*explicit, "--syscall-irl-qemu=/bin/false", "-n", "2"], USAGE_ERROR,
+             r"not a QEMU system emulator"),
+        Case("gdb=/bin/false", [*explicit, "--syscall-irl-gdb=/bin/false"], USAGE_ERROR,
+             r"not a GDB that speaks MI"),
+        Case("qemu=qemu-system-i386", [*explicit, "--syscall-irl-qemu=qemu-system-i386"], USAGE_ERROR,
              r"emulates i386|not found"),
-        Case("--accel=kvm", [*explicit, "--accel=kvm"], (USAGE_ERROR, PASSED), r"KVM does not work|passed"),
-        Case("unbalanced quote", [*explicit, '--boot-args=foo="bar quiet'], USAGE_ERROR, r"unbalanced double quote"),
-        Case("--boot-args=kaslr", [*explicit, "--boot-args=kaslr"], USAGE_ERROR, r"kaslr"),
+        Case("accel=kvm", [*explicit, "--syscall-irl-accel=kvm"], (USAGE_ERROR, PASSED),
+             r"KVM does not work|passed"),
+        Case("unbalanced quote", [*explicit, '--syscall-irl-boot-args=foo="bar quiet'], USAGE_ERROR,
+             r"unbalanced double quote"),
+        Case("boot-args=kaslr", [*explicit, "--syscall-irl-boot-args=kaslr"], USAGE_ERROR, r"kaslr"),
         Case("ini: bad accel", explicit, USAGE_ERROR, r"syscall_irl_accel = fast in .*pytest.ini",
              ini="syscall_irl_accel = fast"),
         Case("ini: missing kernel", [], USAGE_ERROR, r"syscall_irl_kernel = nope/bzImage in .*pytest.ini",
@@ -379,7 +384,7 @@ def _payloads(cache: Path, name: str, files: dict[str, str | bytes]) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     for file, content in files.items():
         (directory / file).write_bytes(content if isinstance(content, bytes) else content.encode())
-    return f"--payloads={directory}"
+    return f"--syscall-irl-payloads={directory}"
 
 
 def _dynamic_elf(cache: Path) -> bytes:
@@ -427,19 +432,19 @@ def verdict_cases(cache: Path, explicit: list[str]) -> list[Case]:
     """Bad artifacts refused early, and nothing outliving the run (issue 18)."""
     kernel = reference_kernel()
     assert kernel is not None
-    vmlinux = f"--vmlinux={kernel.parent / 'vmlinux'}"
+    vmlinux = f"--syscall-irl-vmlinux={kernel.parent / 'vmlinux'}"
     qemu = shutil.which("qemu-system-x86_64")
     wrapper = _script(cache / "wrappers" / "qemu-no-exec", f'#!/bin/sh\n{qemu} "$@"\necho done\n')
     hung = _script(cache / "wrappers" / "qemu-hangs", "#!/bin/sh\nsleep 300\n")
     c_file = "int main(void) { return 0; }\n"
     cases = [
-        Case("--qemu wrapper, SIGKILL", [*explicit, f"--qemu={wrapper}"], (-signal.SIGKILL,), test=GUEST_SLEEPS,
-             signal=signal.SIGKILL, started=1, max_seconds=5, swept=True),
-        Case("--qemu wrapper hangs", [*explicit, f"--qemu={hung}"], USAGE_ERROR, r"did not finish within 20 s",
-             max_seconds=30),
+        Case("qemu wrapper, SIGKILL", [*explicit, f"--syscall-irl-qemu={wrapper}"], (-signal.SIGKILL,),
+             test=GUEST_SLEEPS, signal=signal.SIGKILL, started=1, max_seconds=5, swept=True),
+        Case("qemu wrapper hangs", [*explicit, f"--syscall-irl-qemu={hung}"], USAGE_ERROR,
+             r"did not finish within 20 s", max_seconds=30),
         Case("zeroed bzImage body", [f"--kernel={_zeroed_kernel(cache)}", vmlinux], USAGE_ERROR,
              r"is damaged: its contents do not match the CRC-32"),
-        Case("--modules missing", [*explicit, "--modules=/nonexistent/modules"], USAGE_ERROR,
+        Case("modules missing", [*explicit, "--syscall-irl-modules=/nonexistent/modules"], USAGE_ERROR,
              r"module directory /nonexistent/modules does not exist"),
         Case("payload: dynamic ELF", [*explicit, _payloads(cache, "dynamic", {"dyn": _dynamic_elf(cache)})],
              USAGE_ERROR, r"payloads/dynamic/dyn is dynamically linked \(needs /lib"),

@@ -166,7 +166,7 @@ def test_git_bisect_run_names_the_commit_that_breaks_fmask(tmp_path: Path) -> No
     env = {**os.environ, "SYSCALL_IRL_CACHE": str(tmp_path / "cache")}  # this tree's builds stay out of the cache
     syscall_irl = Path(sys.executable).with_name("syscall-irl")
     run = subprocess.run(["git", "bisect", "run", str(syscall_irl), "bisect-run", "-j2", "--",
-                          "--pyargs", "pytest_syscall_irl.suites", "-k", "test_fmask", "--accel=tcg",
+                          "--pyargs", "pytest_syscall_irl.suites", "-k", "test_fmask", "--syscall-irl-accel=tcg",
                           "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'bt'}"],
                          cwd=tree, env=env, capture_output=True, text=True, timeout=3000)
     out = run.stdout + run.stderr

@@ -161,7 +161,8 @@ def test_a_guest_that_prints_nothing_is_reported_after_the_silence_bound(tmp_pat
     console, server = _silent_console(tmp_path)
     start = time.monotonic()
     try:
-        with pytest.raises(ConsoleError, match=r"printed nothing at all on its console within 1 s.*--accel=tcg"):
+        with pytest.raises(ConsoleError,
+                           match=r"printed nothing at all on its console within 1 s.*--syscall-irl-accel=tcg"):
             console.wait_ready(60, silence=1)
         assert time.monotonic() - start < 5
     finally:

@@ -88,7 +88,7 @@ def test_a_qemu_of_another_target_is_refused() -> None:
 
 def test_a_file_that_is_not_executable_says_so(tmp_path: Path) -> None:
     (tmp_path / "qemu").write_text("")
-    with pytest.raises(ConfigError, match=r"--qemu .* is not executable: chmod \+x"):
+    with pytest.raises(ConfigError, match=r"--syscall-irl-qemu .* is not executable: chmod \+x"):
         programs.check_qemu(str(tmp_path / "qemu"))
 
 
@@ -172,7 +172,7 @@ def test_explicit_kvm_where_the_probe_failed_is_refused_quoting_it(
     monkeypatch.setattr(accel, "kvm_verdict", lambda settings: (False, "a KVM guest printed nothing within 10 s"))
     settings = SimpleNamespace(accel="kvm")
     with pytest.raises(ConfigError, match=r"KVM does not work here: a KVM guest printed nothing within 10 s; "
-                                          r"use --accel=tcg"):
+                                          r"use --syscall-irl-accel=tcg"):
         accel.check_accel(settings)  # type: ignore[arg-type]
 
 

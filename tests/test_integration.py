@@ -5,6 +5,7 @@ These run in CI (the root conftest fails them there if they skip).
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -283,13 +284,28 @@ def test_payloads_travel_in_the_initramfs_when_the_iso_cannot_be_mounted(kernel:
             console.close()
 
 
+FAILS_AFTER_A_TRACE = """
+def test_fails(guest, gdb, syscall_trace):
+    syscall_trace.payload("syscall_irl", nr="write", args={0: 1, 2: 12})
+    assert guest.run('echo x').output == 'y\\n'
+"""
+
+
 def test_a_failing_test_reports_its_guest_and_gdb_logs(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_inner="def test_fails(guest, gdb):\n    assert guest.run('echo x').output == 'y\\n'\n")
+    pytester.makepyfile(test_inner=FAILS_AFTER_A_TRACE)
     result = pytester.runpytest_subprocess("--junitxml=junit.xml")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+    # The assertion leads, then the trace, then a few lines of each log with the path of the whole file.
     result.stdout.fnmatch_lines(
-        ["*guest shared-* commands (tail)*", "$ echo x", "x", "[[]exit 0]", "*gdb/mi transcript (tail)*"]
+        ["E   *AssertionError: assert 'x\\n' == 'y\\n'", "*syscall trace 1*", "syscall trace of x86_64 nr=1*",
+         "*guest shared-* commands (tail)*", "(last 5 lines; all of it: */shared-main-1/console.transcript)",
+         "$ echo x", "x", "[[]exit 0]",
+         "*gdb/mi transcript (tail)*", "(last 5 lines; all of it: */gdb-main.mi.log)"]
     )
+    lines = result.outlines
+    transcript = next(i for i, line in enumerate(lines) if "gdb/mi transcript (tail)" in line)
+    inline = list(itertools.takewhile(lambda line: not line.startswith("---"), lines[transcript + 1:]))
+    assert 1 < len(inline) <= 6, inline  # the path and at most five lines of MI
     # The failed testcase's properties name its guest's log directory and the GDB/MI transcript.
     (logs,) = failed_logs(pytester.path / "junit.xml").values()
     assert len(logs) == 2 and all(p.exists() for p in logs), logs
@@ -373,7 +389,7 @@ def test_a_command_left_running_is_finished_or_its_guest_replaced(pytester: pyte
 BOOT_ARGS = """
 import pytest
 
-@pytest.mark.boot_args("sirl_probe=1")
+@pytest.mark.syscall_irl_boot_args("sirl_probe=1")
 def test_marked(guest, fresh_guest):
     assert "sirl_probe=1" in guest.run("cat /proc/cmdline").output.split()
     assert "sirl_probe=1" in fresh_guest.run("cat /proc/cmdline").output.split()
@@ -381,15 +397,15 @@ def test_marked(guest, fresh_guest):
 def test_unmarked(guest):
     assert "sirl_probe=1" not in guest.run("cat /proc/cmdline").output.split()
 
-@pytest.mark.boot_args("quiet kaslr")
+@pytest.mark.boot_args("quiet kaslr")  # the old name: still read, with a deprecation warning
 def test_kaslr(guest):
     pass
 
-@pytest.mark.boot_args("a", "b")
+@pytest.mark.syscall_irl_boot_args("a", "b")
 def test_two_strings(guest):
     pass
 
-@pytest.mark.cpu("  ")
+@pytest.mark.syscall_irl_cpu("  ")
 def test_blank_cpu(fresh_guest):
     pass
 """
@@ -400,5 +416,7 @@ def test_boot_args_marker_gives_a_test_guests_of_its_own(pytester: pytest.Pytest
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=2, errors=3)
     result.stdout.re_match_lines([r".*boot_args\('quiet kaslr'\): boot arguments: kaslr: guests boot with nokaslr.*",
-                                  r".*@pytest.mark.boot_args takes one string of kernel arguments.*",
-                                  r".*@pytest.mark.cpu takes one QEMU CPU model.*; got \('  ',\) \{\}"])
+                                  r".*@pytest.mark.syscall_irl_boot_args takes one string of kernel arguments.*",
+                                  r".*@pytest.mark.syscall_irl_cpu takes one QEMU CPU model.*; got \('  ',\) \{\}"])
+    assert result.stdout.str().count("@pytest.mark.boot_args is deprecated and goes in the next release: "
+                                     "use @pytest.mark.syscall_irl_boot_args") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -425,6 +426,100 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path: Path, capsys: pytes
     assert cli.main(["kernel", "build", "--config", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("syscall-irl: error: cannot read config fragment") and "Traceback" not in err
+
+
+@pytest.fixture
+def debian_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian's linux-source and gcc as if installed, whatever this machine has."""
+    monkeypatch.setattr(kernel_build, "debian_source_version", lambda *_: "6.12.117-1")
+    monkeypatch.setattr(kernel_build, "compiler_id", lambda: "gcc (Debian 12.2.0-14) 12.2.0")
+
+
+def test_cli_kernel_path_without_that_build_suggests_building_it_with_the_same_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], debian_source: None
+) -> None:
+    monkeypatch.setenv("SYSCALL_IRL_CACHE", str(tmp_path / "cache"))
+    fragment = tmp_path / "my fragment.config"
+    fragment.write_text("CONFIG_X86_FRED=y\n")
+    assert cli.main(["kernel", "path", "--debian", "6.12", "--config", str(fragment)]) == 1
+    err = capsys.readouterr().err
+    assert f"`syscall-irl kernel build --debian 6.12 --config '{fragment}'`" in err, err
+
+
+def test_cli_exit_status_2_is_a_wrong_request_1_is_failed_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as wrong:
+        cli.main(["kernel", "build", "--no-such-option"])
+    assert wrong.value.code == 2
+
+    def failing(self: KernelBuild) -> Path:
+        raise KernelError("kernel build step failed", exit_code=2)
+
+    monkeypatch.setattr(KernelBuild, "build", failing)
+    assert cli.main(["kernel", "build", "--quiet"]) == 1
+    assert "syscall-irl: error: kernel build step failed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "exit status: 0 done; 1 the work failed" in " ".join(capsys.readouterr().out.split())
+
+
+def test_cli_version_is_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    # An editable install's metadata is as old as its last `pip install -e`; tests/test_packaging.py
+    # checks that a built wheel says __version__.
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"syscall-irl {importlib.metadata.version('pytest-syscall-irl')}\n"
+
+
+def test_cli_failed_logs_of_a_missing_report_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["failed-logs", str(tmp_path / "junit.xml"), str(tmp_path / "logs")]) == 2
+    assert f"cannot read the JUnit report {tmp_path / 'junit.xml'}" in capsys.readouterr().err
+    (tmp_path / "junit.xml").write_text("<testsuites><testsuite>")  # cut short: pytest was killed
+    assert cli.main(["failed-logs", str(tmp_path / "junit.xml"), str(tmp_path / "logs")]) == 2
+    assert not (tmp_path / "logs").exists()
+
+
+def test_cli_dry_run_prints_the_build_and_its_key_and_builds_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], debian_source: None
+) -> None:
+    monkeypatch.setenv("SYSCALL_IRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel_build, "missing_build_deps", lambda: [])
+    assert cli.main(["kernel", "build", "--dry-run", "--base", "defconfig"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    build = KernelBuild(base="defconfig", cache=tmp_path / "cache")
+    assert out[0] == "syscall-irl kernel build --dry-run: nothing is built"
+    assert f"fragment: {kernel_build.needs_fragment()}" in out and f"key: {build.key}" in out
+    assert "state: to build (not built)" in out and not (tmp_path / "cache" / "kernels").exists()
+    # --config "" is the default fragment (a CI matrix's entry without one).
+    assert cli.main(["kernel", "build", "--dry-run", "--config", ""]) == 0
+    assert f"fragment: {kernel_build.default_fragment()}" in capsys.readouterr().out.splitlines()
+
+
+def test_cli_dry_run_without_the_source_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(kernel_build, "debian_source_version", lambda *_: None)
+    assert cli.main(["kernel", "build", "-n", "--debian", "6.12"]) == 0
+    assert "key: unknown (linux-source-6.12 is not installed: apt-get install linux-source-6.12)" in \
+        capsys.readouterr().out
+    assert cli.main(["kernel", "build", "-n", "--config", str(tmp_path / "nope")]) == 2
+
+
+def test_cli_finds_the_shipped_fragments_by_the_names_the_readme_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], debian_source: None
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no guest/ here: an installed package's user
+    assert cli.main(["kernel", "build", "-n", "--config", "guest/kernel.config", "--config", "fred.config"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    guest = kernel_build.default_fragment().parent
+    assert f"fragment: {guest / 'kernel.config'}" in out and f"fragment: {guest / 'fred.config'}" in out
+    # A file of that name in the working directory is the user's, and wins.
+    (tmp_path / "guest").mkdir()
+    (tmp_path / "guest" / "fred.config").write_text("CONFIG_X86_FRED=y\n")
+    assert cli.main(["kernel", "build", "-n", "--config", "guest/fred.config"]) == 0
+    assert "fragment: guest/fred.config" in capsys.readouterr().out.splitlines()
 
 
 @needs_gcc

@@ -56,7 +56,7 @@ def test_elf_file_as_kernel_points_at_bzimage(pytester: pytest.Pytester) -> None
 def test_no_vmlinux_found_asks_for_vmlinux(pytester: pytest.Pytester) -> None:
     _fake_bzimage(pytester.path / "bzImage", "6.1.0 (a@b) #1 SMP")
     err = _usage_error(pytester, "--kernel=bzImage")
-    assert "--vmlinux" in err
+    assert "--syscall-irl-vmlinux" in err
 
 
 def test_ini_twin_is_read_and_named(pytester: pytest.Pytester) -> None:
@@ -68,18 +68,18 @@ def test_ini_twin_is_read_and_named(pytester: pytest.Pytester) -> None:
 @pytest.mark.integration
 def test_missing_qemu_and_gdb(pytester: pytest.Pytester) -> None:
     kernel = _reference_or_skip()
-    err = _usage_error(pytester, f"--kernel={kernel}", "--qemu=no-such-qemu")
+    err = _usage_error(pytester, f"--kernel={kernel}", "--syscall-irl-qemu=no-such-qemu")
     assert "no-such-qemu" in err and "apt-get install qemu-system-x86" in err
-    err = _usage_error(pytester, f"--kernel={kernel}", "--gdb=/no/such/gdb")
-    assert "/no/such/gdb" in err and "--gdb" in err
+    err = _usage_error(pytester, f"--kernel={kernel}", "--syscall-irl-gdb=/no/such/gdb")
+    assert "/no/such/gdb" in err and "--syscall-irl-gdb" in err
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]])
 @pytest.mark.parametrize("option, says", [
-    ("--qemu=/bin/false", "/bin/false is not a QEMU system emulator"),
-    ("--gdb=/bin/false", "/bin/false is not a GDB that speaks MI 3"),
-    ('--boot-args=foo="bar quiet', "unbalanced double quote"),
+    ("--syscall-irl-qemu=/bin/false", "/bin/false is not a QEMU system emulator"),
+    ("--syscall-irl-gdb=/bin/false", "/bin/false is not a GDB that speaks MI 3"),
+    ('--syscall-irl-boot-args=foo="bar quiet', "unbalanced double quote"),
 ])
 def test_impostor_programs_and_bad_boot_args(pytester: pytest.Pytester, option: str, says: str,
                                               workers: list[str]) -> None:
@@ -91,7 +91,7 @@ def test_impostor_programs_and_bad_boot_args(pytester: pytest.Pytester, option: 
 def test_a_truncated_bzimage_is_a_usage_error(pytester: pytest.Pytester) -> None:
     kernel = _reference_or_skip()
     (pytester.path / "bzImage").write_bytes(kernel.read_bytes()[:100_000])
-    err = _usage_error(pytester, "--kernel=bzImage", f"--vmlinux={kernel.parent / 'vmlinux'}")
+    err = _usage_error(pytester, "--kernel=bzImage", f"--syscall-irl-vmlinux={kernel.parent / 'vmlinux'}")
     assert "bzImage is truncated: 100000 bytes" in err
 
 
@@ -106,7 +106,7 @@ def test_a_bad_ini_value_names_the_ini_file(pytester: pytest.Pytester) -> None:
 def test_vmlinux_of_another_build_is_rejected(pytester: pytest.Pytester) -> None:
     kernel = _reference_or_skip()
     _fake_bzimage(pytester.path / "bzImage", "6.1.0 (someone@elsewhere) #7 SMP Tue Jan 1 00:00:00 UTC 2030")
-    err = _usage_error(pytester, "--kernel=bzImage", f"--vmlinux={kernel.parent / 'vmlinux'}")
+    err = _usage_error(pytester, "--kernel=bzImage", f"--syscall-irl-vmlinux={kernel.parent / 'vmlinux'}")
     assert "someone@elsewhere" in err
 
 
@@ -117,20 +117,20 @@ def test_stripped_vmlinux_is_rejected(pytester: pytest.Pytester, tmp_path: Path)
     import subprocess
 
     subprocess.run(["strip", "-o", str(stripped), str(kernel.parent / "vmlinux")], check=True)
-    err = _usage_error(pytester, f"--kernel={kernel}", f"--vmlinux={stripped}")
+    err = _usage_error(pytester, f"--kernel={kernel}", f"--syscall-irl-vmlinux={stripped}")
     assert "symbols" in err
 
 
 @pytest.mark.integration
 def test_kaslr_boot_arg_is_rejected(pytester: pytest.Pytester) -> None:
     kernel = _reference_or_skip()
-    err = _usage_error(pytester, f"--kernel={kernel}", "--boot-args=quiet kaslr")
+    err = _usage_error(pytester, f"--kernel={kernel}", "--syscall-irl-boot-args=quiet kaslr")
     assert "kaslr" in err
 
 
 def test_bad_accel_choice(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_x=USES_KERNEL)
-    result = pytester.runpytest_subprocess("--accel=fast")
+    result = pytester.runpytest_subprocess("--syscall-irl-accel=fast")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "invalid choice" in result.stderr.str()
 
@@ -159,7 +159,7 @@ def _reference_or_skip() -> Path:
 @pytest.mark.integration
 @pytest.mark.parametrize("args, ini, restored", [
     ([], "", True),
-    (["--no-snapshots"], "", False),
+    (["--syscall-irl-no-snapshots"], "", False),
     ([], "syscall_irl_snapshots = false", False),
 ])
 def test_guests_restore_from_snapshot_unless_told_not_to(pytester: pytest.Pytester, args: list[str], ini: str,
@@ -196,21 +196,21 @@ def test_a_run_without_kernel_tests_loads_no_qemu_or_gdb_modules(pytester: pytes
 
 
 def test_one_vmlinux_for_several_kernels_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    err = _usage_error(pytester, "--kernel=a/bzImage", "--kernel=b/bzImage", "--vmlinux=a/vmlinux")
-    assert "one --vmlinux for several kernels" in err and "one --vmlinux per --kernel" in err
+    err = _usage_error(pytester, "--kernel=a/bzImage", "--kernel=b/bzImage", "--syscall-irl-vmlinux=a/vmlinux")
+    assert "one --syscall-irl-vmlinux for several kernels" in err
+    assert "one --syscall-irl-vmlinux per --syscall-irl-kernel" in err
 
 
 def test_modules_must_pair_with_the_kernels(pytester: pytest.Pytester) -> None:
-    err = _usage_error(pytester, "--kernel=a/bzImage", "--kernel=b/bzImage", "--modules=none", "--modules=none",
-                       "--modules=none")
-    assert "--modules given 3 times for 2 kernels" in err
+    err = _usage_error(pytester, "--kernel=a/bzImage", "--kernel=b/bzImage", *["--syscall-irl-modules=none"] * 3)
+    assert "--syscall-irl-modules given 3 times for 2 kernels" in err
 
 
 def test_a_module_directory_without_modules_dep_is_a_usage_error(pytester: pytest.Pytester) -> None:
     kernel = _reference_or_skip()
     (pytester.path / "mods").mkdir()
-    err = _usage_error(pytester, f"--kernel={kernel}", "--modules=mods")
-    assert "mods has no modules.dep" in err and "--modules=none" in err
+    err = _usage_error(pytester, f"--kernel={kernel}", "--syscall-irl-modules=mods")
+    assert "mods has no modules.dep" in err and "--syscall-irl-modules=none" in err
 
 
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]])
@@ -221,8 +221,8 @@ def test_each_test_runs_once_per_kernel_named_in_ids_header_and_junit(pytester: 
     pytester.makepyfile(test_x="def test_k(kernel):\n    print('release', kernel.release)\n"
                                "def test_plain():\n    pass\n")
     # The same kernel twice stands for a patched kernel and its base: same release, two ids.
-    result = pytester.runpytest_subprocess(f"--kernel={kernel}", f"--kernel={kernel}", "--modules=none", "-v",
-                                           "--junitxml=junit.xml", *workers)
+    result = pytester.runpytest_subprocess(f"--kernel={kernel}", f"--kernel={kernel}", "--syscall-irl-modules=none",
+                                           "-v", "--junitxml=junit.xml", *workers)
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     result.stdout.fnmatch_lines([f"syscall-irl: kernel[{release}@1] {release} ({kernel})",
                                  f"syscall-irl: kernel[{release}@2] {release} ({kernel})"])

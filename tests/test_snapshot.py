@@ -456,5 +456,5 @@ def test_a_rebuilt_snapshot_that_fails_too_names_no_snapshots(
     monkeypatch.setattr(Lab, "_save_ready_guest", build_unloadable)
     with pytest.warns(SyscallIrlWarning), pytest.raises(QemuError) as caught:
         lab.boot()
-    assert "even after it was built again: cold-boot every guest with --no-snapshots" in str(caught.value)
+    assert "even after it was built again: cold-boot every guest with --syscall-irl-no-snapshots" in str(caught.value)
     assert str(snapshot_dir(tmp_path / "cache", lab.snapshot_key())) in str(caught.value)

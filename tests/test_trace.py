@@ -5,6 +5,9 @@ it needs, without a tracer, and counts and traces that check their command's sta
 
 from __future__ import annotations
 
+import itertools
+import re
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,9 +25,11 @@ from pytest_syscall_irl.lab.image import Payload
 from pytest_syscall_irl.machine.qemu import MachineConfig
 from pytest_syscall_irl.arch.base import EntryCode
 from pytest_syscall_irl.arch.x86_64 import X86_64
-from pytest_syscall_irl.arch.x86_64.roads import SYSCALL64
+from pytest_syscall_irl.arch.x86_64.roads import INT80, ROADS, SYSCALL64
 from pytest_syscall_irl.trace.facts import FactsCache, KernelFacts
-from pytest_syscall_irl.trace.model import SyscallSelector, SyscallTrace, TraceError
+from pytest_syscall_irl.plugin.options import BY_NAME
+from pytest_syscall_irl.trace.model import (Stage, StageNotRecorded, SyscallSelector, SyscallTrace, TraceError,
+                                            stage_names)
 from pytest_syscall_irl.trace.tracer import CommandFailed, ExpectedStatus, SyscallTracer
 from pytest_syscall_irl.trace.walk import MAX_STEP_ATTEMPTS, Walk
 
@@ -337,3 +342,94 @@ def test_a_trace_may_accept_any_status(tmp_path: Path, monkeypatch: pytest.Monke
     tracer = _tracer(FakeDebugger(), tmp_path, console=FakeConsole(status=4))
     assert tracer.command("/payloads/sysret_check cs32", nr=15, expect_status=None).status == 4
     assert tracer.command("/payloads/sysret_check cs32", nr=15, expect_status=4).status == 4
+
+
+# ---- what a person writing invariants reads: the missing stage's message and the docs ----
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACE_API = ROOT / "docs" / "trace-api.md"
+
+
+def _int80_trace() -> SyscallTrace:
+    trace = SyscallTrace("/payloads/int80 20", SyscallSelector(20), INT80, "__ia32_sys_getpid")
+    for name in ("user", "entry", "do_int80_emulation"):
+        trace.stages[name] = Stage(name, True)
+    trace.stages["after_swapgs"] = Stage("after_swapgs", False, note="the swap is in error_entry")
+    return trace
+
+
+def test_a_stage_off_the_road_says_so_and_lists_the_roads_stages() -> None:
+    with pytest.raises(KeyError) as raised:
+        _int80_trace()["sysretq"]
+    assert isinstance(raised.value, StageNotRecorded) and isinstance(raised.value, TraceError)
+    assert str(raised.value) == (
+        "stage 'sysretq' is not on the int80 road (its stages: user, entry, after_swapgs, do_int80_emulation or "
+        "do_int80_syscall_32, handler, ksys, handler_return, dispatch_return, iret_path, iretq, user_return); "
+        "a stage of the road not taken is in the trace and says why in its note "
+        "(trace['after_swapgs'].note == 'the swap is in error_entry')")
+
+
+def test_a_stage_on_the_road_not_recorded_says_where_the_walk_ended() -> None:
+    with pytest.raises(StageNotRecorded, match=r"^stage 'iretq' of the int80 road was not recorded: the walk ended "
+                                               r"before it, at after_swapgs; recorded: user, entry, do_int80"):
+        _int80_trace()["iretq"]
+
+
+def test_the_c_entry_this_kernel_lacks_points_at_trace_dispatch() -> None:
+    trace = _int80_trace()
+    with pytest.raises(StageNotRecorded, match=r"this kernel's C entry is do_int80_emulation \(trace\.dispatch\)"):
+        trace["do_int80_syscall_32"]
+    assert trace.dispatch.name == "do_int80_emulation"
+
+
+def test_a_stage_lookup_hides_its_frame_from_the_traceback() -> None:
+    # pytest drops frames whose locals hold a true __tracebackhide__: the test's line leads.
+    with pytest.raises(StageNotRecorded) as raised:
+        _int80_trace()["sysretq"]
+    assert [entry.frame.code.name for entry in raised.traceback.filter(raised)] == [
+        "test_a_stage_lookup_hides_its_frame_from_the_traceback"]
+
+
+def _table(heading: str) -> list[list[str]]:
+    """The rows of the first table under *heading* in docs/trace-api.md, cells without backticks."""
+    text = TRACE_API.read_text().split(heading, 1)[1]
+    lines = itertools.dropwhile(lambda line: not line.startswith("|"), (line.strip() for line in text.splitlines()))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines))[2:]  # past the head and rule
+    return [[cell.strip().replace("`", "").replace("\\|", "|") for cell in line.strip("|").split(" | ")]
+            for line in table]
+
+
+def test_the_docs_list_each_roads_stages_as_the_code_has_them() -> None:
+    assert {road: stages for road, stages in _table("### Each road's stages")} == {
+        road.name: stage_names(road) for road in ROADS.values()}
+
+
+def test_the_docs_give_sirl32_calls_way_numbers_as_the_header_has_them() -> None:
+    header = (ROOT / "guest" / "payloads" / "sirl32.h").read_text()
+    enum = re.search(r"enum sirl32_way \{(.*?)\};", header, re.S)
+    assert enum is not None
+    ways = {name: value for name, value in re.findall(r"(SIRL32_\w+) = (\d+)", enum.group(1))}
+    assert {name: way for way, name, _ in _table("The way numbers (`enum sirl32_way`)")} == ways
+
+
+def test_the_docs_signal_statuses_are_128_plus_the_signal() -> None:
+    for status, means, _ in _table("### Exit statuses"):
+        found = re.fullmatch(r"128 \+ (SIG\w+) \((\d+)\)", means)
+        if found:
+            assert int(status) == 128 + signal.Signals[found.group(1)] == 128 + int(found.group(2)), means
+    assert ["133", "128 + SIGTRAP (5)"] in [row[:2] for row in _table("### Exit statuses")]
+
+
+def test_rawsys_prints_as_the_docs_say() -> None:
+    assert 'printf("%ld\\n", ret);' in (ROOT / "guest" / "payloads" / "rawsys.c").read_text()
+    assert "signed decimal and a newline" in next(row[2] for row in _table("## The built-in payloads")
+                                                  if row[0] == "rawsys")
+
+
+def test_the_payload_directory_key_takes_several_as_its_docs_say() -> None:
+    assert BY_NAME["payloads"].repeat  # the code: several directories
+    readme = (ROOT / "README.md").read_text().splitlines()
+    readme_row = next(line for line in readme if "`syscall_irl_payloads`" in line)
+    assert "list several in the ini key" in readme_row
+    assert "list several in the ini key" in " ".join(BY_NAME["payloads"].help.split())
+    assert "list several in the ini key `syscall_irl_payloads`" in " ".join(TRACE_API.read_text().split())

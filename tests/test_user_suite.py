@@ -1,6 +1,6 @@
 """The trace instrument as a user meets it: a suite of plain pytest functions in a
 directory of its own, outside this package, with its own guest programs (C, 64- and
-32-bit) given with --payloads, run on the reference kernel in QEMU with GDB.
+32-bit) given with --syscall-irl-payloads, run on the reference kernel in QEMU with GDB.
 
 These run in CI (the root conftest fails them there if they skip)."""
 
@@ -25,7 +25,7 @@ def test_a_users_own_suite_and_programs(pytester: pytest.Pytester, tmp_path: Pat
     suite = tmp_path / "my-kernel-checks"  # outside the package, as a user's would be
     shutil.copytree(USER_SUITE, suite)
     result = pytester.run(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-ra", "-n", "2",
-                          f"--rootdir={suite}", f"--payloads={suite / 'payloads'}", str(suite), timeout=600)
+                          f"--rootdir={suite}", f"--syscall-irl-payloads={suite / 'payloads'}", str(suite), timeout=600)
     out = result.stdout.str()
     assert result.ret == pytest.ExitCode.OK, out
     outcomes = result.parseoutcomes()

@@ -80,8 +80,8 @@ def verdict(pytest_status: int, junit: Path) -> Verdict:
 
 def pytest_command(pytest_args: Sequence[str], build: KernelBuild, junit: Path) -> list[str]:
     """pytest on the freshly built kernel; the user's arguments come first, ours last."""
-    return [sys.executable, "-m", "pytest", *pytest_args, f"--kernel={build.bzimage}",
-            f"--vmlinux={build.vmlinux}", f"--junitxml={junit}"]
+    return [sys.executable, "-m", "pytest", *pytest_args, f"--syscall-irl-kernel={build.bzimage}",
+            f"--syscall-irl-vmlinux={build.vmlinux}", f"--junitxml={junit}"]
 
 
 def bisect_step(build: KernelBuild, pytest_args: Sequence[str], say: Progress) -> Verdict:

@@ -3,12 +3,16 @@
 Each command group registers itself with a function that takes argparse's subparsers
 (see add_kernel_commands); add a group by appending its function to COMMAND_GROUPS.
 Progress goes to stderr and results to stdout, so `$(syscall-irl kernel path)` works.
+Exit statuses (EPILOG): 2 for a request that cannot be right (argparse's own, and ConfigError),
+1 for work that failed; each command's own meanings of 1 are in its help.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,8 +20,14 @@ from pathlib import Path
 from ..kernel import build as kernel_build
 from ..core import shipped
 from ..kernel.progress import BuildProgress, previous_steps
-from ..core.errors import SyscallIrlError
+from ..core.errors import ConfigError, SyscallIrlError
 
+USAGE_STATUS = 2  # argparse's status for a bad command line; ours for any ConfigError too
+FAILED_STATUS = 1
+EPILOG = f"""exit status: 0 done; {FAILED_STATUS} the work failed (a build, a download, a check: the message says \
+what); {USAGE_STATUS} the command was asked wrongly (an option, a path, a fragment: the message says the fix); \
+130 interrupted. `kernel path` and `kernel check` also exit {FAILED_STATUS} for their answer "none" and "cannot run"; \
+`bisect-run` has statuses of its own, for git bisect."""
 
 
 def _positive_int(text: str) -> int:
@@ -62,12 +72,35 @@ def _set_total(progress: BuildProgress | None, build: kernel_build.KernelBuild) 
         pass  # an unreadable fragment is reported by the build itself (bisect-run: as a skip)
 
 
+def _fragment(text: str) -> Path:
+    """A --config value: a file, else the fragment of that name shipped with the package.
+
+    The README's recipes name them as in a checkout (`--config guest/fred.config`); an
+    installed package has them in its own directory, so the bare name, or guest/NAME where
+    no such file is, finds the shipped one (kernel.config, suite-needs.config, fred.config).
+    """
+    path = Path(text)
+    if path.exists() or path.parent not in (Path("."), Path("guest")) or path.suffix != ".config":
+        return path
+    shipped_fragment = shipped.GUEST_DIR / path.name
+    return shipped_fragment if shipped_fragment.is_file() else path
+
+
+def _fragments(args: argparse.Namespace) -> list[Path] | None:
+    # --config "" is the default fragment (handy in CI matrices).
+    return [_fragment(text) for text in args.config or [] if text] or None
+
+
 def _kernel_build(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        plan = kernel_build.KernelBuild(args.tree, _fragments(args), debian=args.debian, base=args.base).plan()
+        print("\n".join(["syscall-irl kernel build --dry-run: nothing is built", *plan]))
+        return 0
     quiet = bool(args.quiet)
     on_output, progress = _build_output(args)
     build = kernel_build.KernelBuild(
         args.tree,
-        args.config or None,  # --config "" is the default fragment (handy in CI matrices)
+        _fragments(args),
         debian=args.debian,
         base=args.base,
         jobs=args.jobs,
@@ -85,24 +118,34 @@ def _kernel_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_flags(args: argparse.Namespace) -> list[str]:
+    """The --debian/--base/--config flags the user gave, as they would type them again."""
+    flags = [] if args.debian == kernel_build.REFERENCE_SOURCE else ["--debian", args.debian]
+    flags += [] if args.base == "tinyconfig" else ["--base", args.base]
+    for text in args.config or []:
+        flags += ["--config", text] if text else []
+    return flags
+
+
 def _kernel_path(args: argparse.Namespace) -> int:
-    build = kernel_build.KernelBuild(fragment=args.config, debian=args.debian, base=args.base)
-    path = build.bzimage if build.is_complete() else None
-    if path is None:
-        print(
-            f"syscall-irl: no reference kernel in {kernel_build.cache_dir() / 'kernels'}: "
-            "build it with `syscall-irl kernel build` (about 3 minutes on 2 cores)",
-            file=sys.stderr,
-        )
-        return 1
-    print(path)
-    return 0
+    build = kernel_build.KernelBuild(fragment=_fragments(args), debian=args.debian, base=args.base)
+    if build.is_complete():
+        print(build.bzimage)
+        return 0
+    flags = _source_flags(args)
+    what = f"no build of {shlex.join(flags)}" if flags else "no reference kernel"
+    command = shlex.join(["syscall-irl", "kernel", "build", *flags])
+    print(f"syscall-irl: {what} in {kernel_build.cache_dir() / 'kernels'}: build it with `{command}`"
+          + ("" if flags else " (about 3 minutes on 2 cores)"), file=sys.stderr)
+    return FAILED_STATUS
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FRAGMENT", action="append",
                         help="config fragment merged over tinyconfig; repeat to merge several in order, e.g. "
-                             "--config guest/kernel.config --config guest/fred.config (default: guest/kernel.config)")
+                             "--config guest/kernel.config --config guest/fred.config (default: guest/kernel.config); "
+                             "a shipped fragment's name (kernel.config, fred.config, suite-needs.config, with or "
+                             "without guest/) finds the package's own where no such file is")
     parser.add_argument("--debian", metavar="VERSION", default=kernel_build.REFERENCE_SOURCE,
                         help="without --tree: build Debian's /usr/src/linux-source-VERSION.tar.xz "
                              f"(default: {kernel_build.REFERENCE_SOURCE}, the reference kernel)")
@@ -168,6 +211,9 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
                        help="print only the bzImage path, not the stages and the progress line")
     build.add_argument("--make-output", action="store_true",
                        help="show make's output instead of a progress line (it is in build.log either way)")
+    build.add_argument("--dry-run", "-n", action="store_true",
+                       help="build nothing: print the source, base and fragments it would build, the cache key "
+                            "and whether the cache has it (exit 0 once the fragments and base are found)")
     build.set_defaults(func=_kernel_build)
     path = commands.add_parser("path", help="print the cached reference bzImage, or the build of the given "
                                "--debian/--config (exit 1 if none)")
@@ -211,8 +257,8 @@ def _bisect_run(args: argparse.Namespace) -> int:
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     say = (lambda message: None) if args.quiet else (lambda message: _progress(f"==> {message}"))
     on_output, progress = _build_output(args)
-    build = kernel_build.KernelBuild(args.tree or ".", args.config or None, jobs=args.jobs, on_stage=say,
-                                     on_output=on_output)
+    fragment = _fragment(args.config) if args.config else None
+    build = kernel_build.KernelBuild(args.tree or ".", fragment, jobs=args.jobs, on_stage=say, on_output=on_output)
     _set_total(progress, build)
     result = bisect_step(build, pytest_args, say)
     _progress(f"syscall-irl bisect-run: exit {result.status}: {result.reason}")
@@ -220,7 +266,15 @@ def _bisect_run(args: argparse.Namespace) -> int:
 
 
 def _failed_logs(args: argparse.Namespace) -> int:
+    from xml.etree import ElementTree
+
     from ..report.junit import collect_failed_logs
+    try:
+        ElementTree.parse(args.junit)
+    except (OSError, ElementTree.ParseError) as exc:
+        # A report that is not there is not "no test failed": pytest may never have written it.
+        raise ConfigError(f"cannot read the JUnit report {args.junit}: {exc} (pytest --junitxml={args.junit} "
+                          "writes it)") from exc
     copied = collect_failed_logs(Path(args.junit), Path(args.destination))
     _progress(f"syscall-irl: {copied} log(s) of failed tests copied to {args.destination}")
     return 0
@@ -262,11 +316,21 @@ COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParse
 ]
 
 
+def installed_version() -> str:
+    """The installed distribution's version (pyproject reads it from __version__ at build time;
+    the faces do not import the package top, see tests/test_layout.py)."""
+    try:
+        return importlib.metadata.version("pytest-syscall-irl")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered command group."""
     parser = argparse.ArgumentParser(
-        prog="syscall-irl", description="pytest-syscall-irl helper commands"
+        prog="syscall-irl", description="pytest-syscall-irl helper commands", epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     parser.add_argument("--verbose", "-v", action="store_true", help="log library debug messages")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_group in COMMAND_GROUPS:
@@ -275,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `syscall-irl`; returns the exit status (2 for errors of ours)."""
+    """Entry point of `syscall-irl`; returns the exit status (EPILOG)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -285,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(args)
     except SyscallIrlError as exc:
         print(f"syscall-irl: error: {exc}", file=sys.stderr)
-        return 2
+        return USAGE_STATUS if isinstance(exc, ConfigError) else FAILED_STATUS
     except KeyboardInterrupt:
         print("syscall-irl: interrupted", file=sys.stderr)
         return 130

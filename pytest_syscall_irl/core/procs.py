@@ -112,7 +112,8 @@ def spawn(command: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         try:
             reaper_fd = _reaper.fd_for(parent)
         except OSError as exc:  # no reaper is a narrower safety net, not a reason to fail
-            log.warning("cannot start the reaper (%s): a --qemu wrapper's children may outlive a killed run", exc)
+            log.warning("cannot start the reaper (%s): a --syscall-irl-qemu wrapper's children may outlive a "
+                        "killed run", exc)
             reaper_fd = -1
     proc: subprocess.Popen[Any] = subprocess.Popen(
         list(command),

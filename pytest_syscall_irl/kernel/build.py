@@ -294,6 +294,37 @@ class KernelBuild:
         """Why the cached build is not usable as it stands ("not built" if it never finished)."""
         return self.entry.problem()
 
+    def plan(self) -> list[str]:
+        """What build() would build, as lines to print (`kernel build --dry-run`); builds nothing.
+
+        An unreadable fragment or a bad tree raises ConfigError, as build() would; a source
+        or tool that is missing is said, not raised: finding those out is what a plan is for.
+        """
+        lines = [f"source: {self._source_plan()}", f"base: {self.base}"]
+        lines += [f"fragment: {fragment}" for fragment in self.fragments]
+        lines.append(f"fragment sha256: {self.fragment_sha256}")
+        try:
+            lines.append(f"key: {self.key}")
+        except KernelError as exc:
+            lines.append(f"key: unknown ({exc.message})")
+            return lines + self._deps_plan()
+        state = self.damage()
+        lines.append(f"directory: {self.directory}")
+        lines.append("state: " + ("built (a --tree build is re-made incrementally)" if state is None and self.tree
+                                  else "built (reused)" if state is None else f"to build ({state})"))
+        return lines + self._deps_plan()
+
+    def _source_plan(self) -> str:
+        if self.tree is not None:
+            return f"tree {self.tree}"
+        version = debian_source_version(self.package)
+        return f"{self.tarball} ({self.package} {version})" if version else \
+            f"{self.tarball} ({self.package} not installed)"
+
+    def _deps_plan(self) -> list[str]:
+        missing = missing_build_deps()
+        return [f"missing build tools: apt-get install {' '.join(missing)}"] if missing else []
+
     def build(self) -> Path:
         """Build unless the cache has it (Debian source) and return the bzImage path; a
         damaged build is built again, with a warning.

@@ -69,7 +69,7 @@ def image_dependency(fields: Mapping[str, str]) -> str | None:
 
 @dataclass(frozen=True)
 class FetchedKernel:
-    """A Debian kernel unpacked in the cache: the three things `--kernel`, `--vmlinux`, `--modules` take."""
+    """A Debian kernel unpacked in the cache: the three things `--syscall-irl-kernel`, `-vmlinux`, `-modules` take."""
 
     directory: Path
     release: str
@@ -88,7 +88,8 @@ class FetchedKernel:
 
     def options(self) -> list[str]:
         """The pytest options that test this kernel."""
-        return [f"--kernel={self.bzimage}", f"--vmlinux={self.vmlinux}", f"--modules={self.modules}"]
+        return [f"--syscall-irl-kernel={self.bzimage}", f"--syscall-irl-vmlinux={self.vmlinux}",
+                f"--syscall-irl-modules={self.modules}"]
 
 
 def _depmod() -> str:

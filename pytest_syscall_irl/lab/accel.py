@@ -63,5 +63,5 @@ def check_accel(settings: LabSettings) -> None:
         return
     usable, why = kvm_verdict(settings)
     if not usable:
-        raise ConfigError(f"--accel=kvm, but KVM does not work here: {why}; use --accel=tcg (or auto, which "
-                          "takes KVM only where a KVM guest really boots)")
+        raise ConfigError(f"--syscall-irl-accel=kvm, but KVM does not work here: {why}; use "
+                          "--syscall-irl-accel=tcg (or auto, which takes KVM only where a KVM guest really boots)")

@@ -287,7 +287,7 @@ class Lab:
             return self._restore(f"{name}-rebuilt", snapshot, timeout, config)
         except StateLoadError as exc:
             raise QemuError(f"QEMU cannot load the guest snapshot {snapshot.directory} even after it was built "
-                            f"again: cold-boot every guest with --no-snapshots, and report it (logs: "
+                            f"again: cold-boot every guest with --syscall-irl-no-snapshots, and report it (logs: "
                             f"{self.log_root / (name + '-rebuilt')})", command=exc.command, exit_code=exc.exit_code,
                             log_tail=exc.log_tail) from exc
 

@@ -111,7 +111,7 @@ class GuestImage:
         """The payload compiled from guest/payloads/<name>.c."""
         if name not in self.payloads:
             raise ImageError(f"no guest payload {name!r}: add {name}.c to guest/payloads/ or to a directory "
-                             f"given with --payloads "
+                             f"given with --syscall-irl-payloads "
                              f"(have: {', '.join(sorted(self.payloads))})")
         return Payload(name, self.payloads[name])
 

@@ -80,8 +80,8 @@ def pair_by_position(option: str, values: Sequence[_T], kernels: int) -> list[_T
     if len(values) == 1:
         return [values[0]] * kernels
     if values and len(values) != kernels:
-        raise ConfigError(f"--{option} given {len(values)} times for {kernels} kernels: give one --{option} per "
-                          f"--kernel, in the same order, or none")
+        raise ConfigError(f"--syscall-irl-{option} given {len(values)} times for {kernels} kernels: give one "
+                          f"--syscall-irl-{option} per --syscall-irl-kernel, in the same order, or none")
     return [*values] if values else [None] * kernels
 
 

@@ -233,8 +233,8 @@ class GuestConsole:
             except pexpect.TIMEOUT as exc:
                 raise ConsoleError(f"the guest printed nothing at all on its console within {silence:.0f} s "
                                    "(a cold boot prints its first line in ~1.5 s under TCG): the vCPU is not "
-                                   "running (under KVM: see --accel=tcg) or the kernel has no serial console "
-                                   "(CONFIG_SERIAL_8250_CONSOLE)") from exc
+                                   "running (under KVM: see --syscall-irl-accel=tcg) or the kernel has no serial "
+                                   "console (CONFIG_SERIAL_8250_CONSOLE)") from exc
             except pexpect.EOF as exc:
                 raise ConsoleError("guest console closed before the guest printed anything (QEMU exited?)") from exc
             timeout -= time.monotonic() - started

@@ -44,7 +44,7 @@ def _run(command: list[str], stdin: str) -> subprocess.CompletedProcess[str]:
 def _qemu_verdict(qemu: str) -> str:
     """QEMU's version; ConfigError unless it is a system emulator whose target is x86_64."""
     command = [qemu, "-machine", "none", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio"]
-    fix = "pass --qemu=PATH of qemu-system-x86_64 (apt-get install qemu-system-x86)"
+    fix = "pass --syscall-irl-qemu=PATH of qemu-system-x86_64 (apt-get install qemu-system-x86)"
     done = _run(command, QMP_SESSION)
     replies = []
     for line in done.stdout.splitlines():
@@ -67,7 +67,7 @@ def _qemu_verdict(qemu: str) -> str:
 def _gdb_verdict(gdb: str) -> str:
     """GDB's version line; ConfigError unless it speaks MI 3 and can debug x86_64."""
     done = _run([gdb, "--nx", "--quiet", "--interpreter=mi3"], MI_SESSION)
-    fix = "pass --gdb=PATH of GDB 9 or later built for x86_64 (apt-get install gdb)"
+    fix = "pass --syscall-irl-gdb=PATH of GDB 9 or later built for x86_64 (apt-get install gdb)"
     lines = done.stdout.splitlines()
     version = next((json.loads(line[1:]).strip() for line in lines if line.startswith('~"GNU gdb')), None)
     if version is None or "^done" not in lines[1:]:
@@ -123,11 +123,11 @@ def _find(program: str, option: str, package: str) -> str:
 
 def check_qemu(program: str, cache: Path | None = None) -> tuple[str, str]:
     """(path, version) of *program* found on PATH and proven a QEMU x86_64 system emulator."""
-    path = _find(program, "--qemu", "qemu-system-x86")
+    path = _find(program, "--syscall-irl-qemu", "qemu-system-x86")
     return path, _checked(path, "qemu-x86_64", _qemu_verdict, cache)
 
 
 def check_gdb(program: str, cache: Path | None = None) -> tuple[str, str]:
     """(path, version) of *program* found on PATH and proven a GDB with MI 3 and x86_64."""
-    path = _find(program, "--gdb", "gdb")
+    path = _find(program, "--syscall-irl-gdb", "gdb")
     return path, _checked(path, "gdb-mi3-x86_64", _gdb_verdict, cache)

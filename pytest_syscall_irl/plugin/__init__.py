@@ -5,7 +5,8 @@ hooks; each concern has a module of its own:
     options.py    the option table and where each value comes from (no pytest)
     settings.py   the options resolved once per process, and the LabSettings they mean
     header.py     the report header, relayed from a worker under xdist
-    markers.py    @pytest.mark.boot_args / @pytest.mark.cpu read into a GuestVariant
+    markers.py    @pytest.mark.syscall_irl_boot_args / syscall_irl_cpu read into a GuestVariant;
+                  the default pytest-timeout bound of our tests
     fixtures.py   the fixtures, a few lines each over the lab layer's classes
     artifacts.py  what a failing test's report shows of the guests, GDB and traces it used
 
@@ -24,36 +25,73 @@ import pytest
 from .artifacts import attach, record_failure_class
 from .fixtures import (LAB_FIXTURE, _shared_guests, _worker_debugger, fresh_guest, gdb, guest, kernel, make_guest,
                        syscall_irl_architecture, syscall_irl_lab, syscall_trace)
-from .header import announce, forward_header
-from .markers import register_markers
-from .options import OPTIONS, SNAPSHOTS_ENV
-from .settings import explicit, options_of, settings_of, settings_resolved, valid_options
+from .header import KERNEL_TAKEN_KEY, announce, forward_header
+from .markers import apply_default_timeout, register_markers, warn_deprecated_markers
+from .options import BY_NAME, NO_SNAPSHOTS_FLAG, OPTIONS, SNAPSHOTS_ENV, Option
+from .settings import explicit, settings_of, settings_resolved, valid_options
 
 # pytest finds fixtures among a plugin module's attributes: these are the plugin's.
 __all__ = ["_shared_guests", "_worker_debugger", "fresh_guest", "gdb", "guest", "kernel", "make_guest",
            "syscall_irl_architecture", "syscall_irl_lab", "syscall_trace"]
 
 USAGE_ERROR_KEY = pytest.StashKey[str]()
+GROUP = "syscall-irl"
 USAGE_ERROR_OUTPUT = "syscall_irl_usage_error"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("syscall-irl", "x86_64 syscall path conformance (QEMU + GDB)")
+    # Only prefixed names: a generic --gdb or --qemu would crash any run whose conftest or
+    # other plugin has one. --kernel, the product's own spelling, is added later (kernel_alias).
+    group = parser.getgroup(GROUP, "x86_64 syscall path conformance (QEMU + GDB)")
     for option in OPTIONS:
-        extra: dict[str, Any] = {"choices": option.choices} if option.choices else {}
-        if option.repeat:
-            extra["action"] = "append"
-        group.addoption(option.flag, option.long_flag, dest=option.ini, metavar=option.name.upper(),
-                        help=f"{option.help} Also ${option.env}.", **extra)
+        group.addoption(option.flag, **_option_attrs(option))
         parser.addini(option.ini, f"default for {option.flag}: {option.help}")
-    group.addoption("--no-snapshots", "--syscall-irl-no-snapshots", dest="syscall_irl_snapshots",
-                    action="store_false", default=None,
+    group.addoption(NO_SNAPSHOTS_FLAG, dest="syscall_irl_snapshots", action="store_false", default=None,
                     help=f"cold-boot every guest instead of restoring a saved ready guest (default: restore). "
                          f"Also ${SNAPSHOTS_ENV}=0.")
-    parser.addini("syscall_irl_snapshots", "default for --no-snapshots: restore guests from a saved ready "
+    parser.addini("syscall_irl_snapshots", f"default for {NO_SNAPSHOTS_FLAG}: restore guests from a saved ready "
                   "guest (true) or cold-boot each (false).", type="bool", default=True)
     group.addoption("--syscall-irl-html", dest="syscall_irl_html", metavar="PATH",
                     help="write an HTML page drawing each traced syscall's path through the stages.")
+
+
+def _option_attrs(option: Option) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"dest": option.ini, "metavar": option.name.upper(),
+                             "help": f"{option.help} Also ${option.env}."}
+    if option.choices:
+        attrs["choices"] = option.choices
+    if option.repeat:
+        attrs["action"] = "append"
+    return attrs
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser,
+                                  args: list[str]) -> Generator[None, None, None]:
+    # After the plugins and the initial conftests added their options: --kernel only if none has it.
+    yield
+    kernel_alias(early_config, parser)
+
+
+def kernel_alias(config: pytest.Config, parser: pytest.Parser) -> None:
+    """Add --kernel (same as --syscall-irl-kernel) unless another plugin or conftest already has it;
+    then its owner keeps it, and our header says to use --syscall-irl-kernel."""
+    option = BY_NAME["kernel"]
+    assert option.short_flag
+    taken = _option_names(parser)
+    if option.short_flag in taken:
+        config.stash[KERNEL_TAKEN_KEY] = taken[option.short_flag]
+        return
+    parser.getgroup(GROUP).addoption(option.short_flag, **{**_option_attrs(option),
+                                                           "help": f"same as {option.flag}."})
+
+
+def _option_names(parser: pytest.Parser) -> dict[str, str]:
+    """Every option string already registered, with its dest. pytest has no public API for this:
+    its groups (`_anonymous`, `_groups`) are read defensively, the same way in pytest 8 and 9."""
+    groups = [getattr(parser, "_anonymous", None), *getattr(parser, "_groups", ())]
+    return {name: str(getattr(argument, "dest", "")) for group in groups if group is not None
+            for argument in getattr(group, "options", ()) for name in argument.names()}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -61,10 +99,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "numprocesses", None) and controller:
         from .header import HeaderRelay
         config.pluginmanager.register(HeaderRelay(config), "syscall_irl_header_relay")
-    options = valid_options(config)  # an invalid one is a usage error at pytest_sessionstart
-    if options is not None and options.html and controller:
+    # The command line only: the environment twins are not read before a test needs them.
+    html = config.getoption("syscall_irl_html", None)
+    if html and controller:
         from ..report.html import HtmlPage
-        config.pluginmanager.register(HtmlPage(options.html), "syscall_irl_html")
+        config.pluginmanager.register(HtmlPage((config.invocation_params.dir / html).resolve()), "syscall_irl_html")
     register_markers(config)
 
 
@@ -77,9 +116,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: a deselected kernel test needs no kernel
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Without explicit options, the default kernel is needed only if a test asks for one.
-    if not any(LAB_FIXTURE in getattr(item, "fixturenames", ()) for item in items):
+    # Without explicit options, the default kernel is needed only if a test asks for one;
+    # only then are the environment twins read.
+    ours = [item for item in items if LAB_FIXTURE in getattr(item, "fixturenames", ())]
+    if not ours:
         return
+    apply_default_timeout(config, ours)
+    for item in ours:
+        warn_deprecated_markers(item)
     if not hasattr(config, "workerinput"):
         settings_of(config)
         return
@@ -98,7 +142,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Several kernels: every test using one runs once per kernel. The lab is a session
     # fixture parametrized by kernel, so pytest groups each kernel's tests and, when a
     # worker moves to the next kernel, tears down the last one's lab, guests and GDB.
-    if LAB_FIXTURE not in metafunc.fixturenames or len(options_of(metafunc.config).values("kernel")) < 2:
+    if LAB_FIXTURE not in metafunc.fixturenames:
+        return
+    options = valid_options(metafunc.config)  # an invalid one: the usage error comes after collection
+    if options is None or len(options.values("kernel")) < 2:
         return
     from ..lab.settings import kernel_ids
     ids = kernel_ids(settings_of(metafunc.config))

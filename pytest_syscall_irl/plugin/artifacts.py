@@ -1,5 +1,7 @@
-"""What a failing test's report shows of what it used: each guest's console tail and log
-directory, the GDB/MI transcript, the syscall traces. The fixtures record each thing as they
+"""What a failing test's report shows of what it used: the syscall traces first, whole, then
+a few lines of each log (a guest's commands and console, the GDB/MI transcript) with the path
+of the whole file, kept for the artifacts. The assertion and its traceback come before all of
+them (pytest prints the sections after the failure). The fixtures record each thing as they
 hand it out (`evidence(item).add_guest(guest)`), in the order the test got them; nothing is
 read unless the test failed. With --syscall-irl-html the traces also ride on the report,
 to the xdist controller that writes the page.
@@ -27,23 +29,36 @@ if TYPE_CHECKING:
 
 Pairs = list[tuple[str, str]]
 
+# Lines of each log inline: enough to show where it ended; the whole file is named beside
+# them and listed in the JUnit XML (a screenful of MI would push the failure off the screen).
+INLINE_LINES = 5
+
 
 class _Shown(Protocol):
     """One thing a test used, as a failure report shows it."""
+
+    leads: bool  # shown before the things that do not (the traces lead, the logs follow)
 
     def sections(self) -> Pairs: ...  # (title, text): below the failure
 
     def properties(self) -> Pairs: ...  # (name, path): JUnit XML has no room for sections, it gets the paths
 
 
+def _log_tail(path: Path | None, text: str) -> str:
+    """The last INLINE_LINES lines of a log, after the path of the whole of it."""
+    return f"(last {INLINE_LINES} lines; all of it: {path or 'not kept'})\n" + tail(text, INLINE_LINES)
+
+
 @dataclass
 class _GuestLogs:
     guest: Guest
+    leads: bool = False
 
     def sections(self) -> Pairs:
         origin = "restored from snapshot, boot log not included" if self.guest.restored else "booted"
-        return [(f"guest {self.guest.name} console, {origin} (tail)", tail(_read(self.guest.machine.console_log), 60)),
-                (f"guest {self.guest.name} commands (tail)", tail(_read(self.guest.transcript), 40))]
+        console, commands = self.guest.machine.console_log, self.guest.transcript
+        return [(f"guest {self.guest.name} commands (tail)", _log_tail(commands, _read(commands))),
+                (f"guest {self.guest.name} console, {origin} (tail)", _log_tail(console, _read(console)))]
 
     def properties(self) -> Pairs:
         return [(f"syscall-irl {self.guest.name} logs", str(self.guest.machine.log_dir))]
@@ -52,9 +67,11 @@ class _GuestLogs:
 @dataclass
 class _Transcript:
     session: GdbSession
+    leads: bool = False
 
     def sections(self) -> Pairs:
-        return [("gdb/mi transcript (tail)", self.session.transcript_tail(40))]
+        return [("gdb/mi transcript (tail)",
+                 _log_tail(self.session.transcript_path, self.session.transcript_tail(INLINE_LINES)))]
 
     def properties(self) -> Pairs:
         path = self.session.transcript_path
@@ -64,6 +81,7 @@ class _Transcript:
 @dataclass
 class _Traces:
     tracer: SyscallTracer
+    leads: bool = True
 
     def sections(self) -> Pairs:
         return [(f"syscall trace {number}", str(trace)) for number, trace in enumerate(self.tracer.traces, start=1)]
@@ -89,6 +107,10 @@ class Evidence:
         self.shown.append(_Traces(tracer))
         self.tracers.append(tracer)
 
+    def in_report_order(self) -> list[_Shown]:
+        """What leads (the traces), then the rest, each in the order the test got them."""
+        return sorted(self.shown, key=lambda thing: not thing.leads)
+
 
 EVIDENCE_KEY = pytest.StashKey[Evidence]()
 
@@ -110,7 +132,7 @@ def attach(item: pytest.Item, report: pytest.TestReport) -> None:
         report.syscall_irl_traces = [trace_record(trace)  # type: ignore[attr-defined]
                                      for tracer in used.tracers for trace in tracer.traces]
     if report.failed:
-        for thing in used.shown:
+        for thing in used.in_report_order():
             report.sections.extend(thing.sections())
             item.user_properties.extend(thing.properties())
 

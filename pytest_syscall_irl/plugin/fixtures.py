@@ -92,14 +92,14 @@ def _shared_guests(request: pytest.FixtureRequest, syscall_irl_lab: Lab) -> Iter
 @pytest.fixture
 def guest(request: pytest.FixtureRequest, _shared_guests: SharedGuests[Guest]) -> Iterator[Guest]:
     """A booted guest shared by the tests of this xdist worker (one per set of
-    @pytest.mark.boot_args). A command a test leaves running is read to its end
+    @pytest.mark.syscall_irl_boot_args). A command a test leaves running is read to its end
     afterwards; a guest a test killed, or whose command does not end within 10 s, is
     replaced for the next test.
 
         def test_echo(guest):
             assert guest.run("echo syscall_irl").output == "syscall_irl\\n"
 
-        @pytest.mark.boot_args("pti=on")
+        @pytest.mark.syscall_irl_boot_args("pti=on")
         def test_pti(guest):
             assert "pti" in guest.run("cat /proc/cpuinfo").output.split()
     """
@@ -121,7 +121,7 @@ def guest(request: pytest.FixtureRequest, _shared_guests: SharedGuests[Guest]) -
 def fresh_guest(request: pytest.FixtureRequest, syscall_irl_lab: Lab) -> Iterator[Guest]:
     """A guest of this test's own, for tests that change guest state; shut down afterwards.
     Restored from the saved ready guest, it costs ~0.15 s (TCG), so use it freely. It
-    honours @pytest.mark.boot_args like `guest`.
+    honours @pytest.mark.syscall_irl_boot_args like `guest`.
 
         def test_sysctl(fresh_guest):
             fresh_guest.run("echo 1 > /proc/sys/kernel/panic_on_oops").check()

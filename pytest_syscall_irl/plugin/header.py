@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from .markers import timeout_line
 from .settings import explicit, settings_of, settings_resolved
 
 HEADER_SENT_KEY = pytest.StashKey[bool]()
+KERNEL_TAKEN_KEY = pytest.StashKey[str]()  # --kernel belongs to another plugin or conftest: its dest
 Identity = tuple[list[str], list[tuple[str, str]]]  # (header lines, JUnit testsuite properties)
 
 
@@ -24,7 +26,18 @@ def announce(config: pytest.Config) -> list[str]:
 
 def identity(config: pytest.Config) -> Identity:
     from ..report.identity import describe
-    return describe(settings_of(config))
+    lines, properties = describe(settings_of(config))
+    return [*lines, *run_lines(config)], properties
+
+
+def run_lines(config: pytest.Config) -> list[str]:
+    """How each test is bounded, and whether --kernel is ours."""
+    lines = [line for line in [timeout_line(config)] if line]
+    taken = config.stash.get(KERNEL_TAKEN_KEY, None)
+    if taken is not None:
+        lines.append(f"syscall-irl: --kernel is another plugin's or conftest's option (dest {taken!r}), "
+                     f"not ours: use --syscall-irl-kernel")
+    return lines
 
 
 def forward_header(config: pytest.Config, report: pytest.TestReport) -> None:

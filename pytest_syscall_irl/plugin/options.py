@@ -1,8 +1,9 @@
 """Where each setting of the plugin comes from: ini file < environment < command line.
 
-Every option has three spellings that cannot clash with another plugin's, plus a short one:
+Every option has three spellings that no other plugin would take (`--kernel` has a short
+one too, registered only where nothing else has it; see `plugin.kernel_alias`):
 
-    --kernel / --syscall-irl-kernel    SYSCALL_IRL_KERNEL    syscall_irl_kernel (ini)
+    --syscall-irl-kernel (--kernel)    SYSCALL_IRL_KERNEL    syscall_irl_kernel (ini)
 
 As in pytest-timeout, a later source overrides an earlier one and every value remembers its
 origin, so an invalid value is reported with where it came from. `read_options` resolves them
@@ -35,16 +36,17 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()
     repeat: bool = False  # given several times (its environment twin and ini key: space-separated)
+    short: bool = False  # also --NAME, where no other plugin or conftest has it (only --kernel)
 
     @property
     def flag(self) -> str:
-        """The short command-line flag, `--boot-args`."""
-        return "--" + self.name.replace("_", "-")
+        """The prefixed flag that no other plugin would take, `--syscall-irl-boot-args`."""
+        return "--syscall-irl-" + self.name.replace("_", "-")
 
     @property
-    def long_flag(self) -> str:
-        """The prefixed flag that no other plugin can take, `--syscall-irl-boot-args`."""
-        return "--syscall-irl-" + self.name.replace("_", "-")
+    def short_flag(self) -> str | None:
+        """The product's own short spelling, `--kernel`, for the one option that has one."""
+        return "--" + self.name.replace("_", "-") if self.short else None
 
     @property
     def env(self) -> str:
@@ -59,14 +61,15 @@ class Option:
 
 OPTIONS = (
     Option("kernel", "bzImage to boot and test (default: the cached reference kernel); repeat it (or list several "
-                     "in the ini key) to run every test on each kernel.", repeat=True),
+                     "in the ini key) to run every test on each kernel.", repeat=True, short=True),
     Option("vmlinux", "vmlinux with the kernel's symbols (default: beside the kernel build tree or bzImage); with "
-                      "several kernels, one per --kernel in the same order.", repeat=True),
+                      "several kernels, one per --syscall-irl-kernel in the same order.", repeat=True),
     Option("modules", "the kernel's module directory, whose msr, virtio and isofs modules (with their dependencies) "
                       "the guest inserts; 'none' to insert none (default: /lib/modules/<release> if it exists); "
-                      "with several kernels, one per --kernel in the same order.", repeat=True),
+                      "with several kernels, one per --syscall-irl-kernel in the same order.", repeat=True),
     Option("payloads", "a directory of your own guest programs (NAME.c, NAME.i386.c, static ELF files), shipped to "
-                       "/payloads/ beside the built-in ones; may be given several times.", repeat=True),
+                       "/payloads/ beside the built-in ones; repeat it (or list several in the ini key) "
+                       "to ship them all.", repeat=True),
     Option("qemu", "QEMU system emulator (default: qemu-system-x86_64)."),
     Option("gdb", "GDB executable (default: gdb)."),
     Option("accel", "accelerator: auto (KVM where a KVM guest really boots, else TCG), kvm or tcg "
@@ -75,11 +78,12 @@ OPTIONS = (
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 SNAPSHOTS_ENV = ENV_PREFIX + "SNAPSHOTS"
+NO_SNAPSHOTS_FLAG = "--syscall-irl-no-snapshots"
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A value with its origin (`--kernel`, `$SYSCALL_IRL_KERNEL`, `syscall_irl_kernel in
+    """A value with its origin (`--syscall-irl-kernel`, `$SYSCALL_IRL_KERNEL`, `syscall_irl_kernel in
     /x/pytest.ini`, or `default`) and the directory its relative paths are relative to."""
 
     value: str | None
@@ -116,7 +120,7 @@ def pick(option: Option, *, cli: str | None, env: Mapping[str, str], ini: str | 
 def pick_snapshots(*, cli: bool | None, env: Mapping[str, str], ini: bool) -> tuple[bool, str]:
     """Whether guests are restored from snapshots, and where that was decided."""
     if cli is not None:
-        return cli, "--no-snapshots"
+        return cli, NO_SNAPSHOTS_FLAG
     word = env.get(SNAPSHOTS_ENV, "").strip().lower()
     if word:
         if word not in TRUE_WORDS + FALSE_WORDS:
@@ -133,9 +137,13 @@ def split_values(option: Option, cli: list[str] | None, setting: Setting) -> lis
     return (setting.value or "").split()
 
 
-def given_in_env(env: Mapping[str, str]) -> bool:
-    """True if any option of ours is set in the environment."""
-    return any(env.get(option.env) for option in OPTIONS) or bool(env.get(SNAPSHOTS_ENV))
+def given_explicitly(*, cli: Mapping[str, Any], ini: Mapping[str, Any]) -> bool:
+    """True if an option of ours was given on the command line or in the ini file (an ini
+    `syscall_irl_snapshots` key alone does not count). The environment does not count: a
+    variable left set must not wake the plugin in a run of someone else's tests (it is read
+    once a collected test uses one of our fixtures)."""
+    return (any(cli.get(option.name) or ini.get(option.name) for option in OPTIONS)
+            or cli.get("snapshots") is not None)
 
 
 @dataclass(frozen=True)
@@ -151,7 +159,7 @@ class ResolvedOptions:
     settings: Mapping[str, Setting]  # by option name
     lists: Mapping[str, tuple[str, ...]]  # each repeatable option's values
     snapshots: bool
-    explicit: bool  # an option of ours was given: it is checked, and the header shown, before collection
+    explicit: bool  # given on the command line or in the ini file: checked, and the header shown, before collection
     ini_file: Path | None = None
     html: Path | None = None  # --syscall-irl-html, absolute
 
@@ -160,7 +168,7 @@ class ResolvedOptions:
         return self.settings[name].value
 
     def values(self, name: str) -> tuple[str, ...]:
-        """A repeatable option's values (each --NAME, else its environment twin's or ini key's words)."""
+        """A repeatable option's values (each --syscall-irl-NAME, else its environment twin's or ini key's words)."""
         return self.lists[name]
 
     def paths(self, name: str) -> list[Path]:
@@ -195,7 +203,7 @@ def read_options(*, cli: Mapping[str, Any], env: Mapping[str, str], ini: Mapping
                  cwd: Path, rootdir: Path) -> ResolvedOptions:
     """Resolve every option once. *cli* and *ini* hold what pytest parsed, by option name
     (a repeatable option's command-line values as a list), plus "snapshots" (cli: False for
-    --no-snapshots, else None; ini: a bool) and "html" (cli only). ConfigError names the
+    --syscall-irl-no-snapshots, else None; ini: a bool) and "html" (cli only). ConfigError names the
     first invalid value with its origin, in the order of OPTIONS, then $SYSCALL_IRL_SNAPSHOTS."""
     settings, lists = {}, {}
     for option in OPTIONS:
@@ -207,7 +215,6 @@ def read_options(*, cli: Mapping[str, Any], env: Mapping[str, str], ini: Mapping
             lists[option.name] = tuple(split_values(option, given if isinstance(given, list) else None,
                                                     settings[option.name]))
     snapshots = pick_snapshots(cli=cli.get("snapshots"), env=env, ini=bool(ini.get("snapshots", True)))[0]
-    explicit = any(setting.given for setting in settings.values()) or cli.get("snapshots") is not None \
-        or given_in_env(env)
+    explicit = given_explicitly(cli=cli, ini=ini)
     html = cli.get("html")
     return ResolvedOptions(settings, lists, snapshots, explicit, ini_file, (cwd / html).resolve() if html else None)

@@ -7,13 +7,16 @@ under test (`LabSettings`). A bad value is a usage error naming the fix and its 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import pytest
 
 from ..core.errors import ConfigError
-from .options import INI_PREFIX, OPTIONS, ResolvedOptions, read_options
+from .options import INI_PREFIX, OPTIONS, ResolvedOptions, given_explicitly, read_options
 
 if TYPE_CHECKING:
     from ..kernel.artifacts import Kernel
@@ -23,14 +26,20 @@ if TYPE_CHECKING:
 # A process's options, or why they are invalid (reported when they are needed).
 OPTIONS_KEY = pytest.StashKey[Union[ResolvedOptions, ConfigError]]()
 SETTINGS_KEY = pytest.StashKey["list[LabSettings]"]()
-NO_KERNEL = ("no kernel to test: pass --kernel=path/to/arch/x86/boot/bzImage, or build the reference "
+NO_KERNEL = ("no kernel to test: pass --syscall-irl-kernel=path/to/arch/x86/boot/bzImage, or build the reference "
              "kernel once with `syscall-irl kernel build` (it is then used by default)")
 
 
-def _read(config: pytest.Config) -> ResolvedOptions | ConfigError:
+def _parsed(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What pytest parsed of our options, by name: (command line, ini file)."""
     names = [option.name for option in OPTIONS]
     cli = {name: config.getoption(INI_PREFIX + name, None) for name in [*names, "snapshots", "html"]}
     ini = {name: config.getini(INI_PREFIX + name) for name in [*names, "snapshots"]}
+    return cli, ini
+
+
+def _read(config: pytest.Config) -> ResolvedOptions | ConfigError:
+    cli, ini = _parsed(config)
     try:
         return read_options(cli=cli, env=os.environ, ini=ini, ini_file=config.inipath,
                             cwd=config.invocation_params.dir, rootdir=config.rootpath)
@@ -59,9 +68,11 @@ def valid_options(config: pytest.Config) -> ResolvedOptions | None:
 
 
 def explicit(config: pytest.Config) -> bool:
-    """True if the user gave an option of ours (command line, environment or ini file)."""
-    options = _stored(config)
-    return isinstance(options, ConfigError) or options.explicit  # given, and wrong: settings_of reports it
+    """True if the user gave an option of ours on the command line or in the ini file (valid or
+    not: `settings_of` reports a wrong one). The environment alone does not count, and is read
+    only once a collected test uses one of our fixtures."""
+    cli, ini = _parsed(config)
+    return given_explicitly(cli=cli, ini=ini)
 
 
 def settings_resolved(config: pytest.Config) -> bool:
@@ -89,7 +100,7 @@ def resolve_settings(options: ResolvedOptions) -> list[LabSettings]:
     from ..lab.settings import LabSettings
     from ..machine.programs import check_gdb, check_qemu
     cache = check_cache_dir(cache_dir())
-    with options.naming_origin("kernel", "vmlinux", "modules"):
+    with options.naming_origin("kernel", "vmlinux", "modules"), _pytest_spelling():
         kernels = _kernels(options)
     with options.naming_origin("qemu"):
         qemu = check_qemu(options.value("qemu") or "qemu-system-x86_64", cache)[0]
@@ -109,6 +120,17 @@ def resolve_settings(options: ResolvedOptions) -> list[LabSettings]:
     return settings
 
 
+@contextmanager
+def _pytest_spelling() -> Iterator[None]:
+    """The kernel layer names its options as `syscall-irl kernel check` spells them (--vmlinux,
+    --modules); under pytest, they are --syscall-irl-vmlinux and --syscall-irl-modules."""
+    try:
+        yield
+    except ConfigError as exc:
+        message = re.sub(r"(?<![\w-])--(vmlinux|modules)\b", r"--syscall-irl-\1", exc.message)
+        raise ConfigError(message, command=exc.command, exit_code=exc.exit_code, log_tail=exc.log_tail) from exc
+
+
 def _kernels(options: ResolvedOptions) -> list[tuple[Kernel, GuestModules]]:
     """Each kernel under test with the modules its guests insert, paired by position."""
     from ..arch.registry import architecture_for
@@ -121,7 +143,8 @@ def _kernels(options: ResolvedOptions) -> list[tuple[Kernel, GuestModules]]:
         damage = reference_damage()
         raise ConfigError(NO_KERNEL if damage in (None, "not built") else str(damage))
     if len(options.values("vmlinux")) == 1 and len(bzimages) > 1:
-        raise ConfigError("one --vmlinux for several kernels: give one --vmlinux per --kernel, in the same order")
+        raise ConfigError("one --syscall-irl-vmlinux for several kernels: give one --syscall-irl-vmlinux per "
+                          "--syscall-irl-kernel, in the same order")
     vmlinuxes = pair_by_position("vmlinux", options.paths("vmlinux"), len(bzimages))
     module_dirs = pair_by_position("modules", options.paths("modules"), len(bzimages))
     kernels = [Kernel.load(bzimage, vmlinux) for bzimage, vmlinux in zip(bzimages, vmlinuxes) if bzimage]
@@ -131,18 +154,18 @@ def _kernels(options: ResolvedOptions) -> list[tuple[Kernel, GuestModules]]:
 
 
 def _boot_args(options: ResolvedOptions) -> str:
-    """The --boot-args every guest boots with, checked as the kernel reads them."""
+    """The --syscall-irl-boot-args every guest boots with, checked as the kernel reads them."""
     from ..lab.settings import check_boot_args
     boot_args = options.value("boot_args") or ""
     try:
         check_boot_args(boot_args)
     except ConfigError as exc:
-        raise ConfigError(f"--boot-args: {exc}") from None
+        raise ConfigError(f"--syscall-irl-boot-args: {exc}") from None
     return boot_args
 
 
 def _payload_dirs(options: ResolvedOptions, cache: Path) -> tuple[Path, ...]:
-    """The --payloads directories (relative to where they were given); each must be a
+    """The --syscall-irl-payloads directories (relative to where they were given); each must be a
     directory of programs that build (checked and compiled once, here: a bad one is one
     usage error, not the same error in every test)."""
     from ..core.errors import ImageError
@@ -150,11 +173,11 @@ def _payload_dirs(options: ResolvedOptions, cache: Path) -> tuple[Path, ...]:
     dirs = options.paths("payloads")
     for directory in dirs:
         if not directory.is_dir():
-            raise ConfigError(f"--payloads: {directory} is not a directory: name a directory of guest programs "
-                              f"(NAME.c, NAME.i386.c or static ELF files)")
+            raise ConfigError(f"--syscall-irl-payloads: {directory} is not a directory: name a directory of guest "
+                              f"programs (NAME.c, NAME.i386.c or static ELF files)")
     if dirs:
         try:
             check_payloads(cache, dirs)
         except ImageError as exc:
-            raise ConfigError(f"--payloads: {exc}") from exc
+            raise ConfigError(f"--syscall-irl-payloads: {exc}") from exc
     return tuple(dirs)

@@ -32,7 +32,7 @@ def describe(every: Sequence[LabSettings]) -> tuple[list[str], list[tuple[str, s
         f"syscall-irl: {qemu}; {gdb}",
         f"syscall-irl: accelerator {accel} ({why})",
         "syscall-irl: guests " + (f"restored from a saved ready guest ({settings.cache / 'snapshots'})"
-                                  if settings.snapshots else "cold-booted (--no-snapshots)"),
+                                  if settings.snapshots else "cold-booted (--syscall-irl-no-snapshots)"),
     ]
     properties = [*kernel_properties(every), ("syscall-irl qemu", qemu), ("syscall-irl gdb", gdb),
                   ("syscall-irl accelerator", accel)]

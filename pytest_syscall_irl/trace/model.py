@@ -24,6 +24,21 @@ class TraceError(SyscallIrlError):
     """The trace could not be taken (not: an invariant failed)."""
 
 
+class StageNotRecorded(TraceError, KeyError):
+    """`trace[name]` of a stage the trace holds no record of: one its road does not have,
+    or one on the road the walk never reached. A KeyError, as a mapping's missing key is,
+    whose message names the road's stages (SyscallIrlError's str, not KeyError's repr)."""
+
+
+def stage_names(road: Road) -> str:
+    """The stages of *road* in its order, as a reader needs them: the C entry's candidates
+    (one per kernel) as one stage, "A or B"."""
+    names, dispatch = list(road.stages), road.dispatch_symbols
+    at = names.index(dispatch[0])
+    names[at:at + len(dispatch)] = [" or ".join(dispatch)]
+    return ", ".join(names)
+
+
 @dataclass(frozen=True)
 class SyscallSelector:
     """Which syscall to trace: its number, argument values (by index 0..5) in the road's
@@ -113,7 +128,30 @@ class SyscallTrace:
     status: int | None = None
 
     def __getitem__(self, name: str) -> Stage:
-        return self.stages[name]
+        __tracebackhide__ = True  # the lookup's frame is noise: its message says what is missing
+        try:
+            return self.stages[name]
+        except KeyError:
+            raise StageNotRecorded(self._missing(name)) from None
+
+    def _missing(self, name: str) -> str:
+        road = self.road
+        if name not in road.stages:
+            not_taken = [stage for stage in self.stages.values() if not stage.taken]
+            example = (f"trace[{not_taken[0].name!r}].note == {not_taken[0].note!r}" if not_taken
+                       else "this trace took every stage it recorded")
+            return (f"stage {name!r} is not on the {road.name} road (its stages: {stage_names(road)}); "
+                    f"a stage of the road not taken is in the trace and says why in its note ({example})")
+        if name in road.dispatch_symbols and self._dispatch_name():
+            why = f"this kernel's C entry is {self._dispatch_name()} (trace.dispatch)"
+        else:
+            why = f"the walk ended before it, at {next(reversed(self.stages), 'no stage')}"
+        return (f"stage {name!r} of the {road.name} road was not recorded: {why}; "
+                f"recorded: {', '.join(self.stages) or 'nothing'}")
+
+    def _dispatch_name(self) -> str:
+        """The name of the C entry's stage in this trace ("" if not recorded)."""
+        return next((name for name in self.road.dispatch_symbols if name in self.stages), "")
 
     def __contains__(self, name: object) -> bool:
         return name in self.stages
@@ -121,10 +159,11 @@ class SyscallTrace:
     @property
     def dispatch(self) -> Stage:
         """The stage at the C entry that took pt_regs (do_syscall_64, do_int80_emulation, ...)."""
-        for name in self.road.dispatch_symbols:
-            if name in self.stages:
-                return self.stages[name]
-        raise KeyError(f"the trace has no C entry stage; so far:\n{self}")
+        __tracebackhide__ = True
+        name = self._dispatch_name()
+        if not name:
+            raise StageNotRecorded(f"the trace has no C entry stage; so far:\n{self}")
+        return self.stages[name]
 
     def taken(self, names: tuple[str, ...] | None = None) -> list[Stage]:
         """The stages among *names* (all of the road's) the kernel took, in the order given."""

@@ -142,7 +142,7 @@ def test_cstar_is_the_compat_syscall_entry(read_msr, kernel):
     assert cstar == vmlinux.symbol(name), f"MSR_CSTAR {cstar:#x}, expected {name} {vmlinux.symbol(name):#x}"
 
 
-@pytest.mark.cpu(INTEL)
+@pytest.mark.syscall_irl_cpu(INTEL)
 def test_sysenter_msrs(read_msr, kernel, gdb, syscall_trace):
     vmlinux = kernel.vmlinux
     if not vmlinux.has_symbol("entry_SYSENTER_compat"):
@@ -166,7 +166,7 @@ def test_sysenter_msrs(read_msr, kernel, gdb, syscall_trace):
 
 @pytest.mark.parametrize("way", [
     "syscall",
-    pytest.param("sysenter", marks=pytest.mark.cpu(INTEL)),
+    pytest.param("sysenter", marks=pytest.mark.syscall_irl_cpu(INTEL)),
 ])
 def test_compat_fast_entry(way, ia32, syscall_trace, kernel):
     trace = _fast_trace(syscall_trace, kernel, way)
@@ -197,7 +197,7 @@ def test_compat_fast_entry(way, ia32, syscall_trace, kernel):
 @pytest.mark.parametrize("way", [
     "int80",
     "syscall",
-    pytest.param("sysenter", marks=pytest.mark.cpu(INTEL)),
+    pytest.param("sysenter", marks=pytest.mark.syscall_irl_cpu(INTEL)),
 ])
 def test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15(way, ia32, syscall_trace, kernel):
     """execve gives an ia32 process r8..r15 = 0 (elf_common_init) and compatibility mode cannot
@@ -221,7 +221,7 @@ def test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15(way, ia32, syscall_t
 CALLER_FLAGS = {"NT": 1 << 14, "AC": 1 << 18, "DF": 1 << 10}
 
 
-@pytest.mark.cpu(INTEL)
+@pytest.mark.syscall_irl_cpu(INTEL)
 def test_sysenter_clears_nt_ac_and_df_before_the_c_code(ia32, syscall_trace, kernel):
     trace = _fast_trace(syscall_trace, kernel, "sysenter-flags")
 

@@ -8,7 +8,7 @@ CR3 values differ in bit 12 only (and, with PCID, in the user ASID bit 11). With
 PTI the kernel runs the syscall on the user's own CR3.
 
 QEMU's default CPU is not affected by Meltdown, so PTI is off unless the kernel is
-booted with pti=on: the PTI tests ask for such a guest with @pytest.mark.boot_args.
+booted with pti=on: the PTI tests ask for such a guest with @pytest.mark.syscall_irl_boot_args.
 """
 
 import pytest
@@ -34,7 +34,7 @@ def pti_trace(kernel, guest, syscall_trace):
     return syscall_trace.payload("syscall_irl", **WRITE)
 
 
-@pytest.mark.boot_args("pti=on")
+@pytest.mark.syscall_irl_boot_args("pti=on")
 def test_entry_switches_to_the_kernel_page_tables(pti_trace):
     user_cr3 = pti_trace["user"]["cr3"]
     assert pti_trace["entry"]["cr3"] == user_cr3, (
@@ -51,7 +51,7 @@ def test_entry_switches_to_the_kernel_page_tables(pti_trace):
         )
 
 
-@pytest.mark.boot_args("pti=on")
+@pytest.mark.syscall_irl_boot_args("pti=on")
 def test_exit_returns_to_the_user_page_tables(pti_trace):
     user_cr3 = pti_trace["user"]["cr3"]
     stages = pti_trace.taken(EXIT_STAGES)
@@ -62,7 +62,7 @@ def test_exit_returns_to_the_user_page_tables(pti_trace):
         )
 
 
-@pytest.mark.boot_args("pti=on")
+@pytest.mark.syscall_irl_boot_args("pti=on")
 def test_int80_switches_the_page_tables_on_the_idt_road_and_the_iret_exit(kernel, guest, syscall_trace):
     """`int $0x80` enters through the IDT (the idtentry code switches CR3, not entry_SYSCALL_64's)
     and leaves by IRET (swapgs_restore_regs_and_return_to_usermode switches back before iretq)."""

@@ -48,7 +48,7 @@ def test_vdso_calls_never_enter_the_kernel(func, kernel, guest, syscall_trace):
     )
 
 
-@pytest.mark.boot_args("clocksource=jiffies")
+@pytest.mark.syscall_irl_boot_args("clocksource=jiffies")
 def test_vdso_falls_back_to_the_syscall_without_a_vdso_clocksource(kernel, guest, syscall_trace):
     source = _clocksource(guest)
     assert source == "jiffies", f"booted clocksource=jiffies, the guest runs on {source!r}"
@@ -78,8 +78,8 @@ def _vsyscall(kernel, guest, syscall_trace):
 
 
 @pytest.mark.parametrize("mode", [
-    pytest.param("xonly", marks=pytest.mark.boot_args("vsyscall=xonly")),
-    pytest.param("emulate", marks=pytest.mark.boot_args("vsyscall=emulate")),
+    pytest.param("xonly", marks=pytest.mark.syscall_irl_boot_args("vsyscall=xonly")),
+    pytest.param("emulate", marks=pytest.mark.syscall_irl_boot_args("vsyscall=emulate")),
 ])
 def test_the_vsyscall_page_is_emulated_without_a_syscall(mode, kernel, guest, syscall_trace):
     emulated, syscalls, result = _vsyscall(kernel, guest, syscall_trace)
@@ -90,7 +90,7 @@ def test_the_vsyscall_page_is_emulated_without_a_syscall(mode, kernel, guest, sy
     assert syscalls == 0, f"vsyscall={mode}: the emulated call reached entry_SYSCALL_64 ({syscalls} gettimeofday)"
 
 
-@pytest.mark.boot_args("vsyscall=none")
+@pytest.mark.syscall_irl_boot_args("vsyscall=none")
 def test_without_the_vsyscall_page_the_caller_dies(kernel, guest, syscall_trace):
     _, syscalls, result = _vsyscall(kernel, guest, syscall_trace)
     assert result.status == SIGSEGV_STATUS, (

@@ -1,6 +1,6 @@
 """A user's own invariants on the roads into the kernel, written against the README's
 API with guest programs of their own (payloads/ beside this file, given to pytest with
---payloads). The project runs them as the integration tests of the trace instrument
+--syscall-irl-payloads). The project runs them as the integration tests of the trace instrument
 (tests/test_user_suite.py)."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_a_32_bit_program_on_an_amd_style_cpu(way: str, road: str, syscall_trace
     assert trace["user_return"]["rax"] & 0xFFFFFFFF == _pid(trace), trace
 
 
-@pytest.mark.cpu(INTEL)
+@pytest.mark.syscall_irl_cpu(INTEL)
 def test_a_32_bit_sysenter_on_an_intel_style_cpu(syscall_trace: SyscallTracer, kernel: Kernel) -> None:
     trace = syscall_trace.payload("my_compat", "sysenter", nr="getpid", at="sirl_sysenter_insn")
     assert trace.road.name == "sysenter32" and trace.entry == "entry_SYSENTER_compat", trace
