@@ -10,8 +10,8 @@ from typing import Any, cast
 
 import pytest
 
-from pytest_syscall_irl.core.errors import (BootFailure, ConsoleError, ConsoleTimeout, FailureClass, GuestPanic,
-                                            SyscallIrlError, classify)
+from pytest_syscall_irl.core.errors import (BootFailure, ConsoleClosed, ConsoleError, ConsoleTimeout, FailureClass,
+                                            GuestPanic, SyscallIrlError, classify)
 from pytest_syscall_irl.lab.boot_failures import BootFailures, kernel_died
 from pytest_syscall_irl.lab.guest import Guest, Lab
 from pytest_syscall_irl.lab.pool import SharedGuests
@@ -81,7 +81,7 @@ def test_each_variant_gets_its_own_chance(tmp_path: Path) -> None:
 
 
 def test_qemu_exiting_during_boot_is_the_kernels_crash(tmp_path: Path) -> None:
-    lab = CountingLab(tmp_path, ConsoleError("guest console closed before the guest printed anything (QEMU exited?)"))
+    lab = CountingLab(tmp_path, ConsoleClosed("guest console closed before the guest printed anything (QEMU exited?)"))
     with pytest.raises(BootFailure, match="did not reach the guest's agent"):
         lab.boot()
     with pytest.raises(BootFailure):
@@ -109,7 +109,8 @@ def test_every_test_of_a_pool_fails_at_once_with_the_same_cause(tmp_path: Path) 
 
 @pytest.mark.parametrize("exc, died", [
     (GuestPanic("guest kernel crashed"), True),
-    (ConsoleError("guest console closed (QEMU exited?)"), True),
+    (ConsoleClosed("guest console closed (QEMU exited?)"), True),
+    (ConsoleError("the console is closed to visitors"), False),  # a class, not a word, says it
     (ConsoleTimeout("guest console: no READY within 90 s"), False),
     (ConsoleError("cannot connect to the guest console /tmp/sirl-x/console"), False),
     (SyscallIrlError("QEMU exited at once"), False),

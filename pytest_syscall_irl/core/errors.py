@@ -126,6 +126,11 @@ class KernelWarning(SyscallIrlError):
     failure_class = FailureClass.CRASH
 
 
+class ConsoleClosed(ConsoleError):
+    """The guest's console or command channel reached its end: QEMU exited (on its own, when
+    a booting kernel panics or triple-faults under `panic=-1 -no-reboot`)."""
+
+
 class ConsoleTimeout(ConsoleError):
     """The guest console did not print what was awaited in time."""
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 
-from ..core.errors import BootFailure, ConsoleError, ConsoleTimeout, GuestPanic, SyscallIrlError, causes
+from ..core.errors import BootFailure, ConsoleClosed, GuestPanic, SyscallIrlError, causes
 from .variant import GuestVariant
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,7 @@ def kernel_died(exc: BaseException) -> bool:
     for cause in causes(exc):
         if isinstance(cause, (GuestPanic, BootFailure)):
             return True
-        # The console reports QEMU's exit as "console closed" (an EOF on its socket).
-        if isinstance(cause, ConsoleError) and not isinstance(cause, ConsoleTimeout) and "closed" in cause.message:
+        if isinstance(cause, ConsoleClosed):  # the console's end: QEMU exited on its own
             return True
     return False
 

@@ -25,7 +25,7 @@ from typing import IO
 import pexpect
 from pexpect import fdpexpect
 
-from ..core.errors import ConsoleError, ConsoleTimeout, GuestPanic, tail
+from ..core.errors import ConsoleClosed, ConsoleError, ConsoleTimeout, GuestPanic, tail
 from .channel import BEGIN, END, OUTPUT, CommandChannel
 from .kernel_log import KernelLog
 
@@ -196,7 +196,7 @@ class GuestConsole:
             raise ConsoleTimeout(f"guest console: no {pattern.pattern!r} within {timeout:.0f} s",
                                  log_tail=tail(self._seen())) from exc
         except pexpect.EOF as exc:
-            raise ConsoleError("guest console closed (QEMU exited?)", log_tail=tail(self._seen())) from exc
+            raise ConsoleClosed("guest console closed (QEMU exited?)", log_tail=tail(self._seen())) from exc
         if index == 1:
             raise GuestPanic("guest kernel crashed", log_tail=self._panic_text())
         match = self.child.match
@@ -236,7 +236,7 @@ class GuestConsole:
                                    "running (under KVM: see --syscall-irl-accel=tcg) or the kernel has no serial "
                                    "console (CONFIG_SERIAL_8250_CONSOLE)") from exc
             except pexpect.EOF as exc:
-                raise ConsoleError("guest console closed before the guest printed anything (QEMU exited?)") from exc
+                raise ConsoleClosed("guest console closed before the guest printed anything (QEMU exited?)") from exc
             timeout -= time.monotonic() - started
         match = self.expect(READY, timeout)
         self.delivery, self.release = match.group(1), match.group(2)
@@ -311,7 +311,7 @@ class GuestConsole:
             if channel.closed:
                 kernel_log.wait_ended(PANIC_GRACE)
                 self._raise_on_crash()
-                raise ConsoleError("the guest's command channel closed (QEMU exited?)",
+                raise ConsoleClosed("the guest's command channel closed (QEMU exited?)",
                                    log_tail=self._wait_tail(pending))
             if time.monotonic() >= deadline:
                 raise ConsoleTimeout(f"guest command {pending.command!r} did not end within {timeout:.0f} s",
