@@ -9,6 +9,7 @@ inside the kernel (breakpoint commands, no round trip).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,7 @@ def pt_regs(field: str, change: Callable[[int], int], stage: str = "do_syscall_6
         at = roads.INT80.dispatch_symbol(kernel.vmlinux) if stage == "dispatch" else stage
         regs_reg = x86.do_syscall_64_args(kernel.version_tuple)[0] if at == "do_syscall_64" else "rdi"
 
-        def fault(gdb: Any) -> Callable[[], None]:
+        def fault(gdb: Any) -> Callable[[], None] | None:
             where = gdb.registers([regs_reg])[regs_reg] + x86.PT_REGS_OFFSETS[field]
             old = gdb.read_memory(where, 8)
             gdb.write_memory(where, (change(int.from_bytes(old, "little")) % 2**64).to_bytes(8, "little"))
@@ -168,6 +169,31 @@ def return_address(stage: str) -> Apply:
     return apply
 
 
+def number_redirect(orig_ax: int, nr: int) -> Apply:
+    """do_syscall_64 gets *nr* for a syscall whose pt_regs->orig_ax is *orig_ax* (RAX as
+    user mode set it, all 64 bits)."""
+
+    def apply(request: pytest.FixtureRequest) -> None:
+        kernel = request.getfixturevalue("kernel")
+        regs, number = x86.do_syscall_64_args(kernel.version_tuple)
+        condition = f"*(unsigned long *)(${regs} + {x86.PT_REGS_OFFSETS['orig_ax']}) == {orig_ax:#x}"
+        in_kernel(f"*{kernel.vmlinux.symbol('do_syscall_64'):#x}", condition, f"set var ${number} = {nr}")(request)
+
+    return apply
+
+
+def cpu_register(name: str, change: Callable[[int], int]) -> Apply:
+    """For the test's duration the CPU holds change(value) in register *name*."""
+
+    def apply(request: pytest.FixtureRequest) -> None:
+        gdb = request.getfixturevalue("gdb")
+        old = gdb.registers([name])[name]
+        gdb.set_register(name, change(old))
+        request.addfinalizer(lambda: gdb.set_register(name, old))
+
+    return apply
+
+
 PT_WRITE = "__x64_sys_write"
 WRITE_OF_12_TO_1 = (
     f"*(unsigned long *)($rdi + {x86.PT_REGS_OFFSETS['dx']}) == 12 && "
@@ -187,6 +213,67 @@ MUST_IRET = r": the kernel must return by IRET, it left by sysretq"
 
 def _same_ip(regs: dict[str, int]) -> int:
     return regs["ip"]
+
+
+def idt_gate_type(vector: int, gate_type: int) -> Apply:
+    """IDT[*vector*] in the kernel's idt_table has type *gate_type* for the test."""
+
+    def apply(request: pytest.FixtureRequest) -> None:
+        gdb, kernel = request.getfixturevalue("gdb"), request.getfixturevalue("kernel")
+        where = kernel.vmlinux.symbol("idt_table") + x86.IDT_GATE_SIZE * vector + 5  # type, DPL, P
+        old = gdb.read_memory(where, 1)
+        gdb.write_memory(where, bytes([(old[0] & 0xF0) | gate_type]))
+        request.addfinalizer(lambda: gdb.write_memory(where, old))
+
+    return apply
+
+
+def at_symbol(symbol: str, condition: Callable[[pytest.FixtureRequest], str],
+              command: Callable[[pytest.FixtureRequest], str]) -> Apply:
+    """in_kernel at *symbol*'s first instruction, with a condition and a command computed
+    from the test's fixtures (the kernel, its payloads)."""
+
+    def apply(request: pytest.FixtureRequest) -> None:
+        kernel = request.getfixturevalue("kernel")
+        in_kernel(f"*{kernel.vmlinux.symbol(symbol):#x}", condition(request), command(request))(request)
+
+    return apply
+
+
+def _regs_field(field: str) -> str:
+    """pt_regs->*field* in GDB's words, with the pt_regs pointer in $rdi (a C entry's first argument)."""
+    return f"*(unsigned long *)($rdi + {x86.PT_REGS_OFFSETS[field]})"
+
+
+def _ia32_bound(request: pytest.FixtureRequest) -> int:
+    """IA32_NR_syscalls as the suite derives it: the slots of the 64-bit sys_call_table."""
+    vmlinux = request.getfixturevalue("kernel").vmlinux
+    return int(vmlinux.symbol_size("sys_call_table") // 8)
+
+
+def _readable_user_stack(request: pytest.FixtureRequest) -> str:
+    stack = request.getfixturevalue("guest").payload("sysretl_check").symbol("sirl_resume_stack")
+    return f"set var {_regs_field('sp')} = {stack + 64:#x}"
+
+
+def ia32_bound_lowered(request: pytest.FixtureRequest) -> None:
+    """do_int80_emulation's `cmp $IA32_NR_syscalls - 1, %eax` compares with one less for the
+    test (the kernel code patched in guest memory): the last number is refused. A
+    breakpoint would not do: the test's count deletes every breakpoint before it runs."""
+    gdb, bound = request.getfixturevalue("gdb"), _ia32_bound(request)
+    code = gdb.disassemble("do_int80_emulation")
+    cmp = next(i for i in code if re.fullmatch(rf"cmp\s+\${bound - 1:#x},%eax", i.text.strip()))
+    assert gdb.read_memory(cmp.address, 1) == b"\x3d", f"not a `cmp imm32, %eax`: {cmp}"
+    old = gdb.read_memory(cmp.address + 1, 4)
+    gdb.write_memory(cmp.address + 1, (bound - 2).to_bytes(4, "little"))
+    request.addfinalizer(lambda: gdb.write_memory(cmp.address + 1, old))
+
+
+# The running task's thread_info (first in task_struct) on the reference 6.1: current_task is per-CPU.
+CURRENT_6_1 = "((struct task_struct *)*(unsigned long *)((unsigned long)&current_task + __per_cpu_offset[0]))"
+TS_COMPAT = 0x2  # arch/x86/include/asm/thread_info.h
+ROADS = "compat_roads.py::"
+IF = x86.flags("IF")
 
 FAULTS: dict[str, Fault] = {
     "rpl-kernel": Fault(
@@ -261,6 +348,12 @@ FAULTS: dict[str, Fault] = {
         "test_rflags.py::test_syscall_clears_the_fmask_bits",
         register("entry", "eflags", lambda v: v | DF),
         r"RFLAGS at entry_SYSCALL_64 is 0x402: \['DF'\] survived FMASK",
+    ),
+    "fmask-version": Fault(  # a kernel whose FMASK lacks AC: the caller's AC reaches the kernel
+        "test_rflags.py::test_syscall_clears_each_flag_the_kernel_version_masks",
+        register("entry", "eflags", lambda v: v | AC),
+        r"RFLAGS at entry_SYSCALL_64 is 0x40002: \['AC'\] survived, expected every bit of Linux 6\.1\.192's FMASK "
+        r"0x257fd5 clear",
     ),
     "r11": Fault(
         "test_rflags.py::test_r11_keeps_the_user_rflags",
@@ -397,6 +490,50 @@ FAULTS: dict[str, Fault] = {
         exit_anyway(True, cx=_same_ip),
         r"RCX != RIP" + MUST_IRET,
     ),
+    "sysret-rcx-high": Fault(  # a kernel whose only RCX test is 6.1's canonical one
+        "test_" + SYSRET + "test_rcx_differing_from_rip_only_above_bit_47_leaves_by_iret",
+        exit_anyway(True, cx=_same_ip),
+        r"RCX != RIP in bits 63:48 only" + MUST_IRET,
+    ),
+    "sysret-top": Fault(  # a canonical check too strict: the top user page IRETs
+        "test_" + SYSRET + "test_the_last_user_bytes_below_task_size_max_leave_by_sysretq",
+        exit_anyway(False, cx=lambda r: r["ip"] + 1),
+        r"RIP 0x7fffffffeffe \(TASK_SIZE_MAX - 2\) is canonical and below TASK_SIZE_MAX, hence SYSRET-eligible, "
+        r"yet the kernel left by iret",
+    ),
+    "sysret-task-size-max": Fault(  # on the 6.1 reference: a kernel stricter than its canonical check
+        "test_" + SYSRET + "test_rip_at_task_size_max_is_refused_since_6_7_and_canonical_before",
+        exit_anyway(False, cx=lambda r: r["ip"] + 1),
+        r"before 6.7 the kernel refuses only a non-canonical RIP; 0x7ffffffff000 is canonical, yet the kernel "
+        r"left by iret",
+    ),
+    "upper-half": Fault(  # a kernel that dispatches on all of RAX
+        "test_dispatch.py::test_the_upper_half_of_rax_is_ignored",
+        number_redirect(0x0123_4567_0000_0000 | x86.SYSCALL_NUMBERS["dup"], 4095),
+        r"syscall RAX 0x123456700000020 \(EAX 32, dup\) returned -38, expected dup\(1\)'s new fd",
+        traced=False,
+    ),
+    "x32-bit": Fault(  # what kernels before 5.x did: mask the x32 bit off and run the 64-bit table
+        "test_dispatch.py::test_the_x32_bit_without_the_x32_abi_returns_enosys",
+        number_redirect(0x4000_0000 | x86.SYSCALL_NUMBERS["dup"], x86.SYSCALL_NUMBERS["dup"]),
+        r"syscall 0x40000020 \(the x32 bit with dup\) returned 3, expected -ENOSYS \(-38\)",
+        traced=False,
+    ),
+    "skipped-syscall": Fault(  # a kernel that runs sys_ni_syscall for nr == -1 too
+        "test_dispatch.py::test_a_syscall_a_tracer_skips_returns_what_the_tracer_set",
+        in_kernel("syscall_exit_to_user_mode",
+                  f"*(long *)($rdi + {x86.PT_REGS_OFFSETS['orig_ax']}) == -1 && "
+                  f"*(long *)($rdi + {x86.PT_REGS_OFFSETS['ax']}) == 0x1234",
+                  f"set var *(long *)($rdi + {x86.PT_REGS_OFFSETS['ax']}) = -38"),
+        r"the skipped syscall returned -38, expected the tracer's 4660",
+        traced=False,
+    ),
+    "efer-sce": Fault(
+        "test_lstar.py::test_efer_enables_syscall",
+        cpu_register("efer", lambda v: v & ~1),
+        r"EFER is 0x\w+: SCE \(bit 0\) is clear",
+        traced=False,
+    ),
     "sysret-r11": Fault(
         "test_" + SYSRET + "test_r11_other_than_rflags_leaves_by_iret",
         exit_anyway(True, r11=lambda r: r["flags"]),
@@ -498,7 +635,7 @@ FAULTS: dict[str, Fault] = {
         r"an eligible 32-bit sysenter returns by SYSRETL, not iret",
     ),
     "sysenter-flags": Fault(  # a kernel without .Lsysenter_fix_flags: its C code runs with the caller's AC
-        "test_" + COMPAT + "test_sysenter_clears_nt_ac_and_df_before_the_c_code",
+        "test_" + COMPAT + "test_sysenter_clears_nt_ac_and_df_before_the_c_code[AC]",
         register("handler", "eflags", lambda v: v | (1 << 18)),
         r"handler: RFLAGS 0x\w+ still has AC the 32-bit caller set before sysenter",
     ),
@@ -525,5 +662,128 @@ FAULTS: dict[str, Fault] = {
         kernel_variable(VSYSCALL_MODE, "1"),
         r"vsyscall=none: the caller exited 0, expected death by SIGSEGV \(139\)",
         traced=False,
+    ),
+    "idt-0x80-type": Fault(  # a trap gate: the entry would run with interrupts on
+        "test_" + COMPAT + "test_idt_vector_0x80_is_an_interrupt_gate_on_the_thread_stack",
+        idt_gate_type(x86.IA32_SYSCALL_VECTOR, x86.GATE_TRAP),
+        r"IDT\[0x80\] has type 0xf and IST 0, expected an interrupt gate \(0xe\) on IST 0",
+        traced=False,
+    ),
+    "sysenter-nt": Fault(  # a kernel whose .Lsysenter_fix_flags test forgot NT
+        "test_" + COMPAT + "test_sysenter_clears_nt_ac_and_df_before_the_c_code[NT]",
+        register("handler", "eflags", lambda v: v | (1 << 14)),
+        r"handler: RFLAGS 0x\w+ still has NT the 32-bit caller set before sysenter",
+    ),
+    "sysenter-df": Fault(  # a kernel without the cld
+        "test_" + COMPAT + "test_sysenter_clears_nt_ac_and_df_before_the_c_code[DF]",
+        register("handler", "eflags", lambda v: v | DF),
+        r"handler: RFLAGS 0x\w+ still has DF the 32-bit caller set before sysenter",
+    ),
+    "compat-clear-regs": Fault(
+        "test_" + COMPAT + "test_32_bit_entries_clear_user_values_before_the_c_code[syscall]",
+        register("do_fast_syscall_32", "rbx", lambda v: 0x1111_1111),
+        r"at do_fast_syscall_32 these registers still hold the 32-bit caller's values: \{'rbx': '0x11111111'\}",
+    ),
+    "int80-clear-regs": Fault(
+        "test_" + COMPAT + "test_32_bit_entries_clear_user_values_before_the_c_code[int80]",
+        register("do_int80_emulation", "rsi", lambda v: 0x4444_4444),
+        r"at do_int80_emulation these registers still hold the 32-bit caller's values: \{'rsi': '0x44444444'\}",
+    ),
+    "sysenter-if": Fault(  # a kernel without do_SYSENTER_32's `regs->flags |= X86_EFLAGS_IF`
+        "test_" + COMPAT + "test_compat_pt_regs_hold_the_callers_stack_and_flags[sysenter]",
+        pt_regs("flags", lambda v: v & ~IF, stage="handler"),
+        r"pt_regs->flags 0x\w+, expected the caller's EFLAGS 0x\w+ \(but for the arithmetic flags\)",
+    ),
+    "compat-sp": Fault(
+        "test_" + COMPAT + "test_compat_pt_regs_hold_the_callers_stack_and_flags[syscall]",
+        pt_regs("sp", lambda v: v - 4, stage="handler"),
+        r"pt_regs->sp 0x\w+, expected user ESP 0x",
+    ),
+    "sysretl-regs": Fault(
+        "test_" + COMPAT + "test_compat_fast_exit_gives_back_the_callers_registers[syscall]",
+        register("user_return", "rsi", lambda v: v + 1),
+        r"back in user mode after a 32-bit syscall these registers changed: \{'rsi': '0x44444445 \(was 0x44444444\)'\}",
+    ),
+    "compat-gs": Fault(
+        "test_" + COMPAT + "test_32_bit_entries_run_on_the_kernel_gs_base_and_give_the_users_back[syscall]",
+        register("user_return", "gs_base", lambda v: v + 0x1000),
+        r"back in user mode gs_base 0x1000, k_gs_base 0x\w+; expected the caller's 0x0",
+    ),
+    "sysretl-eligible": Fault(
+        "test_" + ROADS + "test_an_eligible_32_bit_sigreturn_leaves_by_sysretl",
+        exit_anyway(False),
+        r"is SYSRETL-eligible, yet the kernel left by iret",
+    ),
+    "sysretl-ip": Fault(
+        "test_" + ROADS + "test_an_eip_off_the_landing_pad_leaves_by_iret",
+        exit_anyway(True),
+        r"EIP is not the vDSO landing pad" + MUST_IRET.replace("sysretq", "sysretl"),
+    ),
+    "sysretl-cs": Fault(
+        "test_" + ROADS + "test_a_64_bit_cs_leaves_by_iret_into_64_bit_mode",
+        exit_anyway(True),
+        r"CS is __USER_CS, not __USER32_CS" + MUST_IRET.replace("sysretq", "sysretl"),
+    ),
+    "sysretl-ss": Fault(
+        "test_" + ROADS + "test_an_ss_other_than_user_ds_leaves_by_iret",
+        exit_anyway(True),
+        r"SS is a TLS segment, not __USER_DS" + MUST_IRET.replace("sysretq", "sysretl"),
+    ),
+    "sysretl-rf": Fault(
+        "test_" + ROADS + "test_rf_set_leaves_by_iret",
+        exit_anyway(True),
+        r"RF set \(SYSRETL cannot restore it\)" + MUST_IRET.replace("sysretq", "sysretl"),
+    ),
+    "sysretl-tf": Fault(
+        "test_" + ROADS + "test_tf_set_leaves_by_iret_and_traps",
+        exit_anyway(True),
+        r"TF set \(SYSRETL would trap at once\)" + MUST_IRET.replace("sysretq", "sysretl"),
+    ),
+    "compat-efault": Fault(  # a kernel that ignores the failed read of argument 6
+        "test_" + ROADS + "test_an_unreadable_user_stack_fails_the_call_with_efault",
+        at_symbol("do_fast_syscall_32", lambda r: f"{_regs_field('orig_ax')} == 252 && {_regs_field('bx')} == 7",
+                  _readable_user_stack),
+        r"the process exited 7, expected 14",
+        traced=False,
+    ),
+    "ia32-last": Fault(  # a bound one short: the last number is refused
+        "test_" + ROADS + "test_the_last_ia32_number_runs_its_handler",
+        ia32_bound_lowered,
+        r"i386 syscall \d+, the last below IA32_NR_syscalls = \d+, reached __ia32_sys_\w+ 0 times",
+        traced=False,
+    ),
+    "ia32-bound": Fault(
+        "test_" + ROADS + "test_the_first_ia32_number_past_the_table_returns_enosys[IA32_NR_syscalls]",
+        at_symbol("syscall_exit_to_user_mode", lambda r: f"{_regs_field('orig_ax')} == {_ia32_bound(r)}",
+                  lambda r: f"set var {_regs_field('ax')} = -4"),
+        r"i386 syscall \d+ \(IA32_NR_syscalls\) returned '-4', expected -ENOSYS \(-38\)",
+        traced=False,
+    ),
+    "int80-ts-compat": Fault(  # a kernel whose syscall_32_enter forgets TS_COMPAT
+        "test_" + ROADS + "test_int80_from_64_bit_code_is_a_32_bit_syscall",
+        at_symbol("__ia32_sys_mmap_pgoff", lambda r: "1",
+                  lambda r: f"set var {CURRENT_6_1}->thread_info.status &= ~{TS_COMPAT}"),
+        r"by int \$0x80 from 64-bit code returned 0x7f\w+, expected an address below 4 GiB",
+        traced=False,
+    ),
+    "compat-cr3-exit": Fault(  # a kernel whose SYSRETL path forgets SWITCH_TO_USER_CR3_NOSTACK
+        "test_" + ROADS + "test_compat_syscall_switches_the_page_tables_and_back",
+        register("sysretl", "cr3", lambda v: v & ~x86.PTI_USER_PGTABLE_BIT),
+        r"sysretl: CR3 0x\w+, expected the user PGD 0x\w+ again before user mode",
+    ),
+    "int80-orig_ax": Fault(  # a kernel that keeps RAX[63:32] in orig_ax
+        "test_" + COMPAT + "test_int80_keeps_the_32_bit_number_from_a_64_bit_caller",
+        pt_regs("orig_ax", lambda v: v | 0x5A5A_0000_0000, stage="handler"),
+        r"pt_regs->orig_ax 0x5a5a00000040 at the handler, expected the 32-bit number 0x40",
+    ),
+    "compat-ax": Fault(
+        "test_" + COMPAT + "test_32_bit_pt_regs_ax_is_enosys_until_the_handler_returns[syscall]",
+        pt_regs("ax", lambda v: 64, stage="handler"),
+        r"pt_regs->ax 64 at the handler, expected -ENOSYS \(-38\)",
+    ),
+    "compat-stack": Fault(
+        "test_" + COMPAT + "test_32_bit_pt_regs_is_at_the_top_of_the_task_stack[syscall]",
+        register("do_fast_syscall_32", "rdi", lambda v: v - 16),
+        r"pt_regs at 0x\w+ \(do_fast_syscall_32\) ends at 0x\w+, not at the top of a 0x4000-byte task stack",
     ),
 }

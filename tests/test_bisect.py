@@ -7,12 +7,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pytest_syscall_irl.cli import bisect
+from pytest_syscall_irl.cli import main as cli
 from pytest_syscall_irl.core.errors import KernelError
+from pytest_syscall_irl.kernel import build as kernel_build
 from pytest_syscall_irl.kernel.build import KernelBuild, reference_kernel
+from pytest_syscall_irl.kernel.patching import pristine
 
 FAILURE = '<testcase classname="t" name="f{n}"><failure message="{message}">...</failure>{props}</testcase>'
 ERROR = '<testcase classname="t" name="e{n}"><error message="failed on setup">...</error>{props}</testcase>'
@@ -88,10 +92,18 @@ def test_git_bisect_aborts_on_the_abort_statuses() -> None:
 
 
 def test_a_missing_build_tool_aborts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bisect, "missing_build_deps", lambda: ["bison"])
+    monkeypatch.setattr(kernel_build, "missing_build_deps", lambda: ["bison"])
     monkeypatch.setattr(KernelBuild, "build", lambda self: pytest.fail("built without bison"))
     result = bisect.bisect_step(KernelBuild(tmp_path, cache=tmp_path), [], say=lambda line: None)
     assert result.status == bisect.ABORT and "apt-get install bison" in result.reason
+
+
+def test_a_missing_ccache_aborts_a_ccache_bisection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel_build, "missing_build_deps", lambda: [])
+    monkeypatch.setattr(kernel_build.shutil, "which", lambda name: None if name == "ccache" else f"/usr/bin/{name}")
+    monkeypatch.setattr(KernelBuild, "build", lambda self: pytest.fail("built without ccache"))
+    result = bisect.bisect_step(KernelBuild(tmp_path, cache=tmp_path, ccache=True), [], say=lambda line: None)
+    assert result.status == bisect.ABORT and "apt-get install ccache" in result.reason
 
 
 def test_a_build_that_fails_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,8 +171,11 @@ def test_git_bisect_run_names_the_commit_that_breaks_fmask(tmp_path: Path) -> No
     if reference_kernel() is None:
         pytest.skip("reference kernel not built (syscall-irl kernel build): its extracted source is reused")
     tree = tmp_path / "linux"
-    # Hard links: seconds, no copy of 1.5 GB; git checkout and _replace write new files.
-    subprocess.run(["cp", "-al", str(KernelBuild().debian_tree), str(tree)], check=True)
+    # Hard links: seconds, no copy of 1.5 GB; git checkout and _replace write new files. The
+    # tree is held meanwhile: a kernel mutant patched into it now would be copied as the base.
+    source = KernelBuild().debian_tree
+    with pristine(source):
+        subprocess.run(["cp", "-al", str(source), str(tree)], check=True)
     commits = _history(tree)
     _git(tree, "bisect", "start", commits["later"], commits["base"])
     env = {**os.environ, "SYSCALL_IRL_CACHE": str(tmp_path / "cache")}  # this tree's builds stay out of the cache
@@ -174,3 +189,150 @@ def test_git_bisect_run_names_the_commit_that_breaks_fmask(tmp_path: Path) -> No
     assert f"{commits['culprit']} is the first bad commit" in out, out[-4000:]
     log = _git(tree, "bisect", "log")
     assert f"# bad: [{commits['culprit']}]" in log and "# good: [" in log, log
+
+
+# --- bisect-run's own arguments ---------------------------------------------------------
+
+
+def _exit_status(argv: list[str]) -> int:
+    """What `syscall-irl ARGV` exits with, as git bisect sees it (argparse raises SystemExit)."""
+    try:
+        return cli.main(argv)
+    except SystemExit as done:
+        return int(done.code or 0)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--no-such-option", "--", "-k", "fmask"],   # argparse: unrecognized arguments
+    ["-k", "fmask"],                             # pytest's options without the -- before them
+    ["--jobs", "0"],                             # argparse: a bad value
+    ["--config"],                                # argparse: a missing value
+    ["--base", "{tmp}/no-such.config"],          # KernelBuild's own check of --base
+    ["--tree", "{tmp}/no-such-tree"],
+    ["--config", "{tmp}/no-such-fragment.config"],  # outside the tree: no commit brings it
+])
+def test_bisect_runs_own_usage_errors_abort_the_bisection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          argv: list[str]) -> None:
+    # git bisect run reads 1..127 (but 125) as "bad": argparse's 2 would blame the commit.
+    (tmp_path / "linux").mkdir()
+    monkeypatch.chdir(tmp_path / "linux")  # the tree being bisected; {tmp} is outside it
+    monkeypatch.setattr(KernelBuild, "build", lambda self: pytest.fail("bisect-run went on after a usage error"))
+    status = _exit_status(["bisect-run", *[arg.format(tmp=tmp_path) for arg in argv]])
+    assert status == 128
+
+
+def test_other_commands_keep_usage_status_2() -> None:
+    assert _exit_status(["kernel", "build", "--jobs", "0"]) == 2
+    assert _exit_status(["kernel", "build", "--no-such-option"]) == 2
+
+
+def test_a_fragment_inside_the_tree_that_this_commit_lacks_skips_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another commit may have it: the build fails (cannot read it) and the commit is skipped.
+    monkeypatch.setattr(kernel_build, "missing_build_deps", lambda: [])
+    build = KernelBuild(tmp_path, tmp_path / "kernel" / "configs" / "gone.config", cache=tmp_path / "cache")
+    assert bisect.argument_problem(build) is None
+    assert bisect.bisect_step(build, [], say=lambda line: None).status == bisect.SKIP
+
+
+def test_a_bug_of_bisect_run_aborts_rather_than_blames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> bisect.Verdict:
+        raise RuntimeError("a bug")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bisect, "bisect_step", broken)
+    assert _exit_status(["bisect-run", "--", "-k", "fmask"]) == 128
+
+
+def test_base_and_config_are_those_of_kernel_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    tree = _kernel_tree(tmp_path / "linux")
+    base = tmp_path / "saved.config"
+    base.write_text("CONFIG_64BIT=y\n")
+    monkeypatch.chdir(tmp_path)  # no guest/ here: the shipped fragments are found by name
+    flags = ["--tree", str(tree), "--base", str(base), "--config", "guest/kernel.config", "--config", "fred.config",
+             "--ccache"]
+    shipped = kernel_build.default_fragment().parent
+    expected = [shipped / "kernel.config", shipped / "fred.config"]
+    assert cli.main(["kernel", "build", "--dry-run", *flags]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert [line.removeprefix("fragment: ") for line in plan if line.startswith("fragment: ")] == \
+        [str(path) for path in expected]
+    assert f"base: {base}" in plan
+    seen: list[KernelBuild] = []
+    monkeypatch.setattr(bisect, "bisect_step", lambda build, *a: seen.append(build) or bisect.Verdict(0, "fake"))
+    assert cli.main(["bisect-run", *flags, "--", "-k", "fmask"]) == 0
+    assert seen[0].fragments == expected and seen[0].base == str(base) and seen[0].ccache
+
+
+# --- the user's --junitxml ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["-k", "x"], None),
+    (["--junitxml=out/j.xml"], "{cwd}/out/j.xml"),
+    (["--junitxml", "out/j.xml", "-k", "x"], "{cwd}/out/j.xml"),
+    (["--junit-xml=/abs/j.xml"], "/abs/j.xml"),
+    (["--junitxml=first.xml", "--junit-xml", "last.xml"], "{cwd}/last.xml"),  # pytest keeps the last
+    (["--junitxml=$RESULTS/j.xml"], "/results/j.xml"),                    # pytest expands variables
+    (["--", "--junitxml=a-file-name"], None),
+])
+def test_the_users_junitxml_is_found_as_pytest_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        args: list[str], expected: str | None) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESULTS", "/results")
+    found = bisect.user_junit(args)
+    assert found == (None if expected is None else Path(expected.format(cwd=tmp_path)))
+
+
+def _kernel_tree(tree: Path) -> Path:
+    """Just enough of a kernel tree for its identity (`make kernelversion`), and so a cache key."""
+    (tree / "arch" / "x86").mkdir(parents=True)
+    (tree / "Makefile").write_text("kernelversion:\n\t@echo 9.9.9\n")
+    return tree
+
+
+def _fake_pytest(monkeypatch: pytest.MonkeyPatch, writes: Path | None, status: int) -> list[list[str]]:
+    """pytest as a fake: it writes a report with one violated invariant to *writes*; the commands run."""
+    commands: list[list[str]] = []
+    real_run = subprocess.run
+
+    def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        if command[0] != sys.executable:  # make kernelversion, gcc --version: the key
+            return real_run(command, **kwargs)
+        commands.append(command)
+        if writes is not None:
+            _junit(writes, [ASSERTION], 0, passed=1, classes=["violation"])
+        return subprocess.CompletedProcess(command, status)
+
+    monkeypatch.setattr(kernel_build, "missing_build_deps", lambda: [])
+    monkeypatch.setattr(KernelBuild, "build", lambda self: self.bzimage)
+    monkeypatch.setattr(subprocess, "run", run)
+    return commands
+
+
+def test_the_users_junitxml_is_kept_and_judged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = tmp_path / "results" / "junit.xml"
+    mine.parent.mkdir()
+    commands = _fake_pytest(monkeypatch, writes=mine, status=1)
+    build = KernelBuild(_kernel_tree(tmp_path / "linux"), cache=tmp_path / "cache")
+    result = bisect.bisect_step(build, ["-k", "fmask", f"--junitxml={mine}"], say=lambda line: None)
+    assert result.status == bisect.BAD, result.reason  # judged from the report pytest wrote where the user asked
+    assert [arg for arg in commands[0] if arg.startswith("--junit")] == [f"--junitxml={mine}"]
+    assert mine.is_file()
+
+
+def test_a_stale_report_at_the_users_path_is_not_judged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = tmp_path / "junit.xml"
+    _junit(mine, [ASSERTION], 0, classes=["violation"])  # an earlier (bad) step's
+    _fake_pytest(monkeypatch, writes=None, status=1)  # this step's pytest failed and wrote nothing
+    build = KernelBuild(_kernel_tree(tmp_path / "linux"), cache=tmp_path / "cache")
+    assert bisect.bisect_step(build, [f"--junitxml={mine}"], say=lambda line: None).status == bisect.SKIP
+
+
+def test_without_the_users_junitxml_bisect_run_writes_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands = _fake_pytest(monkeypatch, writes=None, status=0)
+    build = KernelBuild(_kernel_tree(tmp_path / "linux"), cache=tmp_path / "cache")
+    bisect.bisect_step(build, ["-k", "fmask"], say=lambda line: None)
+    assert [arg for arg in commands[0] if arg.startswith("--junit")] == \
+        [f"--junitxml={build.directory / 'bisect-junit.xml'}"]

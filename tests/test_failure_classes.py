@@ -185,3 +185,35 @@ def test_a_report_without_classes_is_read_from_the_messages(tmp_path: Path) -> N
 def test_an_unreadable_report_counts_nothing(tmp_path: Path) -> None:
     assert outcomes(tmp_path / "missing.xml") == outcomes(_report(tmp_path, ""))
     assert outcomes(tmp_path / "missing.xml").kernel_at_fault == 0
+
+
+class _Console:
+    def __init__(self, crash: str | None) -> None:
+        self.kernel_crash = crash
+
+
+class _Guest:
+    def __init__(self, crash: str | None) -> None:
+        self.console = _Console(crash)
+
+
+@pytest.mark.parametrize(("crash", "expected"), [
+    ("Kernel panic - not syncing: Fatal exception", FailureClass.CRASH),
+    (None, FailureClass.HARNESS),
+])
+def test_a_panic_on_the_kernel_log_makes_a_gdb_error_under_a_trace_a_crash(crash: str | None,
+                                                                             expected: FailureClass) -> None:
+    # A kernel that panics under a trace exits QEMU (panic=-1): the test sees GDB's "target
+    # exited" (the harness's error); only the kernel log of the guest it used says why.
+    from pytest_syscall_irl.core.errors import GdbError
+    from pytest_syscall_irl.plugin.artifacts import Evidence, failure_class
+
+    used = Evidence()
+    used.add_guest(_Guest(crash))  # type: ignore[arg-type]
+    call = pytest.CallInfo.from_call(lambda: _raise(GdbError("the target exited while the trace ran")), "call")
+    fake = type("Report", (), {"when": "call"})()  # failure_class reads only the phase
+    assert failure_class(fake, call, used) is expected  # type: ignore[arg-type]
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import struct
 import subprocess
@@ -63,6 +64,12 @@ def test_a_test_without_traces_is_left_out() -> None:
     assert "No test took a syscall trace" in render([TracedTest("t.py::test_plain", "passed")])
 
 
+def test_the_runs_header_heads_the_page() -> None:
+    page = render([], header=["syscall-irl: kernel bzImage sha256 ab12; git <none>"])
+    assert '<ul class="run"><li>kernel bzImage sha256 ab12; git &lt;none&gt;</li></ul>' in page
+    assert page.index('class="run"') < page.index("No test took a syscall trace")
+
+
 # --- a real run, in a real browser ----------------------------------------------------------
 
 FAILING_TRACED = '''
@@ -77,7 +84,8 @@ def png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
     """(width, height, rows of RGBA or RGB bytes) of an 8-bit PNG, unfiltered (RFC 2083)."""
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, offset = {}, 8
+    chunks: dict[bytes, bytes] = {}
+    offset = 8
     idat = b""
     while offset < len(data):
         length, kind = struct.unpack(">I4s", data[offset:offset + 8])
@@ -134,6 +142,10 @@ def test_a_traced_failure_is_drawn_and_renders_in_headless_chromium(pytester: py
     names = [name for name, _ in parsed.stages]
     assert names[:3] == ["user", "entry", "after_swapgs"] and "sysretq" in names, names
     assert "changed compared" in parsed.cells  # entry's RIP: the value the assertion named
+    # The page says which kernel it drew: the header's identity of the bzImage.
+    reference = reference_kernel()
+    assert reference is not None
+    assert f"kernel bzImage sha256 {hashlib.sha256(reference.read_bytes()).hexdigest()};" in dom.stdout
     shot = tmp_path / "paths.png"
     subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1400,1000", page.as_uri()],
                    capture_output=True, timeout=120, check=True)

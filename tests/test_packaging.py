@@ -128,9 +128,10 @@ def test_the_sdist_runs_its_unit_tests_with_the_oldest_allowed_versions(tmp_path
     (tmp_path / "constraints.txt").write_text("\n".join(pins) + "\n")
     bin_dir = _venv(tmp_path / "venv")
     tree = unpacked_sdist(bin_dir, tmp_path)
-    # check-jsonschema: tests/test_ci_docs.py is a unit test too (a dev tool, not a dependency).
+    # check-jsonschema and kcidb-io: tests/test_ci_docs.py and tests/test_kcidb.py are unit tests
+    # too (dev tools that check our output, not dependencies).
     _run([bin_dir / "python", "-m", "pip", "install", "-q", "-c", tmp_path / "constraints.txt", tree,
-          "check-jsonschema"], cwd=tmp_path)
+          "check-jsonschema", "kcidb-io"], cwd=tmp_path)
     installed = _run([bin_dir / "python", "-m", "pip", "freeze"], cwd=tmp_path).lower().replace("_", "-")
     for pin in pins:
         assert pin.lower().replace("_", "-") in installed, f"{pin} not installed:\n{installed}"

@@ -1,7 +1,7 @@
 /*
  * int80 NR [ARG...]: a 64-bit process makes the 32-bit syscall NR (i386 numbers) with
  * `int $0x80` (ebx, ecx, edx, esi, edi, ebp: up to six arguments, 32 bits each), and
- * prints what came back in eax. The instruction is labelled sirl_syscall_insn.
+ * prints what came back in rax (all 64 bits: a 64-bit caller gets the kernel's whole return value). The instruction is labelled sirl_syscall_insn.
  * r8..r15, which the 32-bit ABI does not know, hold 0x8888888888888888 .. 0xffffffffffffffff
  * (the register number as every hex digit) across it: the kernel must give them back.
  */
@@ -32,6 +32,6 @@ int main(int argc, char **argv)
         : "=a"(ret)
         : "a"(nr), "b"(a0), "c"(a1), "d"(a2), "S"(a3), "D"(a4), [a5] "r"(a5)
         : "memory", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15");
-    printf("%d\n", (int)ret);
+    printf("%ld\n", ret);
     return 0;
 }

@@ -7,8 +7,9 @@
  *   sirl_syscall_insn   syscall       MSR_CSTAR (compatibility mode; AMD-style CPUs)
  *   sirl_sysenter_insn  sysenter      MSR_IA32_SYSENTER_EIP (Intel-style CPUs)
  *
- * SIRL32_SYSENTER_FLAGS is sysenter with NT, AC and DF set in EFLAGS (SYSENTER clears none
- * of them: the kernel must), cleared again once the call is back.
+ * SIRL32_SYSENTER_FLAGS is sysenter with the EFLAGS bits in sirl32_sysenter_flags set (NT,
+ * AC and DF unless the program says otherwise; SYSENTER clears none of them: the kernel
+ * must), cleared again once the call is back.
  *
  * syscall and sysenter follow the vDSO's calling convention (__kernel_vsyscall, 6.1
  * arch/x86/entry/vdso/vdso32/system_call.S): ecx, edx, ebp pushed, ebp = esp for
@@ -22,6 +23,8 @@
 enum sirl32_way { SIRL32_INT80 = 0, SIRL32_SYSCALL = 1, SIRL32_SYSENTER = 2, SIRL32_SYSENTER_FLAGS = 3 };
 
 long sirl32_call(int way, long nr, const long *args);
+/* EFLAGS bits SIRL32_SYSENTER_FLAGS sets: AC (bit 18), NT (bit 14), DF (bit 10) */
+unsigned long sirl32_sysenter_flags = 0x44400;
 int sirl_main(int argc, char **argv);
 
 __asm__(
@@ -73,11 +76,18 @@ __asm__(
     "jmp 9f\n"
     "3:\n\t"
     "pushfl\n\t"
-    "orl $0x44400, (%esp)\n\t"      /* AC (bit 18), NT (bit 14), DF (bit 10) */
+    "pushl %eax\n\t"
+    "movl sirl32_sysenter_flags, %eax\n\t"
+    "orl %eax, 4(%esp)\n\t"
+    "popl %eax\n\t"
     "popfl\n\t"
     "call sirl32_vsyscall_sysenter\n\t"
     "pushfl\n\t"
-    "andl $~0x44400, (%esp)\n\t"
+    "pushl %eax\n\t"
+    "movl sirl32_sysenter_flags, %eax\n\t"
+    "notl %eax\n\t"
+    "andl %eax, 4(%esp)\n\t"
+    "popl %eax\n\t"
     "popfl\n"
     "9:\n\t"
     "popl %edi\n\t"

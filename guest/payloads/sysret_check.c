@@ -12,6 +12,16 @@
  *                process dies of SIGSEGV (status 139)
  *   cs32         CS = __USER32_CS (0x23), RIP = compat_code below: the process then runs
  *                32-bit code, which exits with status 4 (5 if it ran as 64-bit code)
+ *   rcxhigh      RCX = RIP with bits 63:48 set: RCX != RIP, but RCX sign-extended from
+ *                bit 47 is RIP, so only the RCX == RIP check refuses it (6.1 checks that
+ *                RCX is canonical by comparing RCX sign-extended with RIP)
+ *   top          RIP = RCX = 0x7fffffffeffe, the last two bytes below TASK_SIZE_MAX
+ *                (4-level paging), where the program maps `jmp .-16` after code that
+ *                exits with status 7: canonical and below TASK_SIZE_MAX, so eligible
+ *                (exits 3 if the page cannot be mapped)
+ *   tasksize     RIP = RCX = 0x7ffffffff000 = TASK_SIZE_MAX: canonical, but no user page
+ *                can be there (6.12 refuses ip >= TASK_SIZE_MAX, 6.1 checks canonical);
+ *                the process dies of SIGSEGV whichever way it returns
  *   ss           SS = 0x7, an LDT data segment the program installs with modify_ldt
  *                (UC_STRICT_RESTORE_SS keeps it): SYSRET would load __USER_DS instead.
  *                Exits 3 if modify_ldt fails (-38, ENOSYS: no CONFIG_MODIFY_LDT_SYSCALL)
@@ -29,12 +39,16 @@
 #include <string.h>
 #include <stdlib.h>
 #include <ucontext.h>
+#include <sys/mman.h>
 
 #define SA_RESTORER_FLAG 0x04000000
 #define USER32_CS 0x23UL
 #define RF (1UL << 16)
 #define LDT_SS 0x7L /* LDT entry 0, RPL 3 */
 #define UC_STRICT_RESTORE_SS_FLAG 0x4UL
+#define TASK_SIZE_MAX 0x7ffffffff000UL /* (1 << 47) - PAGE_SIZE: 4-level paging */
+#define TOP_PAGE (TASK_SIZE_MAX - 0x1000)
+#define TOP_IP (TASK_SIZE_MAX - 2)
 
 /* struct user_desc of asm/ldt.h: a flat, writable 32-bit data segment in LDT entry 0 */
 struct sirl_user_desc {
@@ -73,6 +87,20 @@ __asm__(".text\n"
 
 static const char *mode;
 
+/* The top user page: at TOP_IP - 14, exit(7) (mov $60,%eax; mov $7,%edi; syscall); at
+ * TOP_IP, `jmp .-16` back to it. Returns 0, or the errno of the failed mmap/mprotect. */
+static int map_top_page(void)
+{
+    static const unsigned char code[] = {0xb8, 0x3c, 0, 0, 0, 0xbf, 7, 0, 0, 0, 0x0f, 0x05, 0xf4, 0xf4,
+                                         0xeb, 0xf0};
+    unsigned char *page = mmap((void *)TOP_PAGE, 0x1000, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (page != (void *)TOP_PAGE)
+        return page == MAP_FAILED ? -1 : -2;
+    memcpy(page + 0x1000 - sizeof(code), code, sizeof(code));
+    return mprotect(page, 0x1000, PROT_READ | PROT_EXEC);
+}
+
 static long raw3(long nr, long a0, long a1, long a2, long a3)
 {
     register long r10 __asm__("r10") = a3;
@@ -94,6 +122,12 @@ static void on_usr1(int sig, siginfo_t *info, void *context)
         g[REG_R11] = g[REG_EFL] ^ 0x801; /* CF and OF flipped */
     else if (!strcmp(mode, "rf"))
         g[REG_R11] = g[REG_EFL] |= RF;
+    else if (!strcmp(mode, "rcxhigh"))
+        g[REG_RCX] = g[REG_RIP] | (greg_t)0xffff000000000000UL;
+    else if (!strcmp(mode, "top"))
+        g[REG_RCX] = g[REG_RIP] = (greg_t)TOP_IP;
+    else if (!strcmp(mode, "tasksize"))
+        g[REG_RCX] = g[REG_RIP] = (greg_t)TASK_SIZE_MAX;
     else if (!strcmp(mode, "noncanonical"))
         g[REG_RCX] = g[REG_RIP] = 0x800000000000L;
     else if (!strcmp(mode, "ss")) {
@@ -118,6 +152,10 @@ int main(int argc, char **argv)
     sa.restorer = sirl_restore;
     if (raw3(13 /* rt_sigaction */, SIGUSR1, (long)&sa, 0, 8))
         return 2;
+    if (!strcmp(mode, "top") && map_top_page()) {
+        printf("top: cannot map %#lx\n", TOP_PAGE);
+        return 3;
+    }
     if (!strcmp(mode, "ss")) {
         struct sirl_user_desc desc = {0, 0, 0xfffff, 1, 0, 0, 1, 0, 1, 0};
         long err = raw3(154 /* modify_ldt */, 1, (long)&desc, sizeof(desc), 0);

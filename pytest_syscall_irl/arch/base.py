@@ -16,6 +16,7 @@ from typing import Protocol
 
 from .registers import RegisterFile
 from .roads import HANDLER_STAGES, USER_STAGES, Exit, Road, SymbolTable
+from .survey import Survey
 
 # How a stage's one-line summary shows a register: (label, register, format spec).
 SummaryField = tuple[str, str, str]
@@ -25,6 +26,12 @@ class MemoryReader(Protocol):
     """What reads guest memory in the stopped target (GdbSession has this)."""
 
     def read_memory(self, address: int, size: int, timeout: float = ...) -> bytes: ...
+
+
+class TargetReader(MemoryReader, Protocol):
+    """What reads registers and memory in the stopped target (GdbSession has this)."""
+
+    def registers(self, names: Sequence[str] | None = None, timeout: float = ...) -> dict[str, int]: ...
 
 
 class Evaluator(Protocol):
@@ -52,6 +59,15 @@ class TaskInfo:
 
     def __str__(self) -> str:
         return f"pid {self.pid} ({self.comm})"
+
+
+@dataclass(frozen=True)
+class ProcessConditions:
+    """GDB conditions true only while one process runs: `here` at the location it was
+    stopped at, `exiting` at the kernel's process exit (do_exit, in kernel state)."""
+
+    here: str
+    exiting: str
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,16 @@ class CurrentTask(Protocol):
         """The running task after the entry's switch, through DWARF types."""
         ...
 
+    def holds_code(self, address: int, code: bytes) -> str:
+        """A GDB condition true where the address space loaded holds *code* at *address*
+        (a static program's code at its fixed address: which program runs, no DWARF needed)."""
+        ...
+
+    def same_process(self, target: TargetReader, vmlinux: SymbolTable) -> ProcessConditions:
+        """Conditions true, at the location the target is stopped at now and where the process
+        exits, only while the process running now runs (no DWARF needed)."""
+        ...
+
 
 class Architecture(Protocol):
     """One architecture as the tracer follows it (see the module docstring)."""
@@ -180,6 +206,10 @@ class Architecture(Protocol):
         ...
     @property
     def current(self) -> CurrentTask: ...
+    @property
+    def survey(self) -> Survey:
+        """What `syscall-irl diff` takes on a kernel: the roads, the facts, the per-boot values (arch/survey.py)."""
+        ...
 
     def find_entry_code(self, entry: int, instructions: Sequence[Disassembled]) -> EntryCode:
         """The entry's switch, and an exit's switch and return instruction, in its disassembly."""

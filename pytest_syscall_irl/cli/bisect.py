@@ -13,16 +13,21 @@ The JUnit report tells each failed test's class (core/errors.py, `FailureClass`)
   test skipped (nothing was checked). Skipping, not blaming, keeps a broken build or a
   flaky machine from being named the culprit.
 - 128 (abort): no commit can be judged: a usage error (pytest exit status 4: a bad option,
-  no QEMU or GDB), no test selected (exit status 5), or a tool the build needs is missing.
-  git bisect stops on any status above 127, rather than skipping every commit.
+  no QEMU or GDB), no test selected (exit status 5), a tool the build needs is missing, or
+  bisect-run's own arguments are wrong (an unknown option, a --base or a fragment outside the
+  tree that is not there: cli/main.py gives its usage errors this status, where argparse's 2
+  would read as "bad"). git bisect stops on any status above 127, rather than skipping or
+  blaming every commit.
 - 130 (abort): interrupted.
 
-The tree is built with KernelBuild (tinyconfig + the fragment, out of tree in the cache, so each
-step after the first is an incremental build).
+The tree is built with KernelBuild (tinyconfig + the fragments, out of tree in the cache, so each
+step after the first is an incremental build). The JUnit report it judges is the user's own
+`--junitxml` if they gave one (kept for them), else one of its own beside the build.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import SyscallIrlError
-from ..kernel.build import KernelBuild, Progress, missing_build_deps
+from ..kernel.build import KernelBuild, Progress
 from ..report.junit import Outcomes, outcomes
 
 GOOD, BAD, SKIP, ABORT, INTERRUPTED = 0, 1, 125, 128, 130
@@ -78,23 +83,61 @@ def verdict(pytest_status: int, junit: Path) -> Verdict:
     return Verdict(SKIP, f"pytest exited {pytest_status} (an internal error): the harness broke")
 
 
+JUNIT_FLAGS = ("--junitxml", "--junit-xml")  # pytest's two spellings (it allows no abbreviation)
+
+
+def user_junit(pytest_args: Sequence[str]) -> Path | None:
+    """The JUnit report the user asked pytest for (the last --junitxml, as pytest takes it), or None."""
+    found: str | None = None
+    args = list(pytest_args)
+    for index, arg in enumerate(args):
+        if arg == "--":  # what follows is file names
+            break
+        flag, equals, value = arg.partition("=")
+        if flag in JUNIT_FLAGS:
+            found = value if equals else (args[index + 1] if index + 1 < len(args) else None)
+    if not found:
+        return None
+    # Where pytest writes it: LogXML expands variables and ~, relative to the directory it runs in.
+    return Path(os.path.abspath(os.path.expanduser(os.path.expandvars(found))))
+
+
 def pytest_command(pytest_args: Sequence[str], build: KernelBuild, junit: Path) -> list[str]:
-    """pytest on the freshly built kernel; the user's arguments come first, ours last."""
+    """pytest on the freshly built kernel; the user's arguments come first, ours last (a
+    --junitxml of ours only when the user gave none: argparse keeps the last one)."""
+    ours = [] if user_junit(pytest_args) is not None else [f"--junitxml={junit}"]
     return [sys.executable, "-m", "pytest", *pytest_args, f"--syscall-irl-kernel={build.bzimage}",
-            f"--syscall-irl-vmlinux={build.vmlinux}", f"--junitxml={junit}"]
+            f"--syscall-irl-vmlinux={build.vmlinux}", *ours]
+
+
+def argument_problem(build: KernelBuild) -> str | None:
+    """What in bisect-run's own arguments no commit can fix, or None: a --tree that is no
+    directory, a fragment outside the tree that cannot be read (one inside may be missing
+    from this commit only: the build fails and the commit is skipped)."""
+    tree = build.tree if build.tree is not None else Path(".")
+    if not tree.is_dir():
+        return f"--tree {tree} is not a directory"
+    for fragment in build.fragments:
+        inside = fragment.resolve().is_relative_to(tree.resolve())
+        if not inside and not (fragment.is_file() and os.access(fragment, os.R_OK)):
+            return f"cannot read config fragment {fragment} (--config): fix the path"
+    return None
 
 
 def bisect_step(build: KernelBuild, pytest_args: Sequence[str], say: Progress) -> Verdict:
     """Build the tree, run pytest on it (its output goes to ours), judge."""
-    missing = missing_build_deps()
+    problem = argument_problem(build)
+    if problem:
+        return Verdict(ABORT, problem)
+    missing = build.missing_deps()
     if missing:  # the same on every commit: skipping each would end the bisection with no answer
         return Verdict(ABORT, f"building a kernel needs: apt-get install {' '.join(missing)}")
     try:
         build.build()
     except SyscallIrlError as exc:
         return Verdict(SKIP, f"the kernel did not build: {exc.message}")  # a failed make names its log
-    junit = build.directory / "bisect-junit.xml"
-    junit.unlink(missing_ok=True)
+    junit = user_junit(pytest_args) or build.directory / "bisect-junit.xml"
+    junit.unlink(missing_ok=True)  # a report of an earlier step must not be judged as this one's
     command = pytest_command(pytest_args, build, junit)
     say("running " + " ".join(command))
     try:

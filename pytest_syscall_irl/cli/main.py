@@ -1,4 +1,4 @@
-"""The `syscall-irl` command: `kernel build|path|check|fetch`, `suite-path`, `bisect-run`, `failed-logs`.
+"""The `syscall-irl` command: `kernel build|path|check|fetch|mutant`, `suite-path`, `bisect-run`, `failed-logs`.
 
 Each command group registers itself with a function that takes argparse's subparsers
 (see add_kernel_commands); add a group by appending its function to COMMAND_GROUPS.
@@ -16,11 +16,14 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from ..kernel import build as kernel_build
 from ..core import shipped
 from ..kernel.progress import BuildProgress, previous_steps
 from ..core.errors import ConfigError, SyscallIrlError
+from .bisect import ABORT as BISECT_ABORT, Verdict
+from .diff import add_diff_commands
 
 USAGE_STATUS = 2  # argparse's status for a bad command line; ours for any ConfigError too
 FAILED_STATUS = 1
@@ -28,6 +31,16 @@ EPILOG = f"""exit status: 0 done; {FAILED_STATUS} the work failed (a build, a do
 what); {USAGE_STATUS} the command was asked wrongly (an option, a path, a fragment: the message says the fix); \
 130 interrupted. `kernel path` and `kernel check` also exit {FAILED_STATUS} for their answer "none" and "cannot run"; \
 `bisect-run` has statuses of its own, for git bisect."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors exit with the status the command sets as its default
+    `usage_status` (USAGE_STATUS if none): `bisect-run`'s must stop git bisect (128), which would
+    read argparse's 2 as "bad" and blame the commit."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.get_default("usage_status") or USAGE_STATUS, f"{self.prog}: error: {message}\n")
 
 
 def _positive_int(text: str) -> int:
@@ -93,7 +106,8 @@ def _fragments(args: argparse.Namespace) -> list[Path] | None:
 
 def _kernel_build(args: argparse.Namespace) -> int:
     if args.dry_run:
-        plan = kernel_build.KernelBuild(args.tree, _fragments(args), debian=args.debian, base=args.base).plan()
+        plan = kernel_build.KernelBuild(args.tree, _fragments(args), debian=args.debian, base=args.base,
+                                        ccache=args.ccache).plan()
         print("\n".join(["syscall-irl kernel build --dry-run: nothing is built", *plan]))
         return 0
     quiet = bool(args.quiet)
@@ -106,6 +120,7 @@ def _kernel_build(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         on_stage=None if quiet else (lambda message: _progress(f"==> {message}")),
         on_output=on_output,
+        ccache=args.ccache,
     )
     _set_total(progress, build)
     try:
@@ -141,14 +156,26 @@ def _kernel_path(args: argparse.Namespace) -> int:
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_argument(parser)
+    parser.add_argument("--debian", metavar="VERSION", default=kernel_build.REFERENCE_SOURCE,
+                        help="without --tree: build Debian's /usr/src/linux-source-VERSION.tar.xz "
+                             f"(default: {kernel_build.REFERENCE_SOURCE}, the reference kernel)")
+
+
+def _add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """--config, read by _fragments()."""
     parser.add_argument("--config", metavar="FRAGMENT", action="append",
                         help="config fragment merged over tinyconfig; repeat to merge several in order, e.g. "
                              "--config guest/kernel.config --config guest/fred.config (default: guest/kernel.config); "
                              "a shipped fragment's name (kernel.config, fred.config, suite-needs.config, with or "
                              "without guest/) finds the package's own where no such file is")
-    parser.add_argument("--debian", metavar="VERSION", default=kernel_build.REFERENCE_SOURCE,
-                        help="without --tree: build Debian's /usr/src/linux-source-VERSION.tar.xz "
-                             f"(default: {kernel_build.REFERENCE_SOURCE}, the reference kernel)")
+
+
+def _add_ccache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ccache", action="store_true",
+                        help=f"compile through ccache (make CC='{kernel_build.CCACHE_CC}'; its cache is $CCACHE_DIR): "
+                             "a CI job whose checkout made every object stale to make rebuilds from ccache's cache; "
+                             "the build's cache key stays the compiler's, as without")
 
 
 def _kernel_check(args: argparse.Namespace) -> int:
@@ -205,6 +232,7 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
                        help="kernel source tree (default: Debian's linux-source tarball, see --debian)")
     _add_source_arguments(build)
     _add_base_argument(build)
+    _add_ccache_argument(build)
     build.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                        help="parallel make jobs (default: the number of CPUs)")
     build.add_argument("--quiet", "-q", action="store_true",
@@ -238,6 +266,28 @@ def add_kernel_commands(subparsers: argparse._SubParsersAction[argparse.Argument
                             "vmlinuz, vmlinux and modules/")
     fetch.add_argument("--quiet", "-q", action="store_true", help="print only the result, not the stages")
     fetch.set_defaults(func=_kernel_fetch)
+    _add_mutant_command(commands)
+
+
+def _kernel_mutant(args: argparse.Namespace) -> int:
+    from ..kernel.mutant import MutantBuild, MutantPatch
+
+    say = None if args.quiet else (lambda message: _progress(f"==> {message}"))
+    patches = [MutantPatch.load(Path(path)) for path in args.patches]  # every header checked before a build
+    for patch in patches:
+        print(MutantBuild(patch, on_stage=say).build(), flush=True)
+    return 0
+
+
+def _add_mutant_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mutant = commands.add_parser(
+        "mutant", help="build the reference kernel with each mutant PATCH applied (cached; ~20 s each, in the "
+        "reference's build tree); prints each mutant's bzImage path, to run tests with --kernel")
+    mutant.add_argument("patches", nargs="+", metavar="PATCH",
+                        help="a mutant patch: `Mutant:`, `Table:`, `Tests:` header lines, a `---` line, then a "
+                             "unified diff against the kernel source root (patch -p1); see tests/kernel_mutants/")
+    mutant.add_argument("--quiet", "-q", action="store_true", help="print only the bzImage paths, not the stages")
+    mutant.set_defaults(func=_kernel_mutant)
 
 
 def _suite_path(args: argparse.Namespace) -> int:
@@ -253,16 +303,27 @@ def add_suite_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def _bisect_run(args: argparse.Namespace) -> int:
+    try:
+        result = _bisect_verdict(args)
+    except ConfigError as exc:  # --base or --tree: the same on every commit
+        result = Verdict(BISECT_ABORT, exc.message)
+    except Exception as exc:  # a bug of ours would blame every commit: stop instead
+        logging.getLogger(__name__).debug("bisect-run failed", exc_info=True)
+        result = Verdict(BISECT_ABORT, f"syscall-irl bisect-run itself failed ({exc!r}; -v shows where): "
+                                       "please report it")
+    _progress(f"syscall-irl bisect-run: exit {result.status}: {result.reason}")
+    return result.status
+
+
+def _bisect_verdict(args: argparse.Namespace) -> Verdict:
     from .bisect import bisect_step
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     say = (lambda message: None) if args.quiet else (lambda message: _progress(f"==> {message}"))
     on_output, progress = _build_output(args)
-    fragment = _fragment(args.config) if args.config else None
-    build = kernel_build.KernelBuild(args.tree or ".", fragment, jobs=args.jobs, on_stage=say, on_output=on_output)
+    build = kernel_build.KernelBuild(args.tree or ".", _fragments(args), base=args.base, jobs=args.jobs,
+                                     on_stage=say, on_output=on_output, ccache=args.ccache)
     _set_total(progress, build)
-    result = bisect_step(build, pytest_args, say)
-    _progress(f"syscall-irl bisect-run: exit {result.status}: {result.reason}")
-    return result.status
+    return bisect_step(build, pytest_args, say)
 
 
 def _failed_logs(args: argparse.Namespace) -> int:
@@ -294,18 +355,21 @@ def add_bisect_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     bisect = subparsers.add_parser(
         "bisect-run", help="for `git bisect run`: build the tree, run pytest on it; exit 0 good, 1 bad (an "
         "invariant violated or the kernel crashed), 125 skip (build failed, the harness broke, every test skipped), "
-        "128 abort (usage error, no test selected, a build tool missing), 130 interrupted")
+        "128 abort (usage error, its own arguments included; no test selected; a build tool missing), "
+        "130 interrupted")
     bisect.add_argument("--tree", metavar="DIR", help="kernel source tree (default: the current directory)")
-    bisect.add_argument("--config", metavar="FRAGMENT",
-                        help="config fragment merged over tinyconfig (default: guest/kernel.config)")
+    _add_config_argument(bisect)
+    _add_base_argument(bisect)
+    _add_ccache_argument(bisect)
     bisect.add_argument("--jobs", "-j", type=_positive_int, default=None, metavar="N",
                         help="parallel make jobs (default: the number of CPUs)")
     bisect.add_argument("--quiet", "-q", action="store_true", help="print only the verdict and pytest's output")
     bisect.add_argument("--make-output", action="store_true",
                         help="show make's output instead of a progress line (it is in build.log either way)")
     bisect.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS",
-                        help="arguments for pytest (--kernel and --vmlinux are added)")
-    bisect.set_defaults(func=_bisect_run)
+                        help="arguments for pytest (--syscall-irl-kernel, --syscall-irl-vmlinux and, unless "
+                             "given, --junitxml are added; a --junitxml of yours is kept and read)")
+    bisect.set_defaults(func=_bisect_run, usage_status=BISECT_ABORT)
 
 
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
@@ -313,6 +377,7 @@ COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParse
     add_suite_commands,
     add_bisect_commands,
     add_ci_commands,
+    add_diff_commands,
 ]
 
 
@@ -327,7 +392,9 @@ def installed_version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered command group."""
-    parser = argparse.ArgumentParser(
+    # Typed as argparse's own: the command groups take its subparsers; each is a CommandParser
+    # all the same (argparse makes them of the parser's class).
+    parser: argparse.ArgumentParser = CommandParser(
         prog="syscall-irl", description="pytest-syscall-irl helper commands", epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
@@ -340,7 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `syscall-irl`; returns the exit status (EPILOG)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # parse_args's error, with the status of the command they were given to
+        parser.print_usage(sys.stderr)
+        parser.exit(getattr(args, "usage_status", None) or USAGE_STATUS,
+                    f"{parser.prog}: error: unrecognized arguments: {' '.join(unknown)}\n")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -349,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(args)
     except SyscallIrlError as exc:
         print(f"syscall-irl: error: {exc}", file=sys.stderr)
-        return USAGE_STATUS if isinstance(exc, ConfigError) else FAILED_STATUS
+        return (getattr(args, "usage_status", None) or USAGE_STATUS) if isinstance(exc, ConfigError) \
+            else FAILED_STATUS
     except KeyboardInterrupt:
         print("syscall-irl: interrupted", file=sys.stderr)
         return 130

@@ -75,6 +75,15 @@ def parse_version_string(text: str, *, has_compiler: bool) -> BuildId:
     return BuildId(release, by, rest.strip())
 
 
+def banner_compiler(banner: str) -> str | None:
+    """The compiler group of a banner ("Linux version R (by@host) (gcc ..., GNU ld ...) #1 ..."),
+    None if the banner has none (a bzImage's version string never has one)."""
+    rest = banner.strip().removeprefix("Linux version ").partition(" ")[2]
+    builder = _paren_group(rest)
+    compiler = _paren_group(builder[1]) if builder else None
+    return compiler[0] if compiler else None
+
+
 def version_tuple(release: str) -> tuple[int, int, int]:
     """(6, 1, 192) for "6.1.192", (6, 8, 0) for "6.8-rc1", (6, 1, 0) for "6.1.0-13-amd64"."""
     match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)

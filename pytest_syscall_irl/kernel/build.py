@@ -16,7 +16,8 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import IO
@@ -29,6 +30,7 @@ from ..core.cache import NOT_BUILT, CacheEntry
 from ..core.cache import cache_dir as cache_dir, check_cache_dir as check_cache_dir
 from ..core.errors import ConfigError, KernelError, SyscallIrlError, tail
 from .artifacts import Kernel, StrPath
+from .patching import pristine
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,10 @@ RENAMED_OPTIONS = {"CONFIG_PAGE_TABLE_ISOLATION": "CONFIG_MITIGATION_PAGE_TABLE_
 BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc",
                "cpio": "cpio", "xz": "xz-utils", "tar": "tar"}
 BUILD_HEADERS = {"/usr/include/gelf.h": "libelf-dev", "/usr/include/openssl/opensslv.h": "libssl-dev"}
+# make's CC with --ccache: ccache hashes each compile's sources and command line, so a tree whose file
+# times a checkout reset (every object stale to make) still compiles from the cache. ccache finds
+# its directory in $CCACHE_DIR (default ~/.cache/ccache).
+CCACHE_CC = "ccache gcc"
 ARTIFACTS = ("bzImage", "vmlinux")
 RECORD = "complete"  # the build's record (core.cache): its artifacts, source, compiler, steps
 
@@ -199,6 +205,7 @@ class KernelBuild:
         cache: Path | None = None,
         on_stage: Progress | None = None,
         on_output: Progress | None = None,
+        ccache: bool = False,
     ) -> None:
         self.tree = Path(tree) if tree is not None else None
         # The config the fragments merge over: a make target, or a saved .config file.
@@ -216,6 +223,9 @@ class KernelBuild:
         self._on_stage = on_stage
         self._on_output = on_output
         self.steps = 0  # kbuild steps (`  CC  file.o` lines) of the last build, for progress estimates
+        # Compile through ccache (CCACHE_CC). Not in the key: ccache runs the same gcc, so a
+        # ccache build and a plain one of a config are the same kernel, and share one entry.
+        self.ccache = ccache
 
     @cached_property
     def fragment_text(self) -> str:
@@ -303,6 +313,8 @@ class KernelBuild:
         lines = [f"source: {self._source_plan()}", f"base: {self.base}"]
         lines += [f"fragment: {fragment}" for fragment in self.fragments]
         lines.append(f"fragment sha256: {self.fragment_sha256}")
+        if self.ccache:
+            lines.append(f"compiler: make CC='{CCACHE_CC}' (the key is gcc's, as without --ccache)")
         try:
             lines.append(f"key: {self.key}")
         except KernelError as exc:
@@ -321,8 +333,13 @@ class KernelBuild:
         return f"{self.tarball} ({self.package} {version})" if version else \
             f"{self.tarball} ({self.package} not installed)"
 
+    def missing_deps(self) -> list[str]:
+        """missing_build_deps(), and ccache for a build through it."""
+        ccache = ["ccache"] if self.ccache and shutil.which("ccache") is None else []
+        return sorted({*missing_build_deps(), *ccache})
+
     def _deps_plan(self) -> list[str]:
-        missing = missing_build_deps()
+        missing = self.missing_deps()
         return [f"missing build tools: apt-get install {' '.join(missing)}"] if missing else []
 
     def build(self) -> Path:
@@ -342,14 +359,24 @@ class KernelBuild:
     def _build_into(self, directory: Path) -> dict[str, object]:
         started = time.monotonic()
         self.steps = 0
-        with self.log_path.open("w") as build_log:
-            source = self.tree if self.tree is not None else self._debian_tree(build_log)
+        with self.log_path.open("w") as build_log, self._source(build_log) as source:
             self._configure(source, build_log)
             self._stage(f"building bzImage with {self.jobs} jobs (log: {self.log_path})")
             self._run(build_log, self._make(source, f"-j{self.jobs}", "bzImage"))
         record = self._install()
         self._stage(f"built {self.bzimage} in {time.monotonic() - started:.0f} s")
         return record
+
+    @contextmanager
+    def _source(self, build_log: IO[str]) -> Iterator[Path]:
+        """The tree to build from: a given one as it is; Debian's held (no mutant patches it
+        meanwhile) and undone of any mutant's patch a killed process left in it (patching.py)."""
+        if self.tree is not None:
+            yield self.tree
+            return
+        source = self._debian_tree(build_log)
+        with pristine(source, self._stage):
+            yield source
 
     def _configure(self, source: Path, build_log: IO[str]) -> None:
         obj = self.directory / "obj"
@@ -381,7 +408,10 @@ class KernelBuild:
             )
 
     def _make(self, source: Path, *targets: str) -> list[str]:
-        return ["make", "-C", str(source), f"O={self.directory / 'obj'}", *targets]
+        # The same CC for the config targets as for bzImage: Kconfig records the compiler it
+        # probed, and a different one at build time would re-run the configuration.
+        compiler = [f"CC={CCACHE_CC}"] if self.ccache else []
+        return ["make", "-C", str(source), f"O={self.directory / 'obj'}", *compiler, *targets]
 
     def _install(self) -> dict[str, object]:
         """Copy the artifacts out of obj/; what the record keeps beside them (progress.py reads
@@ -418,7 +448,7 @@ class KernelBuild:
         self._run(build_log, ["tar", "-xf", str(self.tarball), "-C", str(staging), "--strip-components=1"])
 
     def _check_deps(self) -> None:
-        missing = missing_build_deps()
+        missing = self.missing_deps()
         if missing:
             raise KernelError(f"building a kernel needs: apt-get install {' '.join(missing)}")
 

@@ -222,6 +222,9 @@ class DebianKernel:
         if not (modules / "modules.dep").is_file():
             raise KernelError(f"depmod -b {base} {release} wrote no modules.dep")
         os.rename(kernels[0], target / "vmlinuz")
+        config = root / "boot" / f"config-{release}"
+        if config.is_file():  # the kernel's identity hashes it (report/identity.py finds `config` beside)
+            os.rename(config, target / "config")
         os.rename(vmlinux, target / "vmlinux")
         os.rename(modules, target / "modules")
         return release

@@ -69,8 +69,13 @@ class WorkerDebugger:
             self._discard(session)
             guest.shutdown()
 
+    @property
+    def started(self) -> bool:
+        """True while the worker's GDB runs (started, not yet closed)."""
+        return self._session is not None
+
     def close(self) -> None:
-        """Stop the worker's GDB; idempotent."""
+        """Stop the worker's GDB; idempotent (a later `session` starts another)."""
         if self._session is not None:
             self._discard(self._session)
 

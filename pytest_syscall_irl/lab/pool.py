@@ -46,21 +46,24 @@ class GuestMaker(Protocol[_G_co]):
 
 class SharedGuest(Generic[_G]):
     """A worker's shared guest of one variant, booted again if a test killed it or left it
-    unusable; each guest booted is named (and logs) apart: `shared-gw0-3`."""
+    unusable; each guest booted is named (and logs) apart: `shared-gw0-3` (`baseline-gw0-1`
+    for the baseline kernel's pool: the report's reader tells the two kernels' guests apart)."""
 
-    def __init__(self, lab: GuestMaker[_G], variant: GuestVariant, worker: str, numbers: Iterator[int]) -> None:
+    def __init__(self, lab: GuestMaker[_G], variant: GuestVariant, worker: str, numbers: Iterator[int],
+                 prefix: str = "shared") -> None:
         self.lab = lab
         self.variant = variant
         self.guest: _G | None = None
         self._worker = worker
         self._numbers = numbers  # shared by the pool: no two guests of a worker share a name
+        self._prefix = prefix
 
     def get(self) -> _G:
         """The running guest of this variant, booted now if there is none or it died."""
         if self.guest is None or not self.guest.is_alive():
             if self.guest is not None:
                 self.guest.shutdown()
-            self.guest = self.lab.boot(f"shared-{self._worker}-{next(self._numbers)}", variant=self.variant)
+            self.guest = self.lab.boot(f"{self._prefix}-{self._worker}-{next(self._numbers)}", variant=self.variant)
         return self.guest
 
     def settle(self) -> None:
@@ -83,15 +86,18 @@ class SharedGuests(Generic[_G]):
     """The worker's shared guests, one per variant, of which the *keep* used last are kept
     running (the others are shut down before another boots, so the bound holds at the peak)."""
 
-    def __init__(self, lab: GuestMaker[_G], worker: str, keep: int = MAX_SHARED_GUESTS) -> None:
+    def __init__(self, lab: GuestMaker[_G], worker: str, keep: int = MAX_SHARED_GUESTS,
+                 prefix: str = "shared") -> None:
         self.lab = lab
         self.worker = worker  # the xdist worker id (gw0), or "main": names a person can match to the report
         self.keep = keep
+        self.prefix = prefix  # of each guest's name
         self.by_variant: dict[GuestVariant, SharedGuest[_G]] = {}  # least recently used first
         self._numbers = itertools.count(1)
 
     def __getitem__(self, variant: GuestVariant) -> SharedGuest[_G]:
-        shared = self.by_variant.pop(variant, None) or SharedGuest(self.lab, variant, self.worker, self._numbers)
+        shared = (self.by_variant.pop(variant, None)
+                  or SharedGuest(self.lab, variant, self.worker, self._numbers, self.prefix))
         self.by_variant[variant] = shared
         others = [other for other in self.by_variant.values() if other is not shared and other.booted]
         for other in others[:max(len(others) - (self.keep - 1), 0)]:
@@ -99,6 +105,11 @@ class SharedGuests(Generic[_G]):
         return shared
 
     def close(self) -> None:
-        """Shut every shared guest down."""
+        """Shut every shared guest down (a later `get` boots again)."""
         for shared in self.by_variant.values():
             shared.close()
+
+    @property
+    def running(self) -> int:
+        """How many shared guests are booted now."""
+        return sum(shared.booted for shared in self.by_variant.values())

@@ -169,6 +169,12 @@ class GuestConsole:
         line they are not told apart from output)."""
         return list(self._kernel_log.warnings) if self._kernel_log is not None else []
 
+    @property
+    def kernel_crash(self) -> str | None:
+        """The panic, Oops, BUG or GP fault line the kernel log saw and nobody has reported yet
+        (command channel only), or None."""
+        return self._kernel_log.crash if self._kernel_log is not None else None
+
     def kernel_log_tail(self, lines: int = 60) -> str:
         """The last kernel messages read (command channel), or the shared line's last text."""
         if self._kernel_log is not None:

@@ -9,10 +9,12 @@ hooks; each concern has a module of its own:
                   the default pytest-timeout bound of our tests
     fixtures.py   the fixtures, a few lines each over the lab layer's classes
     artifacts.py  what a failing test's report shows of the guests, GDB and traces it used
+    kcidb.py      --syscall-irl-kcidb: reports tagged with their kernel, the KCIDB file written
 
 Fixtures: `kernel`, `guest` (shared per xdist worker), `fresh_guest` (the test's own),
 `gdb` (attached to the test's guest), `syscall_trace` (one syscall through every stage),
-`make_guest` (boot more guests).
+`make_guest` (boot more guests), `baseline` and `baseline_syscall_trace` (a second kernel to
+compare with, --syscall-irl-baseline).
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ from typing import Any
 
 import pytest
 
+from . import kcidb
 from .artifacts import attach, record_failure_class
-from .fixtures import (LAB_FIXTURE, _shared_guests, _worker_debugger, fresh_guest, gdb, guest, kernel, make_guest,
-                       syscall_irl_architecture, syscall_irl_lab, syscall_trace)
+from .fixtures import (LAB_FIXTURE, _shared_guests, _worker_debugger, baseline, baseline_syscall_trace, fresh_guest,
+                       gdb, guest, kernel, make_guest, release_idle_baseline, syscall_irl_architecture,
+                       syscall_irl_baseline, syscall_irl_lab, syscall_trace)
 from .header import KERNEL_TAKEN_KEY, announce, forward_header
 from .markers import apply_default_timeout, register_markers, warn_deprecated_markers
 from .options import BY_NAME, NO_SNAPSHOTS_FLAG, OPTIONS, SNAPSHOTS_ENV, Option
 from .settings import explicit, settings_of, settings_resolved, valid_options
 
 # pytest finds fixtures among a plugin module's attributes: these are the plugin's.
-__all__ = ["_shared_guests", "_worker_debugger", "fresh_guest", "gdb", "guest", "kernel", "make_guest",
-           "syscall_irl_architecture", "syscall_irl_lab", "syscall_trace"]
+__all__ = ["_shared_guests", "_worker_debugger", "baseline", "baseline_syscall_trace", "fresh_guest", "gdb", "guest",
+           "kernel", "make_guest", "syscall_irl_architecture", "syscall_irl_baseline", "syscall_irl_lab",
+           "syscall_trace"]
 
 USAGE_ERROR_KEY = pytest.StashKey[str]()
 GROUP = "syscall-irl"
@@ -53,6 +58,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   "guest (true) or cold-boot each (false).", type="bool", default=True)
     group.addoption("--syscall-irl-html", dest="syscall_irl_html", metavar="PATH",
                     help="write an HTML page drawing each traced syscall's path through the stages.")
+    kcidb.add_options(group)
 
 
 def _option_attrs(option: Option) -> dict[str, Any]:
@@ -104,6 +110,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if html and controller:
         from ..report.html import HtmlPage
         config.pluginmanager.register(HtmlPage((config.invocation_params.dir / html).resolve()), "syscall_irl_html")
+    kcidb.configure(config, controller)
     register_markers(config)
 
 
@@ -152,6 +159,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize(LAB_FIXTURE, range(len(ids)), ids=ids, indirect=True, scope="session")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    # After the test's fixtures: the baseline's guest and GDB live only through a run of comparing tests.
+    try:
+        return (yield)
+    finally:
+        release_idle_baseline(item.config, nextitem)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: object) -> None:
     message = getattr(node, "workeroutput", {}).get(USAGE_ERROR_OUTPUT)
@@ -182,6 +198,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     forward_header(item.config, report)
     attach(item, report)
+    kcidb.tag(item, report)
     record_failure_class(item, report, call)
     return report
 

@@ -82,9 +82,10 @@ class _Transcript:
 class _Traces:
     tracer: SyscallTracer
     leads: bool = True
+    title: str = "syscall trace"  # "baseline syscall trace": two kernels' traces are each numbered from 1
 
     def sections(self) -> Pairs:
-        return [(f"syscall trace {number}", str(trace)) for number, trace in enumerate(self.tracer.traces, start=1)]
+        return [(f"{self.title} {number}", str(trace)) for number, trace in enumerate(self.tracer.traces, start=1)]
 
     def properties(self) -> Pairs:
         return []
@@ -103,9 +104,15 @@ class Evidence:
     def add_gdb(self, session: GdbSession) -> None:
         self.shown.append(_Transcript(session))
 
-    def add_tracer(self, tracer: SyscallTracer) -> None:
-        self.shown.append(_Traces(tracer))
+    def add_tracer(self, tracer: SyscallTracer, title: str = "syscall trace") -> None:
+        self.shown.append(_Traces(tracer, title=title))
         self.tracers.append(tracer)
+
+    def kernel_crash(self) -> str | None:
+        """A crash line the kernel log of a guest this test used saw (a panic under a trace
+        reaches the test as GDB's "target exited", not as the console's GuestPanic)."""
+        guests = (thing.guest for thing in self.shown if isinstance(thing, _GuestLogs))
+        return next((line for guest in guests if (line := guest.console.kernel_crash) is not None), None)
 
     def in_report_order(self) -> list[_Shown]:
         """What leads (the traces), then the rest, each in the order the test got them."""
@@ -137,12 +144,17 @@ def attach(item: pytest.Item, report: pytest.TestReport) -> None:
             item.user_properties.extend(thing.properties())
 
 
-def failure_class(report: pytest.TestReport, call: pytest.CallInfo[None]) -> FailureClass:
-    """Whose fault a failed report is. In the test's body an assertion (or pytest.fail) is a
-    violation; in a fixture (setup, teardown) only a crash blames the kernel: the rest is the
-    harness's, assertions included. pytest-timeout's signal method fails the test with
-    pytest.fail: that is the harness's deadline, not a verdict."""
+def failure_class(report: pytest.TestReport, call: pytest.CallInfo[None],
+                  used: Evidence | None = None) -> FailureClass:
+    """Whose fault a failed report is. A kernel that crashed (on its log) while the test used
+    its guest is a crash, whatever error reached the test. Else, in the test's body an
+    assertion (or pytest.fail) is a violation; in a fixture (setup, teardown) only a crash
+    blames the kernel: the rest is the harness's, assertions included. pytest-timeout's
+    signal method fails the test with pytest.fail: that is the harness's deadline, not a
+    verdict."""
     exc = call.excinfo.value if call.excinfo is not None else None
+    if used is not None and used.kernel_crash() is not None:
+        return FailureClass.CRASH
     if exc is None:
         return FailureClass.HARNESS
     if isinstance(exc, pytest.fail.Exception):
@@ -158,8 +170,11 @@ def record_failure_class(item: pytest.Item, report: pytest.TestReport, call: pyt
     """Put a failed report's class where JUnit (a property) and a reader (a section) find it."""
     if not report.failed:
         return
-    found = failure_class(report, call)
-    report.sections.append(("syscall-irl failure class", f"{found.value} ({report.when})"))
+    used = item.stash.get(EVIDENCE_KEY, None)
+    found = failure_class(report, call, used)
+    crash = used.kernel_crash() if used is not None else None
+    why = f"; the kernel log: {crash.strip()}" if found is FailureClass.CRASH and crash else ""
+    report.sections.append(("syscall-irl failure class", f"{found.value} ({report.when}){why}"))
     prop = (FAILURE_CLASS_PROPERTY, found.value)
     item.user_properties.append(prop)  # JUnit writes the properties of the teardown report, made later...
     if report.when == "teardown":

@@ -4,7 +4,8 @@ kernel), `SharedGuests` (a worker's shared guests), `WorkerDebugger` (a worker's
 
 Fixtures: `kernel`, `guest` (shared per xdist worker), `fresh_guest` (the test's own),
 `gdb` (attached to the test's guest), `syscall_trace` (one syscall through every stage),
-`make_guest` (boot more guests).
+`make_guest` (boot more guests), `baseline` and `baseline_syscall_trace` (the same on the
+--syscall-irl-baseline kernel, to compare with; `Baseline` in lab/baseline.py).
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from ..core.errors import ConfigError
 from .artifacts import evidence
 from .markers import variant_of
-from .settings import settings_of
+from .settings import baseline_of, settings_of
 
 if TYPE_CHECKING:
     # Imported where first used: pytest loads this plugin in every run of its environment,
     # and a run with no kernel tests need not pay for QEMU, GDB/MI and pexpect modules.
     from ..arch.base import Architecture
     from ..kernel.artifacts import Kernel
+    from ..lab.baseline import Baseline, BaselineUse
     from ..lab.debugger import WorkerDebugger
     from ..lab.guest import Guest, Lab
     from ..lab.pool import SharedGuests
@@ -32,6 +35,13 @@ if TYPE_CHECKING:
 # Every fixture of ours that needs a kernel depends on this one; a test's own fixture that
 # happens to be called `gdb` or `kernel` does not.
 LAB_FIXTURE = "syscall_irl_lab"
+BASELINE_FIXTURE = "syscall_irl_baseline"
+# The worker's baseline while its session fixture lives: the teardown hook stops its guest and
+# GDB when the next test does not use them (`release_idle_baseline`).
+BASELINE_KEY = pytest.StashKey["Baseline"]()
+NO_BASELINE = ("no --syscall-irl-baseline given: this test compares the kernel under test with a baseline kernel; "
+               "pass --syscall-irl-baseline=path/to/bzImage (with --syscall-irl-baseline-vmlinux and "
+               "--syscall-irl-baseline-modules where the kernel's defaults do not find them), or deselect the test")
 
 
 def worker_id(config: pytest.Config) -> str:
@@ -198,3 +208,76 @@ def syscall_trace(request: pytest.FixtureRequest, kernel: Kernel, gdb: GdbSessio
     tracer = SyscallTracer(gdb, kernel, _target(request), syscall_irl_architecture)
     evidence(request.node).add_tracer(tracer)
     return tracer
+
+
+@pytest.fixture(scope="session")
+def syscall_irl_baseline(request: pytest.FixtureRequest,
+                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Baseline]:
+    """The worker's baseline kernel, made when its first test asks (a worker that runs no
+    comparison makes none); its logs go under `syscall-irl/baseline/`. Without
+    --syscall-irl-baseline it raises the usage error `baseline` explains, once per worker,
+    before any guest of the test boots (session fixtures are set up first)."""
+    from ..arch.registry import architecture_for
+    from ..lab.baseline import Baseline
+    from ..lab.guest import Lab
+    settings = baseline_of(request.config)
+    if settings is None:
+        raise ConfigError(NO_BASELINE)
+    baseline = Baseline(Lab(settings, tmp_path_factory.getbasetemp() / "syscall-irl" / "baseline"),
+                        worker_id(request.config), architecture_for(settings.kernel.vmlinux.machine))
+    request.config.stash[BASELINE_KEY] = baseline
+    yield baseline
+    del request.config.stash[BASELINE_KEY]
+    baseline.close()
+
+
+@pytest.fixture
+def baseline(request: pytest.FixtureRequest, syscall_irl_lab: Lab,
+             syscall_irl_baseline: Baseline) -> Iterator[BaselineUse]:
+    """The --syscall-irl-baseline kernel beside the kernel under test, to compare them in one
+    test: `baseline.kernel`, and `baseline.guest` (the worker's baseline guest, of the test's
+    @pytest.mark.syscall_irl_boot_args / syscall_irl_cpu variant) and `baseline.gdb` (attached
+    to it), each started when the test first asks. Its guest and GDB are not the kernel under
+    test's: a trace on one never stops the other. The test runs once per kernel under test,
+    each time against the same baseline.
+
+        def test_same_release_line(kernel, baseline):
+            assert kernel.version_tuple[:2] == baseline.kernel.version_tuple[:2]
+
+    Without --syscall-irl-baseline the test errors (a usage failure, not a skip): a skip says
+    something about the kernel under test, and here nothing was learned about it; a gate that
+    skipped its comparisons would pass a change it never compared. The rest of the run goes on.
+    """
+    # syscall_irl_lab: a test using the baseline is a kernel test, run once per kernel under test.
+    use = syscall_irl_baseline.use(variant_of(request.node), evidence(request.node))
+    yield use
+    use.finish(interrupted=request.session.exitstatus == pytest.ExitCode.INTERRUPTED)
+
+
+@pytest.fixture
+def baseline_syscall_trace(request: pytest.FixtureRequest, baseline: BaselineUse) -> SyscallTracer:
+    """`syscall_trace` on the baseline kernel's guest, through the baseline's own GDB: the
+    same calls, the same `SyscallTrace`s, so a test compares the two kernels stage by stage.
+    A failing test's report shows these traces as "baseline syscall trace N". What goes
+    wrong on the baseline (it panics, a command fails there) fails the test as harness, never
+    as the kernel under test's violation or crash (`BaselineTracer`).
+
+        def test_the_exit_is_unchanged(syscall_trace, baseline_syscall_trace):
+            write = {"nr": "write", "args": {0: 1, 2: 12}}
+            trace = syscall_trace.payload("syscall_irl", **write)
+            base_trace = baseline_syscall_trace.payload("syscall_irl", **write)
+            assert trace.exit == base_trace.exit, f"{trace}\\n--- baseline ---\\n{base_trace}"
+    """
+    from ..trace.baseline import BaselineTracer
+    tracer = BaselineTracer(baseline.gdb, baseline.kernel, baseline.guest, baseline.architecture)
+    evidence(request.node).add_tracer(tracer, title="baseline syscall trace")
+    return tracer
+
+
+def release_idle_baseline(config: pytest.Config, nextitem: pytest.Item | None) -> None:
+    """After a test's teardown: the worker's baseline stops its guest and GDB unless the
+    worker's next test uses the baseline (xdist hands a worker its next test before it runs
+    this one), so a worker holds them only through a run of comparing tests."""
+    baseline = config.stash.get(BASELINE_KEY, None)
+    if baseline is not None and BASELINE_FIXTURE not in getattr(nextitem, "fixturenames", ()):
+        baseline.close()

@@ -75,6 +75,13 @@ OPTIONS = (
     Option("accel", "accelerator: auto (KVM where a KVM guest really boots, else TCG), kvm or tcg "
                     "(default: auto).", ("auto", "kvm", "tcg")),
     Option("boot_args", "extra kernel command line arguments, appended to the defaults."),
+    Option("baseline", "bzImage of a second kernel that tests compare the kernel under test with (the `baseline` "
+                       "and `baseline_syscall_trace` fixtures); not a parameter: every test runs once per "
+                       "kernel under test, and each sees this one baseline."),
+    Option("baseline_vmlinux", "vmlinux of the --syscall-irl-baseline kernel (default: beside its build tree or "
+                               "bzImage)."),
+    Option("baseline_modules", "module directory of the --syscall-irl-baseline kernel, or 'none' (default: "
+                               "/lib/modules/<release> if it exists)."),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 SNAPSHOTS_ENV = ENV_PREFIX + "SNAPSHOTS"
@@ -176,6 +183,14 @@ class ResolvedOptions:
         base = self.settings[name].base
         return [Path(value) if value == "none" else (base / os.path.expanduser(value)).resolve()
                 for value in self.values(name)]
+
+    def path(self, name: str) -> Path | None:
+        """A single-valued option as an absolute path, relative to where it was given; "none"
+        stays "none"; None if not given anywhere."""
+        value = self.value(name)
+        if value is None:
+            return None
+        return Path(value) if value == "none" else (self.settings[name].base / os.path.expanduser(value)).resolve()
 
     def given_origin(self, name: str) -> str | None:
         """Where a setting not given on the command line came from ("syscall_irl_NAME = VALUE in

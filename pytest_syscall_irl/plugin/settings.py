@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Union
 import pytest
 
 from ..core.errors import ConfigError
-from .options import INI_PREFIX, OPTIONS, ResolvedOptions, given_explicitly, read_options
+from .options import BY_NAME, INI_PREFIX, OPTIONS, ResolvedOptions, given_explicitly, read_options
 
 if TYPE_CHECKING:
     from ..kernel.artifacts import Kernel
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # A process's options, or why they are invalid (reported when they are needed).
 OPTIONS_KEY = pytest.StashKey[Union[ResolvedOptions, ConfigError]]()
 SETTINGS_KEY = pytest.StashKey["list[LabSettings]"]()
+BASELINE_KEY = pytest.StashKey["LabSettings | None"]()  # --syscall-irl-baseline, resolved with SETTINGS_KEY
 NO_KERNEL = ("no kernel to test: pass --syscall-irl-kernel=path/to/arch/x86/boot/bzImage, or build the reference "
              "kernel once with `syscall-irl kernel build` (it is then used by default)")
 
@@ -86,10 +87,20 @@ def settings_of(config: pytest.Config) -> list[LabSettings]:
     if SETTINGS_KEY not in config.stash:
         options = options_of(config)
         try:
-            config.stash[SETTINGS_KEY] = resolve_settings(options)
+            every = resolve_settings(options)
+            # The baseline is checked with the kernels under test: a bad one is a usage error before any boot.
+            config.stash[BASELINE_KEY] = resolve_baseline(options, every[0])
+            config.stash[SETTINGS_KEY] = every
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from exc
     return config.stash[SETTINGS_KEY]
+
+
+def baseline_of(config: pytest.Config) -> LabSettings | None:
+    """The settings of the --syscall-irl-baseline kernel, None without one; resolved (and a bad
+    one reported as a usage error) with `settings_of`."""
+    settings_of(config)
+    return config.stash[BASELINE_KEY]
 
 
 def resolve_settings(options: ResolvedOptions) -> list[LabSettings]:
@@ -129,6 +140,54 @@ def _pytest_spelling() -> Iterator[None]:
     except ConfigError as exc:
         message = re.sub(r"(?<![\w-])--(vmlinux|modules)\b", r"--syscall-irl-\1", exc.message)
         raise ConfigError(message, command=exc.command, exit_code=exc.exit_code, log_tail=exc.log_tail) from exc
+
+
+BASELINE_OPTIONS = ("baseline", "baseline_vmlinux", "baseline_modules")
+
+
+def resolve_baseline(options: ResolvedOptions, like: LabSettings) -> LabSettings | None:
+    """The settings of the --syscall-irl-baseline kernel: its bzImage, vmlinux and modules,
+    checked as the kernel under test's are, with everything else as *like* (QEMU, GDB, boot
+    arguments, payloads: a comparison changes only the kernel). None without a baseline."""
+    from dataclasses import replace
+
+    from ..kernel.artifacts import Kernel
+    from ..kernel.modules import guest_modules
+    from ..lab.accel import check_accel
+    bzimage = options.path("baseline")
+    if bzimage is None:
+        stray = [BY_NAME[name].flag for name in BASELINE_OPTIONS[1:] if options.value(name)]
+        if stray:
+            with options.naming_origin(*BASELINE_OPTIONS):
+                raise ConfigError(f"{stray[0]} without --syscall-irl-baseline: name the baseline's bzImage with "
+                                  f"--syscall-irl-baseline=path/to/bzImage, or drop {stray[0]}")
+        return None
+    with options.naming_origin(*BASELINE_OPTIONS), _baseline_spelling():
+        kernel = Kernel.load(bzimage, options.path("baseline_vmlinux"))
+        _check_architecture(kernel)
+        settings = replace(like, kernel=kernel,
+                           modules=guest_modules(kernel.release, options.path("baseline_modules")))
+        check_accel(settings)
+    return settings
+
+
+@contextmanager
+def _baseline_spelling() -> Iterator[None]:
+    """The kernel layer names the kernel's options (--kernel, --vmlinux, --modules); for the
+    baseline they are --syscall-irl-baseline, --syscall-irl-baseline-vmlinux and -modules."""
+    try:
+        yield
+    except ConfigError as exc:
+        message = re.sub(r"(?<![\w-])--(vmlinux|modules)\b", r"--syscall-irl-baseline-\1", exc.message)
+        message = re.sub(r"(?<![\w-])--kernel\b", "--syscall-irl-baseline", message)
+        raise ConfigError(f"--syscall-irl-baseline: {message}", command=exc.command, exit_code=exc.exit_code,
+                          log_tail=exc.log_tail) from exc
+
+
+def _check_architecture(kernel: Kernel) -> None:
+    """ConfigError before anything boots if no architecture description follows *kernel*."""
+    from ..arch.registry import architecture_for
+    architecture_for(kernel.vmlinux.machine, f"the kernel {kernel.bzimage.path} (vmlinux {kernel.vmlinux.path})")
 
 
 def _kernels(options: ResolvedOptions) -> list[tuple[Kernel, GuestModules]]:

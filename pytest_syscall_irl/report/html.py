@@ -1,7 +1,8 @@
 """A self-contained HTML page of a run's syscall traces: each traced syscall drawn as its path
 through the stages (taken ones as boxes joined by arrows, skipped ones greyed with the reason),
-with a register table per trace (a column per stage). A value that changed since the previous
-stage is tinted; a value the failed test's message names (the expected or actual value an
+with a register table per trace (a column per stage), under the run's header (each kernel's
+release, banner, bzImage and config hashes, git commit; QEMU, GDB). A value that changed since
+the previous stage is tinted; a value the failed test's message names (the expected or actual value an
 invariant compared) is outlined in red.
 
 Rendered from the generic shape of a trace only (`trace.stages`: name, taken, note, registers,
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ table.regs th { background: #f0f0f0; }
 td.changed { background: #fff3c4; }
 td.compared { outline: 3px solid #d22; outline-offset: -3px; font-weight: bold; }
 .legend span { margin-right: 1em; padding: 0 .4em; }
+ul.run { font-family: monospace; font-size: 12px; list-style: none; padding: .5em; background: #f6f6f6; }
 """
 
 
@@ -120,29 +122,40 @@ def _test(record: TracedTest) -> str:
             f'<span class="outcome">{html.escape(record.outcome)}</span></h2>{message}{traces}</section>')
 
 
-def render(records: Iterable[TracedTest], title: str = "syscall-irl: syscall paths") -> str:
+def _header(lines: Sequence[str]) -> str:
+    """The run's header lines (what was tested with what), as the terminal showed them."""
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line.removeprefix('syscall-irl: '))}</li>" for line in lines)
+    return f'<ul class="run">{items}</ul>'
+
+
+def render(records: Iterable[TracedTest], title: str = "syscall-irl: syscall paths",
+           header: Sequence[str] = ()) -> str:
     """The whole page."""
     body = "".join(_test(record) for record in records if record.traces)
     legend = ('<p class="legend"><span class="changed" style="background:#fff3c4">changed since the previous '
               'stage</span><span style="outline:3px solid #d22">a value the failure message names</span></p>')
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{legend}"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{_header(header)}{legend}"
             f"{body or '<p>No test took a syscall trace.</p>'}</body></html>")
 
 
-def write(path: Path, records: Iterable[TracedTest]) -> None:
+def write(path: Path, records: Iterable[TracedTest], header: Sequence[str] = ()) -> None:
     """Write the page (creating its directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(records))
+    path.write_text(render(records, header=header))
 
 
 class HtmlPage:
     """A pytest plugin (registered by the plugin with --syscall-irl-html, never in xdist workers):
-    collects the traces each test's report carries (report.syscall_irl_traces) and writes the page."""
+    collects the traces each test's report carries (report.syscall_irl_traces) and writes the page,
+    with the run's header lines (set by the plugin's header, plugin/header.py)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.records: list[TracedTest] = []
+        self.header: list[str] = []
 
     def pytest_runtest_logreport(self, report: Any) -> None:
         traces = getattr(report, "syscall_irl_traces", None)
@@ -151,7 +164,7 @@ class HtmlPage:
             self.records.append(TracedTest(report.nodeid, report.outcome, str(getattr(crash, "message", "")), traces))
 
     def pytest_sessionfinish(self) -> None:
-        write(self.path, self.records)
+        write(self.path, self.records, self.header)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         terminalreporter.write_line(f"syscall-irl: syscall paths drawn in {self.path}")

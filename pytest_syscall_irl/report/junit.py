@@ -31,7 +31,7 @@ OUR_ERROR = re.compile(rf"^{re.escape(errors.__name__)}\.(\w+)\b")
 ASSERTION = re.compile(r"^(AssertionError\b|assert )")
 PYTEST_TIMEOUT = "from pytest-timeout"
 # A case with several failures (a call failure and a teardown error) is judged by the worst.
-_WORST_FIRST = (FailureClass.CRASH, FailureClass.VIOLATION, FailureClass.USAGE, FailureClass.HARNESS)
+WORST_FIRST = (FailureClass.CRASH, FailureClass.VIOLATION, FailureClass.USAGE, FailureClass.HARNESS)
 _VALUES = {cls.value for cls in FailureClass}
 
 
@@ -82,7 +82,7 @@ def case_class(case: ElementTree.Element) -> FailureClass | None:
     found = {FailureClass(prop.get("value")) for prop in case.iter("property")
              if prop.get("name") == FAILURE_CLASS_PROPERTY and prop.get("value") in _VALUES}
     found = found or {_class_of_message(failure) for failure in failures}
-    return next(cls for cls in _WORST_FIRST if cls in found)
+    return next(cls for cls in WORST_FIRST if cls in found)
 
 
 def outcomes(junit: Path) -> Outcomes:

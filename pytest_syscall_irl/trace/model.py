@@ -39,14 +39,30 @@ def stage_names(road: Road) -> str:
     return ", ".join(names)
 
 
+# GDB's reads of a string, widest first: none may pass its NUL (the next page may be unmapped).
+_READS = ((8, "unsigned long"), (4, "unsigned int"), (2, "unsigned short"), (1, "unsigned char"))
+
+
+def points_to(pointer: str, text: str) -> str:
+    """A GDB condition true when *pointer* (an expression) points to *text* and its NUL, read
+    in the address space loaded (a user pointer, at the kernel entry or in user mode)."""
+    data, at, terms = text.encode() + b"\0", 0, []
+    for width, c_type in _READS:
+        while len(data) - at >= width:
+            terms.append(f"*({c_type} *)({pointer} + {at}) == {int.from_bytes(data[at:at + width], 'little'):#x}")
+            at += width
+    return " && ".join(terms)
+
+
 @dataclass(frozen=True)
 class SyscallSelector:
     """Which syscall to trace: its number, argument values (by index 0..5) in the road's
-    ABI, and the process that makes it (comm and/or pid). The guest's command agent
-    (PID 1) is never selected unless *agent* is true."""
+    ABI, and the process that makes it (comm and/or pid). An argument given as a str is a
+    pointer to that NUL-terminated string (execve's path: no DWARF needed). The guest's
+    command agent (PID 1) is never selected unless *agent* is true."""
 
     nr: int
-    args: Mapping[int, int] = field(default_factory=dict)
+    args: Mapping[int, int | str] = field(default_factory=dict)
     comm: str | None = None
     pid: int | None = None
     agent: bool = False
@@ -60,12 +76,13 @@ class SyscallSelector:
             return f"${register}" if bits == 64 else f"(${register} & {mask:#x})"
 
         terms = [f"{value(abi.number_register)} == {self.nr & mask:#x}"]
-        terms += [f"{value(abi.arg_registers[i])} == {v & mask:#x}" for i, v in sorted(self.args.items())]
+        terms += [f"{value(abi.arg_registers[i])} == {v & mask:#x}" if isinstance(v, int)
+                  else points_to(value(abi.arg_registers[i]), v) for i, v in sorted(self.args.items())]
         return " && ".join(terms)
 
     def __str__(self) -> str:
         parts = [f"nr={self.nr}"]
-        parts += [f"arg{i}={v:#x}" for i, v in sorted(self.args.items())]
+        parts += [f"arg{i}={v:#x}" if isinstance(v, int) else f"arg{i}={v!r}" for i, v in sorted(self.args.items())]
         parts += [f"comm={self.comm!r}"] if self.comm is not None else []
         parts += [f"pid={self.pid}"] if self.pid is not None else []
         return " ".join(parts)

@@ -2,7 +2,7 @@
 
     tracer.payload("syscall_irl", nr="write", args={0: 1, 2: 12})
     tracer.command("echo x | cat", nr="read", args={0: 0}, comm="cat")
-    hits, result = tracer.count_syscalls("/payloads/vdso", nr="clock_gettime", comm="vdso")
+    hits, result = tracer.count_syscalls("/payloads/vdso", nr="clock_gettime", payload="vdso")
 
 A command that ends with a status the caller did not expect (`expect_status`, 0 unless
 told: a status, several, or None for any) fails the count or the trace with its status
@@ -41,6 +41,9 @@ COULD_NOT_RUN = frozenset({2, 126, 127})
 SIGNAL_BASE = 128  # the shell's status of a process killed by signal N is 128 + N
 
 ExpectedStatus = int | Collection[int] | None  # one status, any of several, or None: any
+MAIN = "main"
+EXIT = "do_exit"  # kernel/exit.c: every task ends there (exit, exit_group, a fatal signal)
+MAIN_CODE_BYTES = 64  # musl's mains share their first ten bytes (register saves) and more
 
 
 class CommandFailed(SyscallIrlError):
@@ -71,6 +74,12 @@ def _expected_text(expected: ExpectedStatus) -> str:
     if isinstance(expected, int):
         return str(expected)
     return " or ".join(str(status) for status in sorted(expected or ()))
+
+
+def _both(*conditions: str | None) -> str | None:
+    """The GDB conditions given (None and "" are none) joined by &&; None if there are none."""
+    given = [condition for condition in conditions if condition]
+    return " && ".join(f"({condition})" for condition in given) if given else None
 
 
 def check_status(result: CommandResult, expected: ExpectedStatus) -> CommandResult:
@@ -116,7 +125,7 @@ class SyscallTracer:
             raise ValueError(f"no stage {stage!r}: one of {', '.join(stages)}")
         self.faults.setdefault(stage, []).append(fault)
 
-    def payload(self, name: str, *argv: str, nr: int | str, args: Mapping[int, int] | None = None,
+    def payload(self, name: str, *argv: str, nr: int | str, args: Mapping[int, int | str] | None = None,
                 at: str = USER_LABEL, comm: str | None = None, timeout: float | None = None,
                 expect_status: ExpectedStatus = 0) -> SyscallTrace:
         """Trace syscall *nr* (with *args*) made at the payload's instruction labelled *at*
@@ -131,7 +140,7 @@ class SyscallTracer:
         return self.trace(" ".join([program.guest_path, *argv]), selector, road, user_address=address,
                           timeout=timeout, expect_status=expect_status)
 
-    def command(self, command: str, *, nr: int | str, args: Mapping[int, int] | None = None,
+    def command(self, command: str, *, nr: int | str, args: Mapping[int, int | str] | None = None,
                 road: str | None = None, comm: str | None = None, pid: int | None = None,
                 agent: bool = False, timeout: float | None = None, expect_status: ExpectedStatus = 0) -> SyscallTrace:
         """Trace syscall *nr* (with *args*) made by a shell command on *road* (the
@@ -143,12 +152,19 @@ class SyscallTracer:
         return self.trace(command, selector, way, timeout=timeout, expect_status=expect_status)
 
     def count(self, command: str, location: str | int, condition: str | None = None,
-              timeout: float | None = None, expect_status: ExpectedStatus = 0) -> tuple[int, CommandResult]:
+              timeout: float | None = None, expect_status: ExpectedStatus = 0,
+              payload: str | None = None) -> tuple[int, CommandResult]:
         """Run *command* and count how often the kernel reaches *location* (a symbol or an
         address) with *condition* while it runs; returns the count and the command's
         result. Each hit is a stop and a resume (~10 ms under TCG). A command that ends
         with a status *expect_status* does not name (0 unless told; None: any) raises
-        CommandFailed: a count of a command that did not run counts nothing."""
+        CommandFailed: a count of a command that did not run counts nothing.
+
+        *payload* counts one process, with no DWARF: the first hit in an address space
+        that holds that payload's code at its `main` names it, and the later hits are its
+        own (its page-table root, or its task in kernel state; see CurrentTask.same_process)
+        until it reaches do_exit, after which nothing is counted: the kernel may give its root
+        or its task_struct to a later process."""
         deadline = time.monotonic() + (timeout or self.timeout)
 
         def left() -> float:
@@ -158,16 +174,26 @@ class SyscallTracer:
             return remaining
 
         where = f"*{location:#x}" if isinstance(location, int) else f"*{self.kernel.vmlinux.symbol(location):#x}"
+        gate = self.payload_code(payload) if payload is not None else None
         self.gdb.delete_breakpoints()
-        number = self.gdb.break_insert(where, condition=condition).number
-        hits = 0
+        number: int | None = self.gdb.break_insert(where, condition=_both(condition, gate[2] if gate else None)).number
+        hits, exit_bp = 0, None
         try:
             pending = self.guest.console.start(command)
             while True:
                 stop = resume_watching(self.gdb, pending, left)
+                if exit_bp is not None and stop.breakpoint == exit_bp:
+                    # Gone: a later process may get its page-table root or its task's memory.
+                    self.gdb.delete_breakpoints()
+                    number = exit_bp = None
+                    continue
                 if stop.breakpoint != number:
                     raise TraceError(f"counting {where} in `{command}`: unexpected stop {stop}")
+                if gate is not None and not self._holds(gate):
+                    continue  # GDB stops on a condition it cannot evaluate: code unmapped there
                 hits += 1
+                if gate is not None:
+                    (number, exit_bp), gate = self._follow_process(where, condition), None
         except CommandEnded as ended:
             clear_breakpoints(self.gdb, quietly=False)
             return hits, check_status(ended.result, expect_status)
@@ -175,18 +201,51 @@ class SyscallTracer:
             clear_breakpoints(self.gdb, quietly=True)  # never in place of the error being raised
             raise
 
+    def payload_code(self, name: str) -> tuple[int, bytes, str]:
+        """(address, code, condition): MAIN_CODE_BYTES of payload *name*'s code from its
+        `main` on, and a condition true where they are mapped there. Static payloads share
+        their addresses (musl puts every `main` at one address, busybox has its own code
+        there), so the bytes tell them apart."""
+        program = self.guest.payload(name)
+        address = program.symbol(MAIN)
+        code = program.read(address, MAIN_CODE_BYTES)
+        return address, code, self.architecture.current.holds_code(address, code)
+
+    def _holds(self, gate: tuple[int, bytes, str]) -> bool:
+        """Whether the address space at this stop holds the gate's code (read, not trusted)."""
+        address, code, _ = gate
+        try:
+            return self.gdb.read_memory(address, len(code)) == code
+        except SyscallIrlError:
+            return False
+
+    def _follow_process(self, where: str, condition: str | None) -> tuple[int, int | None]:
+        """The breakpoint at *where* again, for the process stopped there now only, and one
+        where that process exits (None if the kernel has no EXIT symbol)."""
+        vmlinux = self.kernel.vmlinux
+        this = self.architecture.current.same_process(self.gdb, vmlinux)
+        self.gdb.delete_breakpoints()
+        number = self.gdb.break_insert(where, condition=_both(condition, this.here)).number
+        if not vmlinux.has_symbol(EXIT):
+            return number, None
+        return number, self.gdb.break_insert(f"*{vmlinux.symbol(EXIT):#x}", condition=this.exiting).number
+
     def count_syscalls(self, command: str, *, nr: int | str, road: str | None = None,
-                       args: Mapping[int, int] | None = None, comm: str | None = None, pid: int | None = None,
-                       timeout: float | None = None, expect_status: ExpectedStatus = 0) -> tuple[int, CommandResult]:
+                       args: Mapping[int, int | str] | None = None, comm: str | None = None, pid: int | None = None,
+                       payload: str | None = None, timeout: float | None = None,
+                       expect_status: ExpectedStatus = 0) -> tuple[int, CommandResult]:
         """How many syscalls *nr* (with *args*) the selected process made on *road* while
         *command* ran (counted at the road's kernel entry), and the command's result, which
-        must end with *expect_status* (see `count`)."""
+        must end with *expect_status* (see `count`). *payload* selects the process running
+        that payload, from its first selected syscall on, by its page-table root (no DWARF
+        needed; see `count`); *comm* / *pid* read task_struct (DWARF)."""
         way = self.road(road)
         selector = SyscallSelector(self.names(way).number(nr), dict(args or {}), comm=comm, pid=pid)
+        # A payload's code names its process (never the agent's): no task_struct term then.
         terms = [selector.register_condition(way.abi),
-                 process_condition(self.kernel, self.architecture, selector, payload=False)]
+                 process_condition(self.kernel, self.architecture, selector, payload=payload is not None)]
         return self.count(command, self.facts.entry_address(way), " && ".join(t for t in terms if t), timeout,
-                          expect_status)
+                          expect_status, payload=payload)
 
     def road(self, name: str | None) -> Road:
         """The architecture's road *name* (its default road for None)."""

@@ -94,7 +94,8 @@ def process_condition(kernel: Kernel, architecture: Architecture, selector: Sysc
     if not kernel.dwarf:
         if asked:
             raise TraceError(f"selecting a process by comm or pid reads task_struct, which needs the vmlinux's "
-                             f"DWARF; {kernel.vmlinux.path} has none: select by arguments only")
+                             f"DWARF; {kernel.vmlinux.path} has none: select by arguments (a str argument is a "
+                             f"pointer to that string: execve's path), or count one payload's process with payload=")
         return ""
     if payload and not asked:
         return ""

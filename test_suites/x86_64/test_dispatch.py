@@ -14,6 +14,11 @@ from pytest_syscall_irl import x86
 
 DUP = x86.SYSCALL_NUMBERS["dup"]
 WRITE = x86.SYSCALL_NUMBERS["write"]
+# Since 5.14 ("x86/entry/64: Sign-extend system calls on entry to int") the number is the
+# int in EAX: RAX's upper half is ignored. Positive, so rawsys's strtol takes it whole.
+INT_NR_SINCE = (5, 14, 0)
+UPPER_HALF = 0x0123_4567_0000_0000
+X32_SYSCALL_BIT = 0x4000_0000  # __X32_SYSCALL_BIT: the x32 ABI's numbers
 
 
 @pytest.mark.parametrize("name", ["write", "dup"])
@@ -134,3 +139,62 @@ def test_user_sees_the_handlers_return_value(syscall_trace):
     assert seen == returned, f"user RAX {seen:#x}, expected the handler's return value {returned:#x}"
     assert x86.to_signed(returned) >= 3, f"dup(1) returned {x86.to_signed(returned)}, expected a new fd >= 3"
     assert trace.output == f"{returned}\n", f"the payload printed {trace.output!r}, expected {returned}"
+
+
+def _dup_through(guest, nr):
+    """What rawsys NR 1 returned: dup(1)'s new fd where NR reaches dup, else an error."""
+    result = guest.run(f"{guest.payload('rawsys').guest_path} {nr:#x} 1")
+    assert result.status == 0, f"rawsys {nr:#x} 1 exited {result.status}: {result.output}"
+    return int(result.output)
+
+
+def test_the_upper_half_of_rax_is_ignored(guest, kernel):
+    """A kernel that compares all of RAX with NR_syscalls (or dispatches on it) refuses
+    UPPER_HALF | dup; since 5.14 the number is EAX as an int, so dup runs."""
+    if kernel.version_tuple < INT_NR_SINCE:
+        pytest.skip(f"kernel {kernel.release} predates the int syscall number (5.14): RAX's upper half counts")
+    nr = UPPER_HALF | DUP
+    returned = _dup_through(guest, nr)
+    assert returned >= 3, (
+        f"syscall RAX {nr:#x} (EAX {DUP}, dup) returned {returned}, expected dup(1)'s new fd (>= 3): "
+        f"the kernel must ignore RAX's upper half"
+    )
+
+
+def _x32_enabled(kernel, gdb):
+    vmlinux = kernel.vmlinux
+    if not vmlinux.has_symbol("x32_sys_call") and not vmlinux.has_symbol("x32_sys_call_table"):
+        return False  # built without CONFIG_X86_X32_ABI
+    # Debian's kernels build the x32 ABI behind a static key, off unless booted with
+    # syscall.x32=y: its struct static_key starts with the int `enabled`.
+    if vmlinux.has_symbol("x32_enabled_skey"):
+        return int.from_bytes(gdb.read_memory(vmlinux.symbol("x32_enabled_skey"), 4), "little", signed=True) > 0
+    return True
+
+
+def test_the_x32_bit_without_the_x32_abi_returns_enosys(guest, kernel, gdb):
+    """__X32_SYSCALL_BIT | dup from 64-bit code: without the x32 ABI no table takes it
+    (before 5.x the kernel masked the bit off and ran the 64-bit dup)."""
+    if _x32_enabled(kernel, gdb):
+        pytest.skip(f"kernel {kernel.release} has the x32 ABI enabled: the x32 bit selects its table")
+    nr = X32_SYSCALL_BIT | DUP
+    returned = _dup_through(guest, nr)
+    assert returned == -x86.ENOSYS, (
+        f"syscall {nr:#x} (the x32 bit with dup) returned {returned}, expected -ENOSYS ({-x86.ENOSYS}): "
+        f"the kernel has no x32 ABI to run it"
+    )
+
+
+SKIPPED = 0x1234  # what skipsys's tracer leaves in RAX when it skips the syscall
+
+
+def test_a_syscall_a_tracer_skips_returns_what_the_tracer_set(guest):
+    """A ptrace tracer sets orig_rax = -1 and rax at the syscall-entry stop (how debuggers
+    and seccomp tracers skip a syscall): do_syscall_64 must run nothing for nr == -1, not
+    even sys_ni_syscall, whose -ENOSYS would overwrite the tracer's value."""
+    result = guest.run(guest.payload("skipsys").guest_path)
+    assert result.status == 0, f"skipsys exited {result.status} (3: ptrace failed, 4: no syscall stop): {result.output}"
+    returned = int(result.output)
+    assert returned == SKIPPED, (
+        f"the skipped syscall returned {returned}, expected the tracer's {SKIPPED} (orig_rax = -1 runs no handler)"
+    )

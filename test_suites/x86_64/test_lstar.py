@@ -32,3 +32,11 @@ def test_star_selectors(read_msr, syscall_entry):
     )
     # SYSRET to 64-bit mode loads CS = base + 16 and SS = base + 8 (with RPL 3).
     assert (user_base + 16) | 3 == x86.USER_CS and (user_base + 8) | 3 == x86.USER_DS
+
+
+EFER_SCE = 1 << 0  # SYSCALL enable: without it SYSCALL is #UD
+
+
+def test_efer_enables_syscall(gdb):
+    efer = gdb.registers(["efer"])["efer"]
+    assert efer & EFER_SCE, f"EFER is {efer:#x}: SCE (bit 0) is clear, SYSCALL would raise #UD"

@@ -42,6 +42,19 @@ def test_syscall_clears_the_fmask_bits(trace, fmask):
     )
 
 
+def test_syscall_clears_each_flag_the_kernel_version_masks(trace, kernel):
+    """Against the FMASK the kernel version must write, not the MSR as read: a bit missing
+    from MSR_SYSCALL_MASK shows in the CPU (each user-settable flag and IF), also where
+    /dev/cpu/0/msr is not there to read. Not the arithmetic flags under QEMU's TCG: its
+    SYSCALL clears all six whatever FMASK says (they live in CC_SRC, which helper_syscall
+    reloads from env->eflags, which never holds them)."""
+    expected, entry = x86.expected_fmask(kernel.version_tuple), trace["entry"]["eflags"]
+    assert entry & expected == 0, (
+        f"RFLAGS at entry_SYSCALL_64 is {entry:#x}: {x86.flag_names(entry & expected)} survived, expected every bit "
+        f"of Linux {kernel.release}'s FMASK {expected:#x} clear"
+    )
+
+
 def test_r11_keeps_the_user_rflags(trace):
     user, r11 = trace["user"]["eflags"], trace["entry"]["r11"]
     assert r11 == user, f"R11 at entry is {r11:#x}, expected the user RFLAGS {user:#x}"

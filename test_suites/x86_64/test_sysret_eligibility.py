@@ -18,6 +18,12 @@ from pytest_syscall_irl import x86
 WRITE = {"nr": "write", "args": {0: 1, 2: 12}}
 TF, RF = x86.flags("TF"), x86.flags("RF")
 NON_CANONICAL = 0x800000000000
+HIGH_BITS = 0xFFFF_0000_0000_0000  # bits 63:48: RCX sign-extended from bit 47 drops them
+# TASK_SIZE_MAX with 4-level paging ((1 << 47) - PAGE_SIZE; QEMU's default CPU has no LA57):
+# 6.12 refuses ip >= TASK_SIZE_MAX, 6.1 only a non-canonical ip.
+TASK_SIZE_MAX = 0x7FFF_FFFF_F000
+TOP_IP = TASK_SIZE_MAX - 2  # sysret_check maps `jmp .-16` there, after code that exits 7
+TOP_STATUS = 7
 LDT_SS = 0x7  # LDT entry 0, RPL 3: the data segment sysret_check installs for mode "ss"
 SIGSEGV_STATUS = 128 + 11
 # do_syscall_64 returns whether the kernel may SYSRET since 6.7 ("x86/entry: Convert
@@ -81,6 +87,18 @@ def test_rcx_other_than_rip_leaves_by_iret(sigreturn, kernel):
     _dispatch_agrees(trace, kernel)
 
 
+def test_rcx_differing_from_rip_only_above_bit_47_leaves_by_iret(sigreturn, kernel):
+    """RCX = RIP | 0xffff000000000000: sign-extended from bit 47 it is RIP again, so 6.1's
+    canonical check (RCX sign-extended == RIP) passes it, and only the RCX == RIP check
+    keeps the kernel from a SYSRET to a non-canonical RCX (a #GP in ring 0 on Intel)."""
+    trace = sigreturn("rcxhigh")
+    frame = _left_by_iret(trace, "RCX != RIP in bits 63:48 only")
+    rcx = frame["ip"] | HIGH_BITS
+    assert trace["user_return"]["rcx"] == rcx, f"user RCX {trace['user_return']['rcx']:#x}, sigreturn set {rcx:#x}"
+    assert trace.output.startswith(f"rcxhigh rcx={rcx:#x} "), trace.output
+    _dispatch_agrees(trace, kernel)
+
+
 def test_r11_other_than_rflags_leaves_by_iret(sigreturn, kernel):
     trace = sigreturn("r11")
     frame = _left_by_iret(trace, "R11 != RFLAGS")
@@ -118,6 +136,36 @@ def test_non_canonical_rip_leaves_by_iret_and_faults_in_user_context(sigreturn, 
     _dispatch_agrees(trace, kernel)
 
 
+def test_the_last_user_bytes_below_task_size_max_leave_by_sysretq(sigreturn, kernel):
+    """RIP = RCX = TASK_SIZE_MAX - 2 (a `jmp` in the top user page): canonical and below
+    TASK_SIZE_MAX, so SYSRET-eligible; a canonical check that sign-extends from a lower bit,
+    or a user-space bound off by a page, sends it to IRET."""
+    trace = sigreturn("top", expect_status=TOP_STATUS)
+    assert trace.exit == "sysretq", (
+        f"RIP {TOP_IP:#x} (TASK_SIZE_MAX - 2) is canonical and below TASK_SIZE_MAX, hence SYSRET-eligible, "
+        f"yet the kernel left by {trace.exit or 'no exit the trace saw'}\n{trace}"
+    )
+    assert trace["sysretq"]["rcx"] == TOP_IP, f"RCX at sysretq {trace['sysretq']['rcx']:#x}, expected {TOP_IP:#x}"
+    _dispatch_agrees(trace, kernel)
+
+
+def test_rip_at_task_size_max_is_refused_since_6_7_and_canonical_before(sigreturn, kernel):
+    """RIP = RCX = TASK_SIZE_MAX (0x7ffffffff000): canonical, but no user page is there.
+    Since 6.7 (the SYSRET checks in C) the kernel refuses ip >= TASK_SIZE_MAX; before, it
+    refuses only a non-canonical RIP, so this one SYSRETs. The process dies of SIGSEGV
+    either way, fetching there in user mode."""
+    trace = sigreturn("tasksize", expect_status=SIGSEGV_STATUS)
+    if kernel.version_tuple >= BOOL_SINCE:
+        frame = _left_by_iret(trace, f"RIP {TASK_SIZE_MAX:#x} is not below TASK_SIZE_MAX (checked since 6.7)")
+        assert frame["ip"] == TASK_SIZE_MAX, f"IRET frame RIP {frame['ip']:#x}, expected {TASK_SIZE_MAX:#x}"
+    else:
+        assert trace.exit == "sysretq", (
+            f"before 6.7 the kernel refuses only a non-canonical RIP; {TASK_SIZE_MAX:#x} is canonical, yet the "
+            f"kernel left by {trace.exit or 'no exit the trace saw'}\n{trace}"
+        )
+    _dispatch_agrees(trace, kernel)
+
+
 def test_an_ss_other_than_user_ds_leaves_by_iret(sigreturn, kernel, guest):
     """SS = an LDT data segment (0x7), restored as it is with UC_STRICT_RESTORE_SS: SYSRET
     would load __USER_DS from MSR_STAR instead (the DOSEMU case in entry_64.S's comments)."""
@@ -146,7 +194,8 @@ def test_a_32_bit_cs_leaves_by_iret_into_compatibility_mode(sigreturn, kernel):
 
 def test_execve_returns_to_the_new_program_by_iret(syscall_trace, guest, kernel):
     program = guest.payload("syscall_irl")
-    trace = syscall_trace.command(f"exec {program.guest_path}", nr="execve", comm="sh")
+    # The shell's execve of the payload, by its path (no DWARF needed): not the agent's of /bin/sh.
+    trace = syscall_trace.command(f"exec {program.guest_path}", nr="execve", args={0: program.guest_path})
     frame = _left_by_iret(trace, "execve replaced RIP (RCX is the old program's)")
     assert frame["ip"] == program.entry, (
         f"execve returned to {frame['ip']:#x}, expected the ELF entry {program.entry:#x}"

@@ -9,12 +9,12 @@ and the page fault handler emulates it (emulate_vsyscall), or kills the caller w
 vsyscall=none.
 
 The debugger counts, at entry_SYSCALL_64, the syscalls of one number that the payload's
-process makes (syscall_trace.count_syscalls), and the calls of emulate_vsyscall.
+process makes (syscall_trace.count_syscalls), and the calls of emulate_vsyscall. The
+process is told by its page-table root (the payload's code mapped at its address names it
+at its first hit), which needs no DWARF.
 """
 
 import pytest
-
-from pytest_syscall_irl import tasks
 
 CALLS = 3
 VDSO_CLOCKSOURCES = {"tsc", "kvm-clock", "hyperv_clocksource_tsc_page"}
@@ -26,21 +26,19 @@ def _clocksource(guest):
     return guest.run("cat /sys/devices/system/clocksource/clocksource0/current_clocksource").output.strip()
 
 
-def _syscalls(kernel, syscall_trace, name, command, comm, expect_status=0):
-    """(how many syscalls *name* the process *comm* made while *command* ran, its result);
-    a command that ends with another status than *expect_status* fails the count."""
-    if not kernel.dwarf:
-        pytest.skip("vmlinux has no DWARF: the process cannot be told by its name (task_struct.comm)")
-    return syscall_trace.count_syscalls(command, nr=name, comm=comm, expect_status=expect_status)
+def _syscalls(syscall_trace, name, command, payload, expect_status=0):
+    """(how many syscalls *name* the process running *payload* made while *command* ran, its
+    result); a command that ends with another status than *expect_status* fails the count."""
+    return syscall_trace.count_syscalls(command, nr=name, payload=payload, expect_status=expect_status)
 
 
 @pytest.mark.parametrize("func", ["clock_gettime", GETTIMEOFDAY, "time", "getcpu"])
-def test_vdso_calls_never_enter_the_kernel(func, kernel, guest, syscall_trace):
+def test_vdso_calls_never_enter_the_kernel(func, guest, syscall_trace):
     source = _clocksource(guest)
     if func != "getcpu" and source not in VDSO_CLOCKSOURCES:
         pytest.skip(f"the guest's clocksource {source!r} has no vDSO clock mode: its time calls enter the kernel")
     vdso = guest.payload("vdso").guest_path
-    seen, result = _syscalls(kernel, syscall_trace, func, f"{vdso} {func} {CALLS}", "vdso")
+    seen, result = _syscalls(syscall_trace, func, f"{vdso} {func} {CALLS}", "vdso")
     assert result.status == 0, result.output
     # The one raw syscall at the end proves the count sees this process's syscalls.
     assert seen == 1, (
@@ -49,11 +47,11 @@ def test_vdso_calls_never_enter_the_kernel(func, kernel, guest, syscall_trace):
 
 
 @pytest.mark.syscall_irl_boot_args("clocksource=jiffies")
-def test_vdso_falls_back_to_the_syscall_without_a_vdso_clocksource(kernel, guest, syscall_trace):
+def test_vdso_falls_back_to_the_syscall_without_a_vdso_clocksource(guest, syscall_trace):
     source = _clocksource(guest)
     assert source == "jiffies", f"booted clocksource=jiffies, the guest runs on {source!r}"
     vdso = guest.payload("vdso").guest_path
-    seen, result = _syscalls(kernel, syscall_trace, "clock_gettime", f"{vdso} clock_gettime {CALLS}", "vdso")
+    seen, result = _syscalls(syscall_trace, "clock_gettime", f"{vdso} clock_gettime {CALLS}", "vdso")
     assert result.status == 0, result.output
     assert seen == CALLS + 1, (
         f"with jiffies the vDSO must fall back to the syscall: {CALLS} vDSO calls and 1 raw syscall reached "
@@ -70,9 +68,8 @@ def _vsyscall(kernel, guest, syscall_trace):
     # The caller returns (emulated) or dies of SIGSEGV (vsyscall=none): which one is each
     # test's verdict; any other status means it did not run.
     ran = (0, SIGSEGV_STATUS)
-    syscalls, result = _syscalls(kernel, syscall_trace, GETTIMEOFDAY, program, "vsyscall", expect_status=ran)
-    condition = tasks.task_condition(kernel.vmlinux, tasks.GS_IN_KERNEL, comm="vsyscall")
-    emulated, again = syscall_trace.count(program, "emulate_vsyscall", condition, expect_status=ran)
+    syscalls, result = _syscalls(syscall_trace, GETTIMEOFDAY, program, "vsyscall", expect_status=ran)
+    emulated, again = syscall_trace.count(program, "emulate_vsyscall", expect_status=ran, payload="vsyscall")
     assert again.status == result.status, f"two runs of {program} ended {result.status} and {again.status}"
     return emulated, syscalls, result
 

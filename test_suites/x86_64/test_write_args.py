@@ -17,7 +17,8 @@ def _args(gdb):
 def _current(gdb, kernel):
     """(pid, comm) of the task running on the CPU, read through DWARF types."""
     if not kernel.dwarf:
-        pytest.skip("vmlinux has no DWARF: struct task_struct is unknown")
+        pytest.skip("vmlinux has no DWARF: the writer's pid and comm are fields of struct task_struct, "
+                    "whose offsets only DWARF gives")
     gs = tasks.gs_register(gdb.registers(["gs_base"]))
     task = tasks.read_current(gdb, kernel.vmlinux, gs)
     return task.pid, task.comm

@@ -1,5 +1,6 @@
 """x86_64 as the tracer follows it: arch.base.Architecture filled in from this folder's
-facts (facts.py), roads (roads.py) and running task (tasks.py).
+facts (facts.py), roads (roads.py), running task (tasks.py) and what `syscall-irl diff`
+surveys (survey.py).
 
 Every x86 rule the walker obeys lives here: RIP/RSP/RCX, the return address on the
 stack, the IDT gate of int $0x80, SYSRET taking RIP from RCX, the IRET frame, the
@@ -16,6 +17,7 @@ from .facts import (IA32_SYSCALL_VECTOR, IDT_GATE_SIZE, PT_REGS_OFFSETS, USER32_
                     decode_iret_frame, do_syscall_64_args)
 from .registers import X86_64_REGISTERS
 from .roads import EXITS, ROADS
+from .survey import X86_64_SURVEY
 from .tasks import CurrentTaskViaGs
 
 # Kernel stacks are THREAD_SIZE aligned, and THREAD_SIZE is at least 16 KiB.
@@ -44,6 +46,7 @@ class X86_64Architecture:
     kernel_arg_registers = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
     entry_switch = "swapgs"
     current = CurrentTaskViaGs()
+    survey = X86_64_SURVEY
 
     def find_entry_code(self, entry: int, instructions: Sequence[Disassembled]) -> EntryCode:
         """The first swapgs is the entry's; the exit's is the last one before the first

@@ -8,7 +8,9 @@ offsets from the CPU's per-CPU base, which is GS base in the kernel after the en
 `swapgs` and the kernel GS base (MSR_KERNEL_GS_BASE) in user mode and before that swapgs.
 
 The task_struct fields (pid, comm) need the vmlinux's DWARF; without it only the
-task pointer is known. No pytest here.
+task pointer is known, and a process is told by what the CPU holds: its page-table root
+in CR3 (`same_process`) and the code mapped at its program's addresses (`code_condition`).
+No pytest here.
 """
 
 from __future__ import annotations
@@ -16,18 +18,24 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from ...core.errors import KernelError
-from ..base import Evaluator, TaskInfo
+from ...core.errors import KernelError, SyscallIrlError
+from ..base import Evaluator, ProcessConditions, TargetReader, TaskInfo
 from ..roads import SymbolTable
+from .facts import PTI_USER_PGTABLE_BIT
 
-__all__ = ["GS_IN_KERNEL", "GS_IN_USER", "TASK_COMM_LEN", "CurrentTaskViaGs", "Evaluator", "TaskInfo",
-           "comm_words", "current_task", "current_task_slot", "gs_register", "parse_comm", "read_current",
-           "task_condition"]
+__all__ = ["CR3_ROOT_MASK", "GS_IN_KERNEL", "GS_IN_USER", "TASK_COMM_LEN", "CurrentTaskViaGs", "Evaluator",
+           "TaskInfo", "code_condition", "comm_words", "current_task", "current_task_slot", "gs_register",
+           "page_table_condition", "parse_comm", "read_current", "task_condition"]
 
 TASK_COMM_LEN = 16  # include/linux/sched.h
 # Where the per-CPU base is, by where the CPU is on the path (see the module docstring).
 GS_IN_KERNEL = "$gs_base"
 GS_IN_USER = "$k_gs_base"
+# CR3 bits 51:12 hold the physical address of the top page table (Intel SDM vol. 3, 4.5);
+# bits 11:0 are the PCID with CR4.PCIDE (Linux gives an mm a different one per CPU and
+# may change it) or PWT/PCD without: the root alone names an address space.
+CR3_ROOT_MASK = 0x000F_FFFF_FFFF_F000
+WORD = 8
 
 
 def current_task_slot(vmlinux: SymbolTable) -> int:
@@ -109,3 +117,49 @@ class CurrentTaskViaGs:
 
     def read(self, gdb: Evaluator, vmlinux: SymbolTable) -> TaskInfo:
         return read_current(gdb, vmlinux)
+
+    def holds_code(self, address: int, code: bytes) -> str:
+        return code_condition(address, code)
+
+    def same_process(self, target: TargetReader, vmlinux: SymbolTable) -> ProcessConditions:
+        """In kernel state (GS base is the kernel's), the running task, here and at its exit.
+        Before the entry's switch or in user mode, the page-table root: CR3 is the user one
+        there, the same at every stop at this location. At the exit, in kernel state, the
+        task where the kernel's per-CPU data can be read now; where it cannot (PTI: user page
+        tables map none), the kernel half of the root (PTI_USER_PGTABLE_BIT clear)."""
+        registers = target.registers(["gs_base", "k_gs_base", "cr3"])
+        if gs_register(registers) == GS_IN_KERNEL:
+            running = self.is_running(vmlinux, _task(target, registers["gs_base"], vmlinux, quietly=False))
+            return ProcessConditions(running, running)
+        here, task = page_table_condition(registers["cr3"]), _task(target, registers["k_gs_base"], vmlinux)
+        if task:
+            return ProcessConditions(here, self.is_running(vmlinux, task))
+        return ProcessConditions(here, page_table_condition(registers["cr3"] & ~PTI_USER_PGTABLE_BIT))
+
+
+def _task(target: TargetReader, base: int, vmlinux: SymbolTable, quietly: bool = True) -> int:
+    """The task pointer in the per-CPU area at *base*; 0 where it is not mapped (*quietly*)."""
+    try:
+        return int.from_bytes(target.read_memory(base + current_task_slot(vmlinux), WORD), "little")
+    except SyscallIrlError as exc:
+        if quietly:
+            return 0
+        raise KernelError(f"the running task cannot be read through the per-CPU base {base:#x}: {exc}") from exc
+
+
+def page_table_condition(cr3: int) -> str:
+    """A GDB condition true while the address space whose CR3 was *cr3* is loaded, whatever
+    its PCID (compare CR3s of one kind: with PTI the kernel's differs from the user's in
+    PTI_USER_PGTABLE_BIT, and without PTI that bit is the root's own)."""
+    return f"($cr3 & {CR3_ROOT_MASK:#x}) == {cr3 & CR3_ROOT_MASK:#x}"
+
+
+def code_condition(address: int, code: bytes) -> str:
+    """A GDB condition true where the address space loaded holds *code* at *address* (its
+    whole 8-byte words: a read past them could reach an unmapped page, and GDB stops on a
+    condition it cannot evaluate)."""
+    words = [code[at:at + WORD] for at in range(0, len(code) - len(code) % WORD, WORD)]
+    if not words:
+        raise ValueError(f"{len(code)} bytes of code at {address:#x}: need at least {WORD}")
+    return " && ".join(f"*(unsigned long *){address + WORD * i:#x} == {int.from_bytes(word, 'little'):#x}"
+                       for i, word in enumerate(words))
