@@ -767,9 +767,15 @@ FAULTS: dict[str, Fault] = {
         traced=False,
     ),
     "compat-cr3-exit": Fault(  # a kernel whose SYSRETL path forgets SWITCH_TO_USER_CR3_NOSTACK
-        "test_" + ROADS + "test_compat_syscall_switches_the_page_tables_and_back",
+        "test_" + ROADS + "test_compat_syscall_switches_the_page_tables_and_back[syscall]",
         register("sysretl", "cr3", lambda v: v & ~x86.PTI_USER_PGTABLE_BIT),
         r"sysretl: CR3 0x\w+, expected the user PGD 0x\w+ again before user mode",
+    ),
+    "sysenter-cr3-entry": Fault(  # a kernel whose entry_SYSENTER_compat forgets SWITCH_TO_KERNEL_CR3
+        "test_" + ROADS + "test_compat_syscall_switches_the_page_tables_and_back[sysenter]",
+        # At handler_return: a user CR3 at the handler would hide pt_regs from GDB's read there.
+        register("handler_return", "cr3", lambda v: v | x86.PTI_USER_PGTABLE_BIT),
+        r"handler_return: CR3 0x\w+, expected the kernel PGD 0x\w+ of user CR3 0x",
     ),
     "int80-orig_ax": Fault(  # a kernel that keeps RAX[63:32] in orig_ax
         "test_" + COMPAT + "test_int80_keeps_the_32_bit_number_from_a_64_bit_caller",

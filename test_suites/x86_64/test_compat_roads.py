@@ -185,12 +185,19 @@ def test_int80_from_64_bit_code_is_a_32_bit_syscall(ia32, guest):
 # --- page tables across entry_SYSCALL_compat and its SYSRETL -------------------------
 
 
+# SYSENTER needs an Intel vendor string (an AMD-style CPU refuses it in compatibility mode),
+# and the PTI guest with it is one variant more: the CR3 switch of entry_SYSENTER_compat is
+# its own SWITCH_TO_KERNEL_CR3, not the one entry_SYSCALL_compat runs.
+INTEL = "qemu64,vendor=GenuineIntel"
+
+
 @pytest.mark.syscall_irl_boot_args("pti=on")
-def test_compat_syscall_switches_the_page_tables_and_back(ia32, kernel, guest, syscall_trace):
+@pytest.mark.parametrize("way", ["syscall", pytest.param("sysenter", marks=pytest.mark.syscall_irl_cpu(INTEL))])
+def test_compat_syscall_switches_the_page_tables_and_back(way, ia32, kernel, guest, syscall_trace):
     if not kernel.vmlinux.has_symbol("pti_init"):
         pytest.skip("kernel built without CONFIG_PAGE_TABLE_ISOLATION")
     nr = roads.SyscallNames(kernel.vmlinux, roads.IA32).number("getppid")
-    trace = syscall_trace.payload("compat32", "syscall", str(nr), nr="getppid", at="sirl_syscall_insn")
+    trace = syscall_trace.payload("compat32", way, str(nr), nr="getppid", at=f"sirl_{way}_insn")
     user_cr3 = trace["user"]["cr3"]
     assert user_cr3 & x86.PTI_USER_PGTABLE_BIT, f"user mode runs on CR3 {user_cr3:#x}, not the user PGD (bit 12)"
     expected = x86.pti_kernel_cr3(user_cr3, trace["entry"]["cr4"])
@@ -198,7 +205,7 @@ def test_compat_syscall_switches_the_page_tables_and_back(ia32, kernel, guest, s
         assert stage["cr3"] == expected, (
             f"{stage.name}: CR3 {stage['cr3']:#x}, expected the kernel PGD {expected:#x} of user CR3 {user_cr3:#x}"
         )
-    assert trace.exit == "sysretl", f"the compat syscall left by {trace.exit or '?'}, not SYSRETL\n{trace}"
+    assert trace.exit == "sysretl", f"the compat {way} left by {trace.exit or '?'}, not SYSRETL\n{trace}"
     for name in ("sysretl", "user_return"):
         assert trace[name]["cr3"] == user_cr3, (
             f"{name}: CR3 {trace[name]['cr3']:#x}, expected the user PGD {user_cr3:#x} again before user mode"
