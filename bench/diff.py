@@ -7,6 +7,8 @@ Measured side by side, each the median of 3 runs in a fresh process:
 - floor: for each of the two kernels, the guest `diff` starts (restored from the snapshot
   cache), GDB, and the same five traces, nothing else (this script run with --floor).
 The ratio diff / floor is the figure: the done-when asks for at most the traces plus one boot per kernel.
+The floor takes the two kernels one after the other; the diff takes them at once (a QEMU and a GDB
+each), so on two free cores it costs about one side's time.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,9 +100,13 @@ def run_diff(args: argparse.Namespace) -> int:
                                   else (lambda message: print(f"==> {message}", file=sys.stderr, flush=True)))
     work = Path(tempfile.mkdtemp(prefix="syscall-irl-diff-"))
     try:
-        sides = [SideTaker(one, architecture_for(one.kernel.vmlinux.machine), work / name,
-                           diff.side_identity(one.kernel), say).take()
-                 for one, name in zip(settings, ("base", "patched"))]
+        takers = [SideTaker(one, architecture_for(one.kernel.vmlinux.machine), work / name,
+                            diff.side_identity(one.kernel), say)
+                  for one, name in zip(settings, ("base", "patched"))]
+        # Both sides at once: each is a QEMU and a GDB of its own (one TCG thread each), so two
+        # cores take the two kernels in the time of one.
+        with ThreadPoolExecutor(max_workers=len(takers), thread_name_prefix="diff-side") as pool:
+            sides = [future.result() for future in [pool.submit(taker.take) for taker in takers]]
         if args.suite:
             extra = shlex.split(args.suite_args or "")
             for index, (side, one) in enumerate(zip(sides, settings)):
