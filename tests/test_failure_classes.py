@@ -217,3 +217,15 @@ def test_a_panic_on_the_kernel_log_makes_a_gdb_error_under_a_trace_a_crash(crash
 
 def _raise(exc: BaseException) -> None:
     raise exc
+
+
+def test_a_panic_of_the_baseline_kernel_is_not_the_tested_kernels_crash() -> None:
+    from pytest_syscall_irl.core.errors import GdbError
+    from pytest_syscall_irl.plugin.artifacts import Evidence, failure_class
+
+    used = Evidence()
+    used.add_guest(_Guest(None))  # type: ignore[arg-type]
+    used.add_guest(_Guest("Kernel panic - not syncing: Fatal exception"), under_test=False)  # type: ignore[arg-type]
+    call = pytest.CallInfo.from_call(lambda: _raise(GdbError("the target exited while the trace ran")), "call")
+    fake = type("Report", (), {"when": "call"})()
+    assert failure_class(fake, call, used) is FailureClass.HARNESS  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ BLAME = "the baseline kernel (not the kernel under test):"
 class Witness(Protocol):
     """Who records what a test was handed, for its failure report (the plugin's `Evidence`)."""
 
-    def add_guest(self, guest: Guest) -> None: ...
+    def add_guest(self, guest: Guest, *, under_test: bool = True) -> None: ...
 
     def add_gdb(self, session: GdbSession) -> None: ...
 
@@ -109,7 +109,7 @@ class BaselineUse:
                 self._guest = self.baseline.guests[self.variant].get()
             self._mark = self._guest.warnings_mark()  # what the boot printed is the boot's
             if self._witness is not None:
-                self._witness.add_guest(self._guest)
+                self._witness.add_guest(self._guest, under_test=False)
         return self._guest
 
     @property

@@ -53,6 +53,7 @@ def _log_tail(path: Path | None, text: str) -> str:
 class _GuestLogs:
     guest: Guest
     leads: bool = False
+    under_test: bool = True  # False: the baseline's guest, whose crash is not the tested kernel's
 
     def sections(self) -> Pairs:
         origin = "restored from snapshot, boot log not included" if self.guest.restored else "booted"
@@ -98,8 +99,8 @@ class Evidence:
     shown: list[_Shown] = field(default_factory=list)
     tracers: list[SyscallTracer] = field(default_factory=list)
 
-    def add_guest(self, guest: Guest) -> None:
-        self.shown.append(_GuestLogs(guest))
+    def add_guest(self, guest: Guest, *, under_test: bool = True) -> None:
+        self.shown.append(_GuestLogs(guest, under_test=under_test))
 
     def add_gdb(self, session: GdbSession) -> None:
         self.shown.append(_Transcript(session))
@@ -109,9 +110,11 @@ class Evidence:
         self.tracers.append(tracer)
 
     def kernel_crash(self) -> str | None:
-        """A crash line the kernel log of a guest this test used saw (a panic under a trace
-        reaches the test as GDB's "target exited", not as the console's GuestPanic)."""
-        guests = (thing.guest for thing in self.shown if isinstance(thing, _GuestLogs))
+        """A crash line the kernel log of a guest of the kernel under test saw while this test
+        used it (a panic under a trace reaches the test as GDB's "target exited", not as the
+        console's GuestPanic). The baseline's guests do not count: lab/baseline.py blames
+        their failures on the harness."""
+        guests = (thing.guest for thing in self.shown if isinstance(thing, _GuestLogs) and thing.under_test)
         return next((line for guest in guests if (line := guest.console.kernel_crash) is not None), None)
 
     def in_report_order(self) -> list[_Shown]:
