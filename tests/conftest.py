@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Any
 
 import pytest
 
 from pytest_syscall_irl.kernel.build import cache_dir
+
+# A runner that starts us in the background without job control (`nohup cmd &` in a script,
+# some CI agents) leaves SIGINT ignored, and every child inherits that: the tests that press
+# Ctrl-C on a pytest run need the disposition a user's terminal gives. A Python handler is
+# reset to the default at exec, so the children get it back too.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The plugin's own tests drive pytest runs; suites and users' runs do not load pytester.
 pytest_plugins = ["pytester"]

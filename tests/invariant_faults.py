@@ -606,6 +606,12 @@ FAULTS: dict[str, Fault] = {
         r"at sysretl, about to return to a 32-bit syscall caller, these registers are not 0: "
         r"\{'r9': '0xffff888001234000'\}",
     ),
+    "compat-sysretl-r8-pti": Fault(  # a kernel that drops `xorl %r8d, %r8d`: the CR3 switch's scratch value leaks
+        "test_" + COMPAT + "test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15[syscall-pti]",
+        register("sysretl", "r8", lambda v: 0x4DD000),
+        r"at sysretl, about to return to a 32-bit syscall-pti caller, these registers are not 0: "
+        r"\{'r8': '0x4dd000'\}",
+    ),
     "compat-iret-r13": Fault(
         "test_" + COMPAT + "test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15[int80]",
         register("iretq", "r13", lambda v: 0xFFFF_FFFF_8100_0000),

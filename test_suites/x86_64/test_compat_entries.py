@@ -64,14 +64,15 @@ def int80_trace(request, ia32, syscall_trace, kernel):
     return _int80_trace(syscall_trace, kernel, request.param)
 
 
-def _fast_trace(syscall_trace, kernel, way):
+def _fast_trace(syscall_trace, kernel, way, key=None):
     # The vDSO convention (sirl32.h): ebp holds ecx (syscall) or esp (sysenter, sysenter-flags),
     # argument 6 is read from the user stack, so only arguments 0..4 are selected on registers.
+    # *key* tells apart a trace taken in another guest variant (boot arguments) of the same way.
     nr = str(_ia32_nr(kernel, "getppid"))
     label = "sirl_syscall_insn" if way == "syscall" else "sirl_sysenter_insn"
     args = {i: SIX[i] for i in (0, 2, 3, 4)}
-    return _shared(kernel, way, lambda: syscall_trace.payload("compat32", way, nr, *ARGV, nr="getppid", args=args,
-                                                              at=label))
+    return _shared(kernel, key or way, lambda: syscall_trace.payload("compat32", way, nr, *ARGV, nr="getppid",
+                                                                     args=args, at=label))
 
 
 # --- int $0x80 -------------------------------------------------------------------------
@@ -248,14 +249,27 @@ def test_compat_fast_entry(way, ia32, syscall_trace, kernel):
 @pytest.mark.parametrize("way", [
     "int80",
     "syscall",
+    pytest.param("syscall-pti", marks=pytest.mark.syscall_irl_boot_args("pti=on")),
     pytest.param("sysenter", marks=pytest.mark.syscall_irl_cpu(INTEL)),
 ])
 def test_a_32_bit_process_gets_no_kernel_value_in_r8_to_r15(way, ia32, syscall_trace, kernel):
     """execve gives an ia32 process r8..r15 = 0 (elf_common_init) and compatibility mode cannot
     name them, so they are 0 whenever it runs: the exits must not hand it kernel values there.
     SYSRETL takes RFLAGS from r11 and the kernel zeroes r8..r10 before it ("to avoid info
-    leaks"); r12..r15 are callee-saved through the C code; IRET restores them all from pt_regs."""
-    trace = _int80_trace(syscall_trace, kernel, 32) if way == "int80" else _fast_trace(syscall_trace, kernel, way)
+    leaks"); r12..r15 are callee-saved through the C code; IRET restores them all from pt_regs.
+    Without PTI, r8..r10 hold whatever the C code left (often 0: a kernel that forgets to zero
+    them may pass); with PTI the SYSRETL exit switches CR3 with r8 as its scratch register
+    (SWITCH_TO_USER_CR3_NOSTACK; r9 too, but only with PCID, which QEMU's TCG lacks) right
+    before zeroing it, so there a forgotten zeroing hands user mode the page-table root every
+    time."""
+    if way == "int80":
+        trace = _int80_trace(syscall_trace, kernel, 32)
+    elif way == "syscall-pti":
+        if not kernel.vmlinux.has_symbol("pti_init"):
+            pytest.skip("kernel built without CONFIG_PAGE_TABLE_ISOLATION")
+        trace = _fast_trace(syscall_trace, kernel, "syscall", key=way)
+    else:
+        trace = _fast_trace(syscall_trace, kernel, way)
     exit_stage = {"sysretl": "sysretl", "iret": "iretq"}.get(trace.exit)
     assert exit_stage in trace, f"a 32-bit {way} left the kernel by {trace.exit or '?'}, not SYSRETL or IRET\n{trace}"
     # The debugger sees r8..r15 only at the exit instruction, still in 64-bit mode (QEMU's
