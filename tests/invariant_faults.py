@@ -528,6 +528,15 @@ FAULTS: dict[str, Fault] = {
         r"the skipped syscall returned -38, expected the tracer's 4660",
         traced=False,
     ),
+    "skipped-int80-syscall": Fault(  # a kernel whose 32-bit dispatch runs __ia32_sys_ni_syscall for nr == -1
+        "test_" + ROADS + "test_an_int80_syscall_a_tracer_skips_returns_what_the_tracer_set",
+        in_kernel("syscall_exit_to_user_mode",
+                  f"*(long *)($rdi + {x86.PT_REGS_OFFSETS['orig_ax']}) == -1 && "
+                  f"*(long *)($rdi + {x86.PT_REGS_OFFSETS['ax']}) == 0x1234",
+                  f"set var *(long *)($rdi + {x86.PT_REGS_OFFSETS['ax']}) = -38"),
+        r"the skipped int \$0x80 syscall returned -38, expected the tracer's 4660",
+        traced=False,
+    ),
     "efer-sce": Fault(
         "test_lstar.py::test_efer_enables_syscall",
         cpu_register("efer", lambda v: v & ~1),

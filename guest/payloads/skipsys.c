@@ -5,6 +5,8 @@
  * nr == -1 (not even sys_ni_syscall, which would overwrite rax with -ENOSYS), so the
  * child's syscall returns SKIPPED. The child prints what its syscall returned; the parent
  * exits with the child's status (3: ptrace failed, 4: the child's syscall never stopped).
+ * `skipsys int80`: the child makes the i386 getppid(MARK) by `int $0x80` instead (64-bit code,
+ * the ia32 ABI: number in eax, argument in ebx); do_int80_syscall_32 must run nothing either.
  */
 #include <signal.h>
 #include <stddef.h>
@@ -17,13 +19,24 @@
 #define MARK 0x5eed
 #define SKIPPED 0x1234
 #define GETPPID 110
+#define I386_GETPPID 64 /* arch/x86/entry/syscalls/syscall_32.tbl */
+
+static int int80;
+
+static long int80_getppid(long mark)
+{
+    long ret;
+
+    __asm__ volatile("int $0x80" : "=a"(ret) : "a"((long)I386_GETPPID), "b"(mark) : "memory");
+    return ret;
+}
 
 static int child(void)
 {
     if (ptrace(PTRACE_TRACEME, 0, 0, 0))
         return 3;
     raise(SIGSTOP);
-    printf("%ld\n", sirl_syscall6(GETPPID, MARK, 0, 0, 0, 0, 0));
+    printf("%ld\n", int80 ? int80_getppid(MARK) : sirl_syscall6(GETPPID, MARK, 0, 0, 0, 0, 0));
     return 0;
 }
 
@@ -38,7 +51,7 @@ static int skip_marked(pid_t pid)
             return 4;
         if (ptrace(PTRACE_GETREGS, pid, 0, &regs))
             return 3;
-        if (regs.orig_rax == GETPPID && regs.rdi == MARK) {
+        if (int80 ? regs.orig_rax == I386_GETPPID && regs.rbx == MARK : regs.orig_rax == GETPPID && regs.rdi == MARK) {
             regs.orig_rax = (unsigned long)-1;
             regs.rax = SKIPPED;
             return ptrace(PTRACE_SETREGS, pid, 0, &regs) ? 3 : 0;
@@ -47,9 +60,11 @@ static int skip_marked(pid_t pid)
     return 4;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
     int status;
+
+    int80 = argc > 1 && argv[1][0] == 'i'; /* "int80" */
     pid_t pid = fork();
 
     if (pid == 0)

@@ -210,3 +210,22 @@ def test_compat_syscall_switches_the_page_tables_and_back(way, ia32, kernel, gue
         assert trace[name]["cr3"] == user_cr3, (
             f"{name}: CR3 {trace[name]['cr3']:#x}, expected the user PGD {user_cr3:#x} again before user mode"
         )
+
+
+# --- a syscall a tracer skips, on the int $0x80 road -------------------------------------
+
+SKIPPED = 0x1234  # what skipsys's tracer leaves in RAX when it skips the syscall
+
+
+def test_an_int80_syscall_a_tracer_skips_returns_what_the_tracer_set(ia32, guest):
+    """A ptrace tracer sets orig_rax = -1 and rax at the syscall-entry stop of an `int $0x80`
+    getppid: do_int80_syscall_32 must run nothing for nr == -1 (`else if (nr != -1)`), not
+    even __ia32_sys_ni_syscall, whose -ENOSYS would overwrite the tracer's value."""
+    result = guest.run(f"{guest.payload('skipsys').guest_path} int80")
+    assert result.status == 0, f"skipsys int80 exited {result.status} (3: ptrace failed, 4: no syscall stop): " \
+                               f"{result.output}"
+    returned = int(result.output)
+    assert returned == SKIPPED, (
+        f"the skipped int $0x80 syscall returned {returned}, expected the tracer's {SKIPPED} "
+        f"(orig_rax = -1 runs no handler)"
+    )
