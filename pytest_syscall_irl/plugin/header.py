@@ -42,22 +42,16 @@ def identity(config: pytest.Config) -> RunIdentity:
 def baseline_identity(config: pytest.Config) -> Identity:
     """The --syscall-irl-baseline kernel in the header (its paths and its identity, as for a
     kernel under test), and its JUnit properties (`syscall-irl baseline <name>`)."""
-    from ..report.identity import IDENTITY_PROPERTIES, kernel_identity
+    from ..report.identity import kernel_identity
     baseline = baseline_of(config)
     if baseline is None:
         return [], []
     about, identity = baseline.describe(), kernel_identity(baseline.kernel)
     lines = [f"syscall-irl: baseline {about['release']} ({about['bzImage']}); vmlinux {about['vmlinux']}; "
-             f"modules {about['modules']}",
-             f"syscall-irl: baseline {identity.banner} (from the {identity.banner_source})",
-             f"syscall-irl: baseline bzImage sha256 {identity.bzimage_sha256}; {identity.config_text}; "
-             f"{identity.git_text}"]
+             f"modules {about['modules']}", *identity.header_lines("syscall-irl: baseline")]
     plain = {name: about[name] for name in ("release", "bzImage", "modules")}
     plain["vmlinux"] = str(baseline.kernel.vmlinux.path)  # a property is the path, nothing appended
-    for key, name in IDENTITY_PROPERTIES.items():
-        value = identity.as_dict()[key]
-        if value is not None:
-            plain[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    plain.update(identity.properties())
     return lines, [(f"syscall-irl baseline {name}", value) for name, value in plain.items()]
 
 

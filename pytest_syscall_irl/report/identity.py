@@ -36,6 +36,13 @@ BANNER_FROM_VMLINUX = "vmlinux linux_banner"
 BANNER_FROM_BZIMAGE = "bzImage kernel_version (no compiler)"
 
 
+# JUnit property names (after "syscall-irl kernel[<id>] ") of a kernel's identity; a property
+# whose value is unknown is left out.
+IDENTITY_PROPERTIES = {"bzimage_sha256": "bzImage sha256", "banner": "banner", "banner_source": "banner source",
+                       "config_sha256": "config sha256", "config_source": "config source", "git_tree": "git tree",
+                       "git_commit": "git commit", "git_dirty": "git dirty"}
+
+
 @dataclass(frozen=True)
 class KernelIdentity:
     """Which kernel a run tested, beyond its release. None where a thing is unknown: no config
@@ -80,6 +87,19 @@ class KernelIdentity:
         if self.config_sha256 is None:
             return "config: none found (no IKCONFIG, .config, config beside the bzImage or /boot/config-<release>)"
         return f"config sha256 {self.config_sha256} ({self.config_source})"
+
+    def header_lines(self, name: str) -> list[str]:
+        """The header's lines of the identity of the kernel called *name* ("kernel", "kernel[<id>]",
+        "syscall-irl: baseline"): its banner, and its hashes and git state."""
+        return [f"{name} {self.banner} (from the {self.banner_source})",
+                f"{name} bzImage sha256 {self.bzimage_sha256}; {self.config_text}; {self.git_text}"]
+
+    def properties(self) -> dict[str, str]:
+        """The identity as JUnit property values by name (IDENTITY_PROPERTIES); an unknown one is
+        left out, a bool is "true"/"false"."""
+        data = self.as_dict()
+        return {name: str(data[key]).lower() if isinstance(data[key], bool) else str(data[key])
+                for key, name in IDENTITY_PROPERTIES.items() if data[key] is not None}
 
 
 def kernel_identity(kernel: Kernel) -> KernelIdentity:
@@ -268,8 +288,7 @@ def kernel_lines(settings: Sequence[LabSettings]) -> list[str]:
         about, identity = one.describe(), kernel_identity(one.kernel)
         name = f"kernel[{kernel_id}]" if len(settings) > 1 else "kernel"
         lines += [f"{name} {about['release']} ({about['bzImage']})",
-                  f"{name} {identity.banner} (from the {identity.banner_source})",
-                  f"{name} bzImage sha256 {identity.bzimage_sha256}; {identity.config_text}; {identity.git_text}",
+                  *identity.header_lines(name),
                   f"{name} vmlinux {about['vmlinux']}; modules {about['modules']}; payloads via {about['payloads']}",
                   f"{name} {channel_line(one)}"]
     return lines
@@ -286,13 +305,6 @@ def channel_line(settings: LabSettings) -> str:
             "counts as a kernel crash")
 
 
-# JUnit property names (after "syscall-irl kernel[<id>] ") of a kernel's identity; a property
-# whose value is unknown is left out.
-IDENTITY_PROPERTIES = {"bzimage_sha256": "bzImage sha256", "banner": "banner", "banner_source": "banner source",
-                       "config_sha256": "config sha256", "config_source": "config source", "git_tree": "git tree",
-                       "git_commit": "git commit", "git_dirty": "git dirty"}
-
-
 def kernel_properties(settings: Sequence[LabSettings]) -> list[tuple[str, str]]:
     """Each kernel under test, its identity and its options as (name, value) pairs, for JUnit's
     testsuite properties: `syscall-irl kernel[<id>] <name>`. Values are plain: `vmlinux` is the
@@ -302,12 +314,7 @@ def kernel_properties(settings: Sequence[LabSettings]) -> list[tuple[str, str]]:
     found = []
     for kernel_id, one in zip(kernel_ids(settings), settings):
         about = {**one.describe(), "vmlinux": str(one.kernel.vmlinux.path),
-                 "vmlinux DWARF": "yes" if one.kernel.dwarf else "no"}
-        identity = kernel_identity(one.kernel).as_dict()
-        for key, name in IDENTITY_PROPERTIES.items():
-            value = identity[key]
-            if value is not None:
-                about[name] = str(value).lower() if isinstance(value, bool) else str(value)
+                 "vmlinux DWARF": "yes" if one.kernel.dwarf else "no", **kernel_identity(one.kernel).properties()}
         found += [(f"syscall-irl kernel[{kernel_id}] {name}", value) for name, value in about.items()]
     return found
 
