@@ -209,6 +209,7 @@ VSYSCALL_MODE = "*(int *)&vsyscall_mode"  # enum { EMULATE, XONLY, NONE }
 SYSRET = "sysret_eligibility.py::"
 COMPAT = "compat_entries.py::"
 MUST_IRET = r": the kernel must return by IRET, it left by sysretq"
+MUST_IRET_NOT_SYSRETL = r": the kernel must return by IRET, it left by sysretl"
 
 
 def _same_ip(regs: dict[str, int]) -> int:
@@ -732,27 +733,27 @@ FAULTS: dict[str, Fault] = {
     "sysretl-ip": Fault(
         "test_" + ROADS + "test_an_eip_off_the_landing_pad_leaves_by_iret",
         exit_anyway(True),
-        r"EIP is not the vDSO landing pad" + MUST_IRET.replace("sysretq", "sysretl"),
+        r"EIP is not the vDSO landing pad" + MUST_IRET_NOT_SYSRETL,
     ),
     "sysretl-cs": Fault(
         "test_" + ROADS + "test_a_64_bit_cs_leaves_by_iret_into_64_bit_mode",
         exit_anyway(True),
-        r"CS is __USER_CS, not __USER32_CS" + MUST_IRET.replace("sysretq", "sysretl"),
+        r"CS is __USER_CS, not __USER32_CS" + MUST_IRET_NOT_SYSRETL,
     ),
     "sysretl-ss": Fault(
         "test_" + ROADS + "test_an_ss_other_than_user_ds_leaves_by_iret",
         exit_anyway(True),
-        r"SS is a TLS segment, not __USER_DS" + MUST_IRET.replace("sysretq", "sysretl"),
+        r"SS is a TLS segment, not __USER_DS" + MUST_IRET_NOT_SYSRETL,
     ),
     "sysretl-rf": Fault(
         "test_" + ROADS + "test_rf_set_leaves_by_iret",
         exit_anyway(True),
-        r"RF set \(SYSRETL cannot restore it\)" + MUST_IRET.replace("sysretq", "sysretl"),
+        r"RF set \(SYSRETL cannot restore it\)" + MUST_IRET_NOT_SYSRETL,
     ),
     "sysretl-tf": Fault(
         "test_" + ROADS + "test_tf_set_leaves_by_iret_and_traps",
         exit_anyway(True),
-        r"TF set \(SYSRETL would trap at once\)" + MUST_IRET.replace("sysretq", "sysretl"),
+        r"TF set \(SYSRETL would trap at once\)" + MUST_IRET_NOT_SYSRETL,
     ),
     "compat-efault": Fault(  # a kernel that ignores the failed read of argument 6
         "test_" + ROADS + "test_an_unreadable_user_stack_fails_the_call_with_efault",
