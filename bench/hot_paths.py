@@ -18,11 +18,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from sides import alternate, base_and_this
+
 BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
 PROBE = BENCH_DIR / "hot_path_probe.py"
 # The last commit of the flat package, before the layers.
 DEFAULT_BASE = "771c386"
@@ -49,20 +49,14 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=5, help="interpreters per side (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="restores and traces per interpreter (default 3)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="sirl-base-") as scratch:
-        base = Path(scratch) / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), args.base], cwd=ROOT, check=True)
-        try:
-            sides = {"base": base, "this": ROOT}
-            samples: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
-            for number in range(args.samples):
-                order = list(sides) if number % 2 == 0 else list(reversed(sides))
-                for side in order:
-                    for name, values in _sample(sides[side], args.rounds).items():
-                        samples[side].setdefault(name, []).extend(values)
-                print(f"sample {number + 1}/{args.samples} done", file=sys.stderr)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
+    samples: dict[str, dict[str, list[float]]] = {"base": {}, "this": {}}
+
+    def take(side: str, root: Path) -> None:
+        for name, values in _sample(root, args.rounds).items():
+            samples[side].setdefault(name, []).extend(values)
+
+    with base_and_this(args.base) as sides:
+        alternate(sides, args.samples, take)
     print(f"hot paths, {args.base} (base) vs this checkout, medians of {args.samples} interpreters per side:")
     for name, unit, scale in (("restore", "s", 1.0), ("mi", "ms", 1000.0), ("trace", "s", 1.0)):
         base_median = statistics.median(samples["base"][name]) * scale

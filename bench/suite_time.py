@@ -20,11 +20,11 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from sides import alternate, base_and_this
+
 # main before issue 19's audit tests.
 DEFAULT_BASE = "10be98d"
 TARGET = 1.30
@@ -50,19 +50,10 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=5, help="measured runs per side (default 5)")
     parser.add_argument("pytest_args", nargs="*", help="passed to both pytest runs (after --)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="sirl-base-") as scratch:
-        base = Path(scratch) / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), args.base], cwd=ROOT, check=True)
-        try:
-            sides = {"base": base, "this": ROOT}
-            times: dict[str, list[float]] = {side: [] for side in sides}
-            counts = {side: _run(root, args.pytest_args)[1] for side, root in sides.items()}  # warm-up
-            for number in range(args.samples):
-                for side in list(sides) if number % 2 == 0 else list(reversed(sides)):
-                    times[side].append(_run(sides[side], args.pytest_args)[0])
-                print(f"sample {number + 1}/{args.samples} done", file=sys.stderr)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
+    times: dict[str, list[float]] = {"base": [], "this": []}
+    with base_and_this(args.base) as sides:
+        counts = {side: _run(root, args.pytest_args)[1] for side, root in sides.items()}  # warm-up
+        alternate(sides, args.samples, lambda side, root: times[side].append(_run(root, args.pytest_args)[0]))
     medians = {side: statistics.median(values) for side, values in times.items()}
     ratio = medians["this"] / medians["base"]
     print(f"conformance suite, warm, -n 2, {args.base} (base) vs this checkout, medians of {args.samples} runs:")
